@@ -1,0 +1,250 @@
+"""Typed experiment config: dataclass schema, YAML composition, CLI overrides, validation.
+
+    cfg = load_config("conf/state.yaml", ["model.loops=4", "model.arch=depth_matched"])
+
+A YAML file may start with `defaults: [other.yaml, ...]` (paths relative to it): those are
+merged first, then the file itself, then the `key=value` overrides, all on top of the
+schema below, whose defaults document themselves. Any unknown key, wrong type or invalid
+combination raises `ConfigError` naming the key, the bad value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, make_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from ouro_lab.data import TASKS
+from ouro_lab.objectives import PRIORS
+
+ARCHS = ("looped", "param_matched", "depth_matched")
+POSITIONS = ("rope", "learned")
+LOOP_STATES = ("normed", "residual")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "looped"  # looped | param_matched (N layers, 1 pass) | depth_matched (N*T layers, 1 pass)
+    d_model: int = 64  # hidden width
+    n_heads: int = 4  # attention heads; d_model must be divisible by it
+    n_layers: int = 2  # N: blocks in the (shared) stack
+    loops: int = 4  # T: times the looped stack runs; the baselines derive their depth from it
+    d_ff: int = 0  # SwiGLU hidden width; 0 = 4 * d_model
+    tie_embeddings: bool = True  # share embedding and LM head (paper: tied for small synthetic models)
+    positions: str = "rope"  # rope | learned (absolute, learned embeddings)
+    loop_state: str = "normed"  # normed: final_norm(h_t) feeds loop t+1 (Ouro) | residual: raw h_t does
+
+
+@dataclass
+class ObjectiveConfig:
+    prior: str = "uniform"  # exit prior: uniform (paper) | geometric (PonderNet) | none (mean of step losses, no gate)
+    entropy_weight: float = 0.1  # beta in sum_t p_t L_t + beta * KL(p || prior) (paper: 0.1 early, 0.05 later)
+    prior_p: float = 0.5  # geometric prior's lambda_p
+    detach_exit_probs: bool = False  # stop the task loss's gradient into p (the paper does not say)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0  # model init and training-data order
+    max_steps: int = 1500  # optimizer steps
+    lr: float = 3e-3  # peak AdamW learning rate
+    warmup_steps: int = 100  # linear warmup, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1  # on matrices only (not norms, gate bias)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0  # max grad norm; 0 = off
+    precision: str = "auto"  # auto (32-true on CPU, bf16-mixed on GPU) | 32-true | bf16-mixed | 16-mixed | bf16-true
+    accelerator: str = "auto"  # Lightning accelerator: auto | cpu | gpu ...
+    devices: int = 1  # Lightning devices
+    val_every: int = 250  # validate every this many steps (and always at the last step)
+    log_every: int = 25  # log training metrics every this many steps
+    num_workers: int = 0  # DataLoader workers for the training stream
+    progress_bar: bool = True  # Lightning's progress bar
+
+
+@dataclass
+class EvalConfig:
+    extra_loops: int = 2  # looped models are also evaluated at steps T+1..T+extra (extrapolation)
+    test: bool = True  # evaluate on the held-out test split after training (metrics test/...)
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # MLflow tracking URI; None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working dir
+    experiment: str = "ouro-lab"  # MLflow experiment name
+    run_name: Optional[str] = None  # None = "{task}-{arch}-N{n_layers}xT{loops}-s{seed}"
+    output_dir: str = "outputs"  # checkpoints go to {output_dir}/{experiment}/{run_id}/checkpoints
+
+
+def _data_config_class() -> type:
+    """DataConfig: common knobs plus one sub-config per registered task (data.<task>.*)."""
+    common = [
+        ("task", str, field(default="state")),  # which registered task to train on
+        ("batch_size", int, field(default=64)),  # training sequences per step
+        ("eval_batch_size", int, field(default=512)),
+        ("n_val", int, field(default=2048)),  # validation examples (fixed by data.seed)
+        ("n_test", int, field(default=2048)),  # test examples (fixed by data.seed)
+        ("seed", int, field(default=0)),  # fixes val/test sets; the train stream also uses train.seed
+    ]
+    per_task = [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in sorted(TASKS.items())]
+    cls = make_dataclass("DataConfig", common + per_task)
+    cls.__module__ = __name__  # so it pickles as ouro_lab.config.DataConfig
+    return cls
+
+
+DataConfig = _data_config_class()
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # type: ignore[valid-type]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
+    """A YAML file with its `defaults:` list merged in first (paths relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'defaults' includes itself (cycle through {[str(p) for p in _seen]})")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:  # yaml errors come in several types
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    defaults = raw.pop("defaults", [])
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    parts = [load_yaml(path.parent / d, _seen + (path.resolve(),)) for d in defaults]
+    return OmegaConf.merge(*parts, raw) if parts else raw
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value, e.g. model.loops=4")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def merge(*parts: DictConfig | dict) -> DictConfig:
+    """Merge parts onto the schema; unknown keys and wrong types raise ConfigError."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    try:
+        return OmegaConf.merge(schema, *parts)
+    except ConfigKeyError as err:
+        raise ConfigError(_unknown_key_message(err)) from None
+    except ValidationError as err:
+        raise ConfigError(f"{err.full_key}: {_first_line(err)}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{getattr(err, 'full_key', '')}: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0]
+
+
+def _unknown_key_message(err: ConfigKeyError) -> str:
+    full_key = err.full_key or str(err.key)
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    node: Any = ExperimentConfig
+    for part in parent.split(".") if parent else []:
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        node = fields[part].default_factory if part in fields else None
+        if node is None:
+            break
+    valid = sorted(f.name for f in dataclasses.fields(node)) if node and dataclasses.is_dataclass(node) else []
+    where = f"under '{parent}'" if parent else "at the top level"
+    return f"unknown config key '{full_key}'; valid keys {where}: {', '.join(valid)}"
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check ranges and combinations; raise ConfigError listing every problem."""
+    problems: list[str] = []
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            problems.append(f"{key}: {message}")
+
+    def choice(key: str, value: str, choices) -> None:
+        check(value in choices, key, f"{value!r} is not one of: {', '.join(choices)}")
+
+    m, o, t, d = cfg.model, cfg.objective, cfg.train, cfg.data
+    choice("model.arch", m.arch, ARCHS)
+    choice("model.positions", m.positions, POSITIONS)
+    choice("model.loop_state", m.loop_state, LOOP_STATES)
+    for key in ("d_model", "n_heads", "n_layers", "loops"):
+        check(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
+    check(m.d_ff >= 0, "model.d_ff", f"must be >= 0 (0 = 4 * d_model), got {m.d_ff}")
+    if m.d_model >= 1 and m.n_heads >= 1:
+        check(m.d_model % m.n_heads == 0, "model.d_model",
+              f"d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+        if m.positions == "rope" and m.d_model % m.n_heads == 0:
+            check((m.d_model // m.n_heads) % 2 == 0, "model.n_heads",
+                  f"RoPE needs an even head dim, d_model/n_heads = {m.d_model // m.n_heads}")
+    choice("objective.prior", o.prior, PRIORS)
+    check(o.entropy_weight >= 0, "objective.entropy_weight", f"must be >= 0, got {o.entropy_weight}")
+    if o.prior == "geometric":
+        check(0 < o.prior_p < 1, "objective.prior_p", f"must be in (0, 1) for the geometric prior, got {o.prior_p}")
+    check(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+    check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    check(0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps", f"must be in [0, max_steps={t.max_steps}], got {t.warmup_steps}")
+    check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    choice("train.precision", t.precision, PRECISIONS)
+    for key in ("val_every", "log_every", "devices"):
+        check(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    check(t.num_workers >= 0, "train.num_workers", f"must be >= 0, got {t.num_workers}")
+    check(cfg.eval.extra_loops >= 0, "eval.extra_loops", f"must be >= 0, got {cfg.eval.extra_loops}")
+    for key in ("batch_size", "eval_batch_size", "n_val", "n_test"):
+        check(getattr(d, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(d, key)}")
+    choice("data.task", d.task, sorted(TASKS))
+    if d.task in TASKS:
+        for key, message in TASKS[d.task].check_config(getattr(d, d.task)):
+            problems.append(f"data.{d.task}.{key}: {message}")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Schema defaults <- YAML file (with its defaults) <- key=value overrides, validated."""
+    parts = [load_yaml(path)] if path is not None else []
+    merged = merge(*parts, parse_overrides(list(overrides)))
+    return validate(OmegaConf.to_object(merged))
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'model': {'loops': 4}} -> {'model.loops': 4}: one namespace for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

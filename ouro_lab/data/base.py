@@ -1,0 +1,122 @@
+"""Task interface, the task registry and the deterministic train/val/test split.
+
+A task is one small module: a config dataclass, a generator of examples and the
+difficulty of every labelled position, registered by name with `@register_task`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import numpy as np
+
+from ouro_lab.objectives import IGNORE_INDEX
+
+SPLITS = ("train", "val", "test")
+# Share of the example space held out for val and for test, chosen by a hash of the input.
+HELD_OUT_BUCKETS = {"val": 0, "test": 1}
+N_HASH_BUCKETS = 20  # val = 5%, test = 5% of the example space, train = the other 90%
+
+
+@dataclass
+class Batch:
+    """Examples as numpy arrays; torch conversion happens in the DataModule.
+
+    tokens: (B, S) int64 input ids; targets: (B, S) int64 labels, IGNORE_INDEX where no loss;
+    difficulty: (B, S) int64 difficulty level of each labelled position (1..n), 0 elsewhere.
+    """
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    difficulty: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def select(self, keep: np.ndarray) -> "Batch":
+        return Batch(self.tokens[keep], self.targets[keep], self.difficulty[keep])
+
+    @staticmethod
+    def concat(batches: list["Batch"]) -> "Batch":
+        return Batch(*(np.concatenate([getattr(b, f) for b in batches]) for f in ("tokens", "targets", "difficulty")))
+
+
+class Task:
+    """Base class: subclasses set `name`, `Config`, `difficulty_name` and implement `generate`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    difficulty_name: ClassVar[str]  # what the difficulty level means, for plots and docs
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @classmethod
+    def check_config(cls, cfg) -> list[tuple[str, str]]:
+        """Problems with this task's config as (key under data.<task>, message); [] if valid."""
+        return []
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def seq_len(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def difficulty_levels(self) -> list[int]:
+        """The difficulty values that occur (metric suffixes `_d{k}`)."""
+        raise NotImplementedError
+
+    def generate(self, rng: np.random.Generator, n: int, split: str, step: int = 0) -> Batch:
+        """n raw examples (before the split filter). `step` is the training step, for curricula."""
+        raise NotImplementedError
+
+    def sample(self, rng: np.random.Generator, n: int, split: str, step: int = 0) -> Batch:
+        """n examples that belong to `split`: rejection on a hash of the input tokens makes
+        train, val and test disjoint by construction, whatever the seed."""
+        kept, total = [], 0
+        for _ in range(1000):
+            batch = self.generate(rng, max(n - total, 1) * 2 if split == "train" else max(n - total, 1) * 12, split, step)
+            batch = batch.select(split_of(batch.tokens) == SPLITS.index(split))
+            kept.append(batch)
+            total += len(batch)
+            if total >= n:
+                return Batch.concat(kept).select(np.arange(n))
+        raise RuntimeError(
+            f"task {self.name!r} could not draw {n} {split} examples: its example space is too small "
+            "for a held-out split; make the task larger (longer sequences, more operations)"
+        )
+
+
+def split_of(tokens: np.ndarray) -> np.ndarray:
+    """Split index (0 train, 1 val, 2 test) of each row, from a hash of its tokens."""
+    h = np.zeros(len(tokens), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for column in tokens.T.astype(np.uint64):
+            h = (h ^ column) * np.uint64(0x100000001B3)  # FNV-1a, 64-bit
+            h ^= h >> np.uint64(29)
+    bucket = (h % np.uint64(N_HASH_BUCKETS)).astype(np.int64)
+    split = np.zeros(len(tokens), dtype=np.int64)
+    split[bucket == HELD_OUT_BUCKETS["val"]] = 1
+    split[bucket == HELD_OUT_BUCKETS["test"]] = 2
+    return split
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(name: str) -> Callable:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+__all__ = ["Batch", "IGNORE_INDEX", "SPLITS", "TASKS", "Task", "get_task", "register_task", "split_of"]

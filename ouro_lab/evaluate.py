@@ -1,0 +1,52 @@
+"""Re-evaluate a trained checkpoint at every loop step, including steps past the trained T."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+from ouro_lab.config import ConfigError, merge, parse_overrides, to_dict, validate
+from ouro_lab.data import TaskDataModule
+from ouro_lab.modules import build_module
+from ouro_lab.train import metrics_table
+
+# Only evaluation and data-size keys may change on reload; anything else is a different model.
+EVAL_OVERRIDABLE = ("eval.", "data.eval_batch_size", "data.n_val", "data.n_test", "train.accelerator", "train.precision")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    split: str
+
+    @property
+    def table(self) -> str:
+        return metrics_table(self.metrics, self.split)
+
+
+def evaluate_checkpoint(path: Path, overrides: list[str] = (), split: str = "test") -> EvalResult:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    for item in overrides:
+        if not item.startswith(EVAL_OVERRIDABLE):
+            raise ConfigError(f"override {item!r}: only {', '.join(EVAL_OVERRIDABLE)} can change when re-evaluating")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    config = ckpt.get("hyper_parameters", {}).get("config")
+    if config is None:
+        raise ConfigError(f"{path} has no ouro-lab config in its hyper_parameters; was it written by `ouro-lab train`?")
+    cfg = validate(OmegaConf.to_object(merge(config, parse_overrides(list(overrides)))))
+    module = build_module(to_dict(cfg))
+    module.load_state_dict(ckpt["state_dict"])
+    d = cfg.data
+    datamodule = TaskDataModule(module.task, d.batch_size, d.eval_batch_size, d.n_val, d.n_test,
+                                data_seed=d.seed, seed=cfg.train.seed)
+    trainer = L.Trainer(logger=False, accelerator=cfg.train.accelerator, devices=1, enable_progress_bar=False,
+                        enable_model_summary=False)
+    run = trainer.test if split == "test" else trainer.validate
+    run(module, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}
+    return EvalResult(metrics=metrics, split=split)

@@ -1,0 +1,225 @@
+"""Decoder-only blocks, the looped LM (Ouro) and the standard LM baselines.
+
+Pure `nn.Module`s: token ids in, per-loop-step logits (and exit-gate logits) out.
+Nothing here knows about losses, optimizers or logging (see STYLE.md).
+
+Block layout follows the released Ouro code (DESIGN.md Part 1 "Looped model"):
+sandwich RMSNorm around each sub-layer, RoPE, SwiGLU, no biases, MHA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelSpec:
+    """Resolved shape of one network (derived from the experiment config by `build_model`)."""
+
+    vocab_size: int
+    max_seq_len: int
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2  # distinct blocks in the stack
+    loops: int = 1  # times the stack is applied (1 for standard models)
+    d_ff: int = 256  # SwiGLU hidden width
+    tie_embeddings: bool = True
+    positions: str = "rope"  # rope | learned
+    loop_state: str = "normed"  # normed (Ouro) | residual
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed RoPE tables; `forward` rotates (B, H, S, Dh) queries/keys."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (S, Dh/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq_len = x.shape[-2]
+        cos, sin = self.cos[:seq_len].to(x.dtype), self.sin[:seq_len].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return rotated.flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding | None):
+        super().__init__()
+        self.n_heads = spec.n_heads
+        self.qkv = nn.Linear(spec.d_model, 3 * spec.d_model, bias=False)
+        self.out = nn.Linear(spec.d_model, spec.d_model, bias=False)
+        self.rope = rope  # shared table, not a parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, S, Dh)
+        return self.out(y.transpose(1, 2).reshape(B, S, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Sandwich-norm block: h' = h + norm2(attn(norm1(h))); h'' = h' + norm4(mlp(norm3(h')))."""
+
+    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding | None):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
+        self.attn = Attention(spec, rope)
+        self.norm2 = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
+        self.norm3 = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
+        self.mlp = SwiGLU(spec.d_model, spec.d_ff)
+        self.norm4 = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.norm2(self.attn(self.norm1(h)))
+        return h + self.norm4(self.mlp(self.norm3(h)))
+
+
+@dataclass
+class LMOutput:
+    """What every model returns.
+
+    logits: (T, B, S, V), one slice per loop step (T=1 for standard models).
+    gate_logits: (B, S, T) pre-sigmoid exit-gate outputs, or None without a gate.
+    """
+
+    logits: torch.Tensor
+    gate_logits: torch.Tensor | None
+
+
+class _DecoderLM(nn.Module):
+    """Embedding, a stack of blocks, final norm and LM head; subclasses decide how the stack runs."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        if spec.d_model % spec.n_heads:
+            raise ValueError(f"d_model={spec.d_model} is not divisible by n_heads={spec.n_heads}")
+        head_dim = spec.d_model // spec.n_heads
+        if spec.positions == "rope":
+            if head_dim % 2:
+                raise ValueError(f"RoPE needs an even head dim, got d_model/n_heads={head_dim}")
+            rope = RotaryEmbedding(head_dim, spec.max_seq_len, spec.rope_base)
+            self.pos_emb = None
+        elif spec.positions == "learned":
+            rope = None
+            self.pos_emb = nn.Embedding(spec.max_seq_len, spec.d_model)
+        else:
+            raise ValueError(f"positions must be 'rope' or 'learned', got {spec.positions!r}")
+        self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
+        self.blocks = nn.ModuleList(Block(spec, rope) for _ in range(spec.n_layers))
+        self.final_norm = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
+        self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2 style: scale residual-branch output projections by depth actually executed.
+        depth = spec.n_layers * spec.loops
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.out.weight", "mlp.down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * depth))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.tok_emb(idx)  # (B, S, D)
+        if self.pos_emb is not None:
+            h = h + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        return h
+
+    def run_stack(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+    def num_params(self) -> int:
+        """Distinct trainable parameters (a shared block counts once, tied weights once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def block_flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token of one block, counted by structure (STYLE.md).
+
+        Matmuls cost 2*m*n per token; attention scores and values 2*2*S*d (full S, not
+        causal-halved, the usual convention); norms, RoPE and softmax are ignored.
+        """
+        d, f = self.spec.d_model, self.spec.d_ff
+        return 2 * (3 * d * d + d * d) + 2 * (2 * d * f + f * d) + 4 * seq_len * d
+
+    def head_flops_per_token(self) -> int:
+        return 2 * self.spec.d_model * self.spec.vocab_size
+
+
+class StandardLM(_DecoderLM):
+    """N' distinct blocks, one pass: the param-matched (N'=N) and depth-matched (N'=N*T) baselines."""
+
+    def forward(self, idx: torch.Tensor) -> LMOutput:
+        h = self.final_norm(self.run_stack(self.embed(idx)))
+        return LMOutput(logits=self.lm_head(h).unsqueeze(0), gate_logits=None)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token (training costs ~3x)."""
+        return self.spec.n_layers * self.block_flops_per_token(seq_len) + self.head_flops_per_token()
+
+
+class LoopedLM(_DecoderLM):
+    """N shared blocks applied T times; an LM head and an exit gate read every step.
+
+    Between loops (DESIGN.md): with loop_state='normed' the normalised h_t is the next
+    loop's input (Ouro); with 'residual' the raw residual stream goes on and only the
+    head and gate read final_norm(h_t). Both equal a standard model when T=1.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        if spec.loop_state not in ("normed", "residual"):
+            raise ValueError(f"loop_state must be 'normed' or 'residual', got {spec.loop_state!r}")
+        super().__init__(spec)
+        self.exit_gate = nn.Linear(spec.d_model, 1, bias=True)  # lambda_t = sigmoid(w . h_t + b)
+
+    def forward(self, idx: torch.Tensor, loops: int | None = None) -> LMOutput:
+        """Run `loops` steps (default: the trained T; more extrapolates)."""
+        loops = self.spec.loops if loops is None else loops
+        h = self.embed(idx)
+        step_logits, gate_logits = [], []
+        for _ in range(loops):
+            h = self.run_stack(h)
+            h_normed = self.final_norm(h)
+            if self.spec.loop_state == "normed":
+                h = h_normed
+            step_logits.append(self.lm_head(h_normed))
+            gate_logits.append(self.exit_gate(h_normed).squeeze(-1))
+        return LMOutput(logits=torch.stack(step_logits), gate_logits=torch.stack(gate_logits, dim=-1))
+
+    def flops_per_token(self, seq_len: int, loops: int | None = None) -> int:
+        """Forward FLOPs per token for `loops` steps: the shared stack, the head and the gate
+        each count once per step they run (training costs ~3x)."""
+        loops = self.spec.loops if loops is None else loops
+        step = self.spec.n_layers * self.block_flops_per_token(seq_len) + self.head_flops_per_token()
+        return loops * (step + 2 * self.spec.d_model)

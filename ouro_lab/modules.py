@@ -1,0 +1,203 @@
+"""LightningModules: a thin layer that owns the objective, optimizer, schedule and metrics.
+
+`LoopedLMModule` trains `LoopedLM` with the Stage-I exit objective; `StandardLMModule`
+trains the baselines. `build_module(cfg)` picks one from `model.arch`, and the baselines
+take their depth from the looped config (param_matched: N layers; depth_matched: N*T),
+so a sweep over `arch` is fair by construction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+from ouro_lab.config import ExperimentConfig, merge, to_dict, validate
+from ouro_lab.data import Task, get_task
+from ouro_lab.metrics import LoopStepMetrics
+from ouro_lab.models import LMOutput, LoopedLM, ModelSpec, StandardLM
+from ouro_lab.objectives import IGNORE_INDEX, exit_distribution, loop_objective, per_step_token_losses
+
+
+def build_task(cfg: ExperimentConfig) -> Task:
+    return get_task(cfg.data.task)(getattr(cfg.data, cfg.data.task))
+
+
+def model_spec(cfg: ExperimentConfig, task: Task) -> ModelSpec:
+    """The one place where model shapes are derived from the experiment config."""
+    m = cfg.model
+    n_layers = {"looped": m.n_layers, "param_matched": m.n_layers, "depth_matched": m.n_layers * m.loops}[m.arch]
+    return ModelSpec(
+        vocab_size=task.vocab_size,
+        max_seq_len=task.seq_len,
+        d_model=m.d_model,
+        n_heads=m.n_heads,
+        n_layers=n_layers,
+        loops=m.loops if m.arch == "looped" else 1,
+        d_ff=m.d_ff or 4 * m.d_model,
+        tie_embeddings=m.tie_embeddings,
+        positions=m.positions,
+        loop_state=m.loop_state,
+    )
+
+
+class _LMModule(L.LightningModule):
+    """Shared training/eval logic; subclasses build the model and say how many steps to score."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        # Plain dict so checkpoints reload without this package's classes being pickled.
+        self.save_hyperparameters({"config": config})
+        self.cfg: ExperimentConfig = validate(OmegaConf.to_object(merge(config)))
+        self.task = build_task(self.cfg)
+        self.spec = model_spec(self.cfg, self.task)
+        self.model = self.build_model(self.spec)
+        n_levels = len(self.task.difficulty_levels)
+        self.val_metrics = LoopStepMetrics(self.eval_steps, self.trained_steps, n_levels, self.has_gate)
+        self.test_metrics = LoopStepMetrics(self.eval_steps, self.trained_steps, n_levels, self.has_gate)
+
+    # --- what subclasses define -------------------------------------------------------
+    has_gate = False
+
+    def build_model(self, spec: ModelSpec) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @property
+    def trained_steps(self) -> int:
+        """Loop steps the model is trained with (T for looped, 1 for standard)."""
+        return 1
+
+    @property
+    def eval_steps(self) -> int:
+        """Loop steps scored at evaluation (T + eval.extra_loops for looped models)."""
+        return 1
+
+    def run(self, tokens: torch.Tensor, loops: int | None = None) -> LMOutput:
+        return self.model(tokens)
+
+    # --- derived facts, logged with every run -------------------------------------------
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token at the trained loop count (training ~3x)."""
+        return self.model.flops_per_token(self.task.seq_len)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "n_params": self.model.num_params(),
+            "n_distinct_layers": self.spec.n_layers,
+            "effective_depth": self.spec.n_layers * self.spec.loops,
+            "forward_flops_per_token": self.flops_per_token(),
+            "train_flops_per_token": 3 * self.flops_per_token(),
+            "seq_len": self.task.seq_len,
+            "vocab_size": self.task.vocab_size,
+        }
+
+    # --- training -------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        tokens, targets, _ = batch
+        out = self.run(tokens)
+        step_losses = per_step_token_losses(out.logits, targets)  # (T, B, S)
+        o = self.cfg.objective
+        result = loop_objective(
+            step_losses, out.gate_logits if self.has_gate else None, targets != IGNORE_INDEX,
+            prior=o.prior if self.has_gate else "none", entropy_weight=o.entropy_weight,
+            prior_p=o.prior_p, detach_exit_probs=o.detach_exit_probs,
+        )
+        if not torch.isfinite(result.loss):
+            raise FloatingPointError(
+                f"training loss became {result.loss.item()} at step {self.global_step} "
+                f"(lr {self.cfg.train.lr}); lower train.lr or raise train.warmup_steps"
+            )
+        self.log("train/loss", result.loss, prog_bar=True)
+        if self.global_step % self.cfg.train.log_every == 0:
+            mask = (targets != IGNORE_INDEX).float()
+            per_step = (step_losses * mask).sum((1, 2)) / mask.sum().clamp_min(1)
+            logs = {f"train/loss_step{t + 1}": v for t, v in enumerate(per_step.detach())}
+            if self.has_gate:
+                logs |= {"train/expected_loss": result.expected_loss, "train/exit_entropy": result.entropy,
+                         "train/exit_kl": result.kl}
+            self.log_dict(logs)
+        return result.loss
+
+    def configure_optimizers(self):
+        t = self.cfg.train
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+        )
+
+        def lr_factor(step: int) -> float:
+            if step < t.warmup_steps:
+                return (step + 1) / t.warmup_steps
+            progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+            return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- evaluation -------------------------------------------------------------------------
+    def _eval_step(self, batch, metrics: LoopStepMetrics) -> None:
+        tokens, targets, difficulty = batch
+        out = self.run(tokens, loops=self.eval_steps)
+        step_losses = per_step_token_losses(out.logits, targets)  # (T', B, S)
+        correct = out.logits.argmax(-1) == targets  # (T', B, S)
+        exit_probs = None
+        if self.has_gate:
+            exit_probs = exit_distribution(out.gate_logits[..., : self.trained_steps])  # (B, S, T)
+        metrics.update(step_losses, correct, difficulty * (targets != IGNORE_INDEX), exit_probs)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, self.val_metrics)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, self.test_metrics)
+
+    def on_validation_epoch_end(self):
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self):
+        self._log_metrics("test", self.test_metrics)
+
+    def _log_metrics(self, prefix: str, metrics: LoopStepMetrics) -> None:
+        values = metrics.compute()
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()})
+        self.log(f"{prefix}/acc", values["acc_final"], prog_bar=True)
+        metrics.reset()
+
+
+class LoopedLMModule(_LMModule):
+    """Ouro: N shared blocks x T loops, per-step head, exit gate, Stage-I objective."""
+
+    has_gate = True
+
+    def build_model(self, spec: ModelSpec) -> LoopedLM:
+        return LoopedLM(spec)
+
+    @property
+    def trained_steps(self) -> int:
+        return self.spec.loops
+
+    @property
+    def eval_steps(self) -> int:
+        return self.spec.loops + self.cfg.eval.extra_loops
+
+    def run(self, tokens: torch.Tensor, loops: int | None = None) -> LMOutput:
+        return self.model(tokens, loops=loops)
+
+
+class StandardLMModule(_LMModule):
+    """The param-matched and depth-matched baselines: distinct blocks, one pass."""
+
+    def build_model(self, spec: ModelSpec) -> StandardLM:
+        return StandardLM(spec)
+
+
+def build_module(cfg: ExperimentConfig | dict) -> _LMModule:
+    """The LightningModule for `model.arch` (a config object, or its dict from a checkpoint)."""
+    if isinstance(cfg, dict):
+        cfg = validate(OmegaConf.to_object(merge(cfg)))
+    cls = LoopedLMModule if cfg.model.arch == "looped" else StandardLMModule
+    return cls(to_dict(cfg))

@@ -1,0 +1,185 @@
+"""`train(cfg) -> TrainResult`: the only way anything trains (CLI, sweeps and tests call it)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import matplotlib.pyplot as plt
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.tracking import MlflowClient
+
+from ouro_lab import tracking
+from ouro_lab.config import ExperimentConfig, flatten, to_dict, to_yaml
+from ouro_lab.data import TaskDataModule
+from ouro_lab.modules import build_module
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    checkpoint: str | None
+    seconds: float
+    val: dict[str, float] = field(default_factory=dict)  # final val metrics, e.g. val["val/acc_final"]
+    test: dict[str, float] = field(default_factory=dict)
+    summary: dict[str, int] = field(default_factory=dict)  # params, FLOPs/token, depth
+
+    def table(self, split: str = "val") -> str:
+        return metrics_table(self.val if split == "val" else self.test, split)
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    m = cfg.model
+    shape = f"N{m.n_layers}xT{m.loops}" if m.arch == "looped" else f"L{m.n_layers * (m.loops if m.arch == 'depth_matched' else 1)}"
+    return f"{cfg.data.task}-{m.arch}-{shape}-s{cfg.train.seed}"
+
+
+def resolve_precision(cfg: ExperimentConfig) -> str:
+    """auto: fp32 on CPU (bf16 autocast on these CPUs is ~15x slower), bf16-mixed on GPU."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    on_gpu = cfg.train.accelerator in ("gpu", "cuda") or (cfg.train.accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks: Sequence[Callback] = (),
+          extra_tags: dict[str, str] | None = None, verbose: bool = True) -> TrainResult:
+    """Train one model from `cfg`, log it to MLflow, evaluate every loop step; return the result.
+
+    The MLflow run is created before training (nested under `parent_run_id` if given) and
+    ends FINISHED, or FAILED with an `error` tag if training raises, or KILLED if interrupted.
+    """
+    with tracking.preserve_tracking_env():
+        return _train(cfg, parent_run_id, callbacks, extra_tags, verbose)
+
+
+def _train(cfg: ExperimentConfig, parent_run_id: str | None, callbacks: Sequence[Callback],
+           extra_tags: dict[str, str] | None, verbose: bool) -> TrainResult:
+    start = time.perf_counter()
+    L.seed_everything(cfg.train.seed, verbose=False)  # NOTE: explicit per run; PL_GLOBAL_SEED leaks otherwise
+    module = build_module(cfg)
+    datamodule = TaskDataModule(
+        module.task, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.n_val, cfg.data.n_test,
+        data_seed=cfg.data.seed, seed=cfg.train.seed, num_workers=cfg.train.num_workers,
+    )
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    client, experiment_id = tracking.open_experiment(uri, cfg.tracking.experiment)
+    run_name = cfg.tracking.run_name or default_run_name(cfg)
+    tags = tracking.reproducibility_tags() | {
+        "ouro.task": cfg.data.task, "ouro.arch": cfg.model.arch, "ouro.loops": str(cfg.model.loops),
+        "ouro.seed": str(cfg.train.seed),
+    } | (extra_tags or {})
+    run_id = tracking.create_run(client, experiment_id, run_name, tags, parent_run_id)
+    summary = module.summary()
+    if verbose:
+        print(f"[ouro-lab] run {run_name} ({run_id}) -> {uri}", flush=True)
+        print(f"[ouro-lab] {cfg.model.arch}: {summary['n_params']:,} params, depth {summary['effective_depth']}, "
+              f"{summary['forward_flops_per_token']:,} forward FLOPs/token", flush=True)
+    try:
+        _log_setup(client, run_id, cfg, summary)
+        logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_id=run_id)
+        ckpt_dir = Path(cfg.tracking.output_dir) / cfg.tracking.experiment / run_id / "checkpoints"
+        # NOTE: plain file name; Lightning's default "epoch=..-val_loss=.." is rejected by MLflow.
+        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", auto_insert_metric_name=False,
+                                     enable_version_counter=False)
+        trainer = L.Trainer(
+            max_steps=cfg.train.max_steps,
+            val_check_interval=min(cfg.train.val_every, cfg.train.max_steps),
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+            gradient_clip_val=cfg.train.grad_clip or None,
+            precision=resolve_precision(cfg),
+            accelerator=cfg.train.accelerator,
+            devices=cfg.train.devices,
+            logger=logger,
+            callbacks=[checkpoint, LearningRateMonitor("step"), *callbacks],
+            log_every_n_steps=cfg.train.log_every,
+            enable_progress_bar=cfg.train.progress_bar and verbose,
+            enable_model_summary=verbose,
+        )
+        trainer.fit(module, datamodule=datamodule)
+        if trainer.interrupted:
+            raise KeyboardInterrupt("training interrupted")
+        if trainer.global_step % min(cfg.train.val_every, cfg.train.max_steps):
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # always score the final weights
+        val = _numbers(trainer.callback_metrics, "val/")
+        test: dict[str, float] = {}
+        if cfg.eval.test:
+            trainer.test(module, datamodule=datamodule, verbose=False)
+            test = _numbers(trainer.callback_metrics, "test/")
+        _log_plot(client, run_id, module, val, run_name)
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+        client.set_terminated(run_id, status)
+        if verbose:
+            print(f"[ouro-lab] run {run_id} {status}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    result = TrainResult(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri,
+                         checkpoint=checkpoint.last_model_path or checkpoint.best_model_path or None,
+                         seconds=time.perf_counter() - start, val=val, test=test, summary=summary)
+    if verbose:
+        print(result.table("val"))
+        print(f"[ouro-lab] done in {result.seconds:.0f} s. checkpoint: {result.checkpoint}")
+        print(f"[ouro-lab] view: {tracking.ui_command(uri)}  then open {tracking.runs_url(experiment_id, run_id)}")
+    return result
+
+
+def _numbers(metrics: dict, prefix: str) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _log_setup(client: MlflowClient, run_id: str, cfg: ExperimentConfig, summary: dict[str, int]) -> None:
+    """Flattened config and derived facts as params, config YAML (+ git diff) as artifacts."""
+    from mlflow.entities import Metric, Param
+
+    params = {k: str(v) for k, v in flatten(to_dict(cfg)).items()}
+    params |= {f"derived.{k}": str(v) for k, v in summary.items()}
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=items[i : i + 100])
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"model/{k}", float(v), now, 0) for k, v in summary.items()])
+    client.log_text(run_id, to_yaml(cfg), "config.yaml")
+    diff = tracking.git_diff()
+    if diff:
+        client.log_text(run_id, diff, "git_diff.patch")
+
+
+def _log_plot(client: MlflowClient, run_id: str, module, val: dict[str, float], title: str) -> None:
+    history = {}
+    for t in range(1, module.eval_steps + 1):
+        key = f"val/loss_step{t}"
+        history[key] = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+    fig = tracking.loop_step_figure(history, val, module.trained_steps, module.eval_steps,
+                                    module.task.difficulty_levels, module.task.difficulty_name, title)
+    client.log_figure(run_id, fig, "plots/loop_steps.png")
+    plt.close(fig)
+
+
+def metrics_table(metrics: dict[str, float], split: str = "val") -> str:
+    """Loss and accuracy by loop step and difficulty, as a plain-text table."""
+    steps = sorted({int(k.split("step")[1].split("_")[0]) for k in metrics if k.startswith(f"{split}/acc_step")})
+    levels = sorted({int(k.rsplit("_d", 1)[1]) for k in metrics if k.startswith(f"{split}/acc_step1_d")})
+    header = ["step", "loss", "acc", *[f"acc_d{k}" for k in levels]]
+    rows = [header]
+    for t in steps:
+        row = [str(t), f"{metrics[f'{split}/loss_step{t}']:.3f}", f"{metrics[f'{split}/acc_step{t}']:.3f}"]
+        rows.append(row + [f"{metrics[f'{split}/acc_step{t}_d{k}']:.3f}" for k in levels])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    extra = []
+    if f"{split}/exit_expected_step" in metrics:
+        extra.append(f"exit: expected step {metrics[f'{split}/exit_expected_step']:.2f}, "
+                     f"entropy {metrics[f'{split}/exit_entropy']:.3f} nats, acc under exit dist "
+                     f"{metrics[f'{split}/acc_exit']:.3f}")
+    return f"{split} metrics by loop step (d = difficulty level):\n" + "\n".join(lines + extra)

@@ -1,0 +1,143 @@
+import math
+
+import pytest
+import torch
+
+from ouro_lab.objectives import (
+    entropy,
+    exit_distribution,
+    exit_prior,
+    kl_to_prior,
+    loop_objective,
+    per_step_token_losses,
+)
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def released_exit_probs(lam: torch.Tensor) -> torch.Tensor:
+    """The released Ouro inference recurrence, step by step: p_t = lambda_t * remaining for
+    t < T, p_T = remaining."""
+    T = lam.shape[-1]
+    remaining = torch.ones_like(lam[..., 0])
+    probs = []
+    for t in range(T - 1):
+        probs.append(lam[..., t] * remaining)
+        remaining = remaining * (1 - lam[..., t])
+    probs.append(remaining)
+    return torch.stack(probs, -1)
+
+
+def test_exit_distribution_hand_computed():
+    gates = torch.tensor([logit(0.2), logit(0.5), logit(0.9)])
+    p = exit_distribution(gates)
+    # p1 = 0.2; p2 = 0.5 * 0.8 = 0.4; p3 = remaining = 0.8 * 0.5 = 0.4 (lambda_3 unused)
+    torch.testing.assert_close(p, torch.tensor([0.2, 0.4, 0.4]))
+
+
+def test_exit_distribution_matches_released_recurrence_on_random_gates():
+    torch.manual_seed(0)
+    gates = torch.randn(5, 7, 6) * 3
+    p = exit_distribution(gates)
+    torch.testing.assert_close(p, released_exit_probs(torch.sigmoid(gates)))
+    torch.testing.assert_close(p.sum(-1), torch.ones(5, 7))
+    assert (p >= 0).all()
+
+
+def test_exit_distribution_is_fp32_for_bf16_gates():
+    gates = torch.randn(4, 8, dtype=torch.bfloat16)
+    p = exit_distribution(gates)
+    assert p.dtype == torch.float32
+    torch.testing.assert_close(p.sum(-1), torch.ones(4))
+
+
+def test_priors():
+    torch.testing.assert_close(exit_prior("uniform", 4), torch.full((4,), 0.25))
+    # lambda_p = 0.5, T = 3: weights 1/2, 1/4, 1/8, renormalised by 7/8
+    torch.testing.assert_close(exit_prior("geometric", 3, prior_p=0.5), torch.tensor([4 / 7, 2 / 7, 1 / 7]))
+    with pytest.raises(ValueError, match="prior_p"):
+        exit_prior("geometric", 3, prior_p=1.5)
+    with pytest.raises(ValueError, match="uniform, geometric"):
+        exit_prior("poisson", 3)
+
+
+def test_kl_direction_is_p_to_prior():
+    p = torch.tensor([0.7, 0.2, 0.1])
+    prior = torch.tensor([4 / 7, 2 / 7, 1 / 7])
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), prior.tolist()))
+    reverse = sum(qi * math.log(qi / pi) for pi, qi in zip(p.tolist(), prior.tolist()))
+    assert abs(expected - reverse) > 1e-3  # the two directions differ on this example
+    assert kl_to_prior(p, prior).item() == pytest.approx(expected, rel=1e-5)
+    # zero-mass steps contribute 0, not nan
+    assert kl_to_prior(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])).item() == pytest.approx(math.log(2))
+
+
+def _one_token_case():
+    # T = 3 steps, one token; gates give p = (0.2, 0.4, 0.4)
+    step_losses = torch.tensor([2.0, 1.0, 0.5]).view(3, 1, 1)
+    gates = torch.tensor([logit(0.2), logit(0.5), logit(0.9)]).view(1, 1, 3)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    return step_losses, gates, mask
+
+
+def test_uniform_objective_hand_computed():
+    step_losses, gates, mask = _one_token_case()
+    out = loop_objective(step_losses, gates, mask, prior="uniform", entropy_weight=0.1)
+    expected = 0.2 * 2.0 + 0.4 * 1.0 + 0.4 * 0.5  # 1.0
+    h = -(0.2 * math.log(0.2) + 2 * 0.4 * math.log(0.4))
+    kl = math.log(3) - h
+    assert out.expected_loss.item() == pytest.approx(expected, rel=1e-5)
+    assert out.entropy.item() == pytest.approx(h, rel=1e-5)
+    assert out.kl.item() == pytest.approx(kl, rel=1e-5)
+    assert out.loss.item() == pytest.approx(expected + 0.1 * kl, rel=1e-5)
+    # = the paper's sum_t p_t L_t - beta * H(p), up to the constant beta * log T
+    assert out.loss.item() == pytest.approx(expected - 0.1 * h + 0.1 * math.log(3), rel=1e-5)
+
+
+def test_geometric_objective_hand_computed():
+    step_losses, gates, mask = _one_token_case()
+    out = loop_objective(step_losses, gates, mask, prior="geometric", entropy_weight=0.5, prior_p=0.5)
+    prior = [4 / 7, 2 / 7, 1 / 7]
+    kl = sum(p * math.log(p / q) for p, q in zip([0.2, 0.4, 0.4], prior))
+    assert out.kl.item() == pytest.approx(kl, rel=1e-5)
+    assert out.loss.item() == pytest.approx(1.0 + 0.5 * kl, rel=1e-5)
+
+
+def test_no_prior_objective_is_mean_of_step_losses_and_ignores_gate():
+    step_losses, gates, mask = _one_token_case()
+    out = loop_objective(step_losses, gates, mask, prior="none", entropy_weight=0.1)
+    assert out.loss.item() == pytest.approx((2.0 + 1.0 + 0.5) / 3)
+    assert out.kl.item() == 0.0
+
+
+def test_mask_excludes_tokens():
+    step_losses = torch.tensor([[[1.0, 100.0]], [[3.0, 100.0]]])  # (T=2, B=1, S=2)
+    mask = torch.tensor([[True, False]])
+    out = loop_objective(step_losses, None, mask, prior="none")
+    assert out.loss.item() == pytest.approx(2.0)
+
+
+def test_detach_exit_probs_stops_task_gradient_into_gate():
+    step_losses, gates, mask = _one_token_case()
+    grads = {}
+    for detach in (False, True):
+        g = gates.clone().requires_grad_(True)
+        loop_objective(step_losses, g, mask, prior="uniform", entropy_weight=0.0, detach_exit_probs=detach).loss.backward()
+        grads[detach] = g.grad.abs().sum().item()
+    assert grads[False] > 0
+    assert grads[True] == 0
+
+
+def test_per_step_token_losses_ignore_index():
+    logits = torch.zeros(2, 1, 3, 4)  # uniform over 4 classes -> CE = log 4
+    targets = torch.tensor([[1, -100, 3]])
+    losses = per_step_token_losses(logits, targets)
+    assert losses.shape == (2, 1, 3)
+    torch.testing.assert_close(losses[:, 0, 0], torch.full((2,), math.log(4)))
+    assert (losses[:, 0, 1] == 0).all()
+
+
+def test_entropy_of_uniform():
+    assert entropy(torch.full((4,), 0.25)).item() == pytest.approx(math.log(4))

@@ -1,0 +1,111 @@
+"""End to end: real tiny models trained through `train()`, read back from MLflow."""
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from ouro_lab.cli import main
+from ouro_lab.evaluate import evaluate_checkpoint
+from ouro_lab.config import ConfigError
+from ouro_lab.train import train
+
+
+@pytest.mark.parametrize("arch", ["looped", "param_matched", "depth_matched"])
+def test_each_arch_trains_and_logs_to_mlflow(arch, tiny_config, tracking_uri):
+    cfg = tiny_config(f"model.arch={arch}", "train.lr=1e-2")
+    result = train(cfg, verbose=False)
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    # loss went down: first logged training loss vs the mean of the last few
+    history = [m.value for m in sorted(client.get_metric_history(result.run_id, "train/loss"), key=lambda m: m.step)]
+    assert len(history) >= 5
+    assert sum(history[-3:]) / 3 < history[0] - 0.05, history
+    # flattened config as params, derived facts, config artifact, per-step plot
+    params = run.data.params
+    assert params["model.arch"] == arch and params["model.loops"] == "2" and params["data.state.length"] == "8"
+    depth = {"looped": 2, "param_matched": 1, "depth_matched": 2}[arch]
+    assert params["derived.effective_depth"] == str(depth)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "plots"} <= artifacts
+    assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/loop_steps.png"]
+    # per-loop-step validation metrics, logged at every validation, by difficulty
+    steps = 4 if arch == "looped" else 1  # looped: T=2 plus eval.extra_loops=2
+    metrics = run.data.metrics
+    for t in range(1, steps + 1):
+        assert len(client.get_metric_history(result.run_id, f"val/acc_step{t}")) == 2  # steps 20 and 40
+        for k in range(1, 5):
+            assert 0.0 <= metrics[f"val/acc_step{t}_d{k}"] <= 1.0
+    assert f"val/acc_step{steps + 1}" not in metrics
+    assert metrics["val/acc_final"] == metrics[f"val/acc_step{1 if arch != 'looped' else 2}"]
+    assert "test/acc_final" in metrics
+    if arch == "looped":
+        assert 1.0 <= metrics["val/exit_expected_step"] <= 2.0
+        assert metrics["val/exit_mass_step1"] + metrics["val/exit_mass_step2"] == pytest.approx(1.0, abs=1e-5)
+        assert 0.0 <= metrics["val/exit_entropy"] <= math.log(2) + 1e-6
+    else:
+        assert "val/exit_expected_step" not in metrics
+    assert result.checkpoint and result.checkpoint.endswith("last.ckpt")
+
+
+def test_same_config_and_seed_give_same_metrics(tiny_config):
+    cfg = tiny_config("train.max_steps=10", "train.val_every=10", "eval.test=false")
+    a, b = train(cfg, verbose=False), train(cfg, verbose=False)
+    assert a.val == b.val
+    assert a.run_id != b.run_id
+
+
+def test_eval_checkpoint_reproduces_test_metrics_and_extrapolates(tiny_config):
+    result = train(tiny_config(), verbose=False)
+    again = evaluate_checkpoint(Path(result.checkpoint), [], "test")
+    assert again.metrics["test/acc_final"] == pytest.approx(result.test["test/acc_final"], abs=1e-6)
+    more = evaluate_checkpoint(Path(result.checkpoint), ["eval.extra_loops=5"], "test")
+    assert "test/acc_step7" in more.metrics and "test/acc_step8" not in more.metrics
+    assert "step" in more.table and "acc_d4" in more.table
+    with pytest.raises(ConfigError, match="only eval"):
+        evaluate_checkpoint(Path(result.checkpoint), ["model.loops=3"], "test")
+
+
+class _PoisonWeights(L.Callback):
+    """Sets a weight to NaN at a given step: the loss becomes NaN on the next step."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == 3:
+            with torch.no_grad():
+                module.model.tok_emb.weight.fill_(float("nan"))
+
+
+def test_nan_loss_fails_the_run_with_a_clear_reason(tiny_config, tracking_uri):
+    cfg = tiny_config()
+    with pytest.raises(FloatingPointError, match="training loss became nan at step 3"):
+        train(cfg, callbacks=[_PoisonWeights()], verbose=False)
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "training loss became nan" in run.data.tags["error"]
+
+
+def test_nested_run_under_parent(tiny_config, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    cfg = tiny_config("train.max_steps=5", "train.val_every=5", "eval.test=false")
+    exp = client.create_experiment("test")
+    parent = client.create_run(exp, run_name="study").info.run_id
+    result = train(cfg, parent_run_id=parent, verbose=False)
+    assert client.get_run(result.run_id).data.tags["mlflow.parentRunId"] == parent
+
+
+def test_cli_train_prints_where_results_went(tiny_config, tmp_path, tracking_uri, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["train", str(Path(__file__).resolve().parents[1] / "conf" / "state.yaml"),
+               "model.d_model=32", "model.loops=2", "data.state.length=8", "data.n_val=64", "data.n_test=64",
+               "train.max_steps=6", "train.warmup_steps=1", "train.val_every=6", "train.progress_bar=false"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert f"sqlite:///{tmp_path / 'mlflow.db'}" in out  # the embedded default store in the working dir
+    assert "mlflow ui --backend-store-uri" in out and "#/experiments/" in out
+    assert "val metrics by loop step" in out
+    assert (tmp_path / "mlflow.db").is_file()
