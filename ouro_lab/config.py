@@ -40,6 +40,7 @@ class ModelConfig:
     loops: int = 4  # T: times the looped stack runs; the baselines derive their depth from it
     d_ff: int = 0  # SwiGLU hidden width; 0 = 4 * d_model
     tie_embeddings: bool = True  # share embedding and LM head (paper: tied for small synthetic models)
+    embed_init_std: float = 0.02  # init std of token/position embeddings when untied (tied: 0.02, the head's)
     positions: str = "rope"  # rope | learned (absolute, learned embeddings)
     loop_state: str = "normed"  # normed: final_norm(h_t) feeds loop t+1 (Ouro) | residual: raw h_t does
 
@@ -190,6 +191,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     choice("model.loop_state", m.loop_state, LOOP_STATES)
     for key in ("d_model", "n_heads", "n_layers", "loops"):
         check(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
+    check(m.embed_init_std > 0, "model.embed_init_std", f"must be > 0, got {m.embed_init_std}")
     check(m.d_ff >= 0, "model.d_ff", f"must be >= 0 (0 = 4 * d_model), got {m.d_ff}")
     if m.d_model >= 1 and m.n_heads >= 1:
         check(m.d_model % m.n_heads == 0, "model.d_model",

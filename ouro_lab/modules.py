@@ -38,6 +38,7 @@ def model_spec(cfg: ExperimentConfig, task: Task) -> ModelSpec:
         loops=m.loops if m.arch == "looped" else 1,
         d_ff=m.d_ff or 4 * m.d_model,
         tie_embeddings=m.tie_embeddings,
+        embed_init_std=m.embed_init_std,
         positions=m.positions,
         loop_state=m.loop_state,
     )

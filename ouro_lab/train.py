@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +21,18 @@ from ouro_lab import tracking
 from ouro_lab.config import ExperimentConfig, flatten, to_dict, to_yaml
 from ouro_lab.data import TaskDataModule
 from ouro_lab.modules import build_module
+
+
+class _DropAdverts(logging.Filter):
+    """Lightning 2.6 prints '💡 Tip: try installing litlogger/litmodels' on every Trainer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
+# Lightning 2.6's own call into torch's pytree API; nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """End to end: real tiny models trained through `train()`, read back from MLflow."""
 
 import math
+import re
 from pathlib import Path
 
 import lightning as L
@@ -68,6 +69,16 @@ def test_eval_checkpoint_reproduces_test_metrics_and_extrapolates(tiny_config):
     assert "step" in more.table and "acc_d4" in more.table
     with pytest.raises(ConfigError, match="only eval"):
         evaluate_checkpoint(Path(result.checkpoint), ["model.loops=3"], "test")
+
+
+def test_cli_eval(tiny_config, capsys):
+    result = train(tiny_config("train.max_steps=5", "train.val_every=5", "eval.test=false"), verbose=False)
+    assert main(["eval", result.checkpoint, "eval.extra_loops=3", "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "val metrics by loop step" in out
+    assert re.search(r"^\s+5\s", out, re.M) and not re.search(r"^\s+6\s", out, re.M)  # T=2 + 3 extra steps
+    assert main(["eval", "nope.ckpt"]) == 2
+    assert "checkpoint not found: nope.ckpt" in capsys.readouterr().err
 
 
 class _PoisonWeights(L.Callback):

@@ -31,6 +31,7 @@ class ModelSpec:
     tie_embeddings: bool = True
     positions: str = "rope"  # rope | learned
     loop_state: str = "normed"  # normed (Ouro) | residual
+    embed_init_std: float = 0.02  # token/position embedding init std (untied); 1.0 = PyTorch default
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
 
@@ -136,6 +137,10 @@ class _DecoderLM(nn.Module):
         if spec.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
+        if not spec.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=spec.embed_init_std)
+            if self.pos_emb is not None:
+                nn.init.normal_(self.pos_emb.weight, std=spec.embed_init_std)
         # GPT-2 style: scale residual-branch output projections by depth actually executed.
         depth = spec.n_layers * spec.loops
         for name, p in self.named_parameters():
