@@ -2,6 +2,7 @@
 
     ouro-lab train conf/state.yaml model.loops=4 model.arch=depth_matched
     ouro-lab eval outputs/ouro-lab/<run_id>/checkpoints/last.ckpt eval.extra_loops=4
+    ouro-lab sweep sweeps/loops.yaml seeds=1 train.max_steps=500
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("checkpoint", help="a .ckpt written by `ouro-lab train`")
     p_eval.add_argument("overrides", nargs="*", help="eval.* or data.* overrides, e.g. eval.extra_loops=6")
     p_eval.add_argument("--split", choices=("val", "test"), default="test")
+    p_sweep = sub.add_parser("sweep", help="run or resume an Optuna study declared in sweeps/*.yaml")
+    p_sweep.add_argument("sweep", help="sweep YAML, e.g. sweeps/loops.yaml")
+    p_sweep.add_argument("overrides", nargs="*",
+                         help="sweep keys (trials=4 seeds=1 sampler.seed=3 ...) or experiment keys (train.max_steps=500)")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -30,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
             from ouro_lab.train import train  # heavy imports after the config is known to be valid
 
             train(cfg)
+        elif args.command == "sweep":
+            from ouro_lab.sweep import run_sweep
+
+            summary = run_sweep(args.sweep, args.overrides)
+            if not summary.counts.get("COMPLETE") and not summary.counts.get("PRUNED"):
+                print(f"ouro-lab: every trial of study {summary.name!r} failed ({summary.counts}); "
+                      "see the `error` tag of its runs in MLflow", file=sys.stderr)
+                return 1
         else:
             from ouro_lab.evaluate import evaluate_checkpoint
 
@@ -40,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"ouro-lab: {err}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit):
+        return 130
     except FloatingPointError as err:
         print(f"ouro-lab: training diverged: {err}", file=sys.stderr)
         return 1

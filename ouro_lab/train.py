@@ -6,12 +6,14 @@ import logging
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import lightning as L
 import matplotlib.pyplot as plt
+import optuna
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
@@ -65,18 +67,34 @@ def resolve_precision(cfg: ExperimentConfig) -> str:
 
 
 def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks: Sequence[Callback] = (),
-          extra_tags: dict[str, str] | None = None, verbose: bool = True) -> TrainResult:
+          extra_tags: dict[str, str] | None = None, verbose: bool = True, run_id: str | None = None) -> TrainResult:
     """Train one model from `cfg`, log it to MLflow, evaluate every loop step; return the result.
 
-    The MLflow run is created before training (nested under `parent_run_id` if given) and
-    ends FINISHED, or FAILED with an `error` tag if training raises, or KILLED if interrupted.
+    The MLflow run is created before training (nested under `parent_run_id` if given; or
+    `run_id`, an existing RUNNING run, is used) and ends FINISHED, or FAILED with an `error`
+    tag if training raises, or KILLED if interrupted or pruned (`pruned` tag).
     """
-    with tracking.preserve_tracking_env():
-        return _train(cfg, parent_run_id, callbacks, extra_tags, verbose)
+    with tracking.preserve_tracking_env(), _lightning_log_level(logging.INFO if verbose else logging.WARNING):
+        return _train(cfg, parent_run_id, callbacks, extra_tags, verbose, run_id)
+
+
+@contextmanager
+def _lightning_log_level(level: int):
+    """Quiet Lightning's info lines ('GPU available', 'fit stopped') for non-verbose runs."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero",
+                                                "lightning.fabric")]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, saved):
+            lg.setLevel(old)
 
 
 def _train(cfg: ExperimentConfig, parent_run_id: str | None, callbacks: Sequence[Callback],
-           extra_tags: dict[str, str] | None, verbose: bool) -> TrainResult:
+           extra_tags: dict[str, str] | None, verbose: bool, run_id: str | None) -> TrainResult:
     start = time.perf_counter()
     L.seed_everything(cfg.train.seed, verbose=False)  # NOTE: explicit per run; PL_GLOBAL_SEED leaks otherwise
     module = build_module(cfg)
@@ -91,7 +109,12 @@ def _train(cfg: ExperimentConfig, parent_run_id: str | None, callbacks: Sequence
         "ouro.task": cfg.data.task, "ouro.arch": cfg.model.arch, "ouro.loops": str(cfg.model.loops),
         "ouro.seed": str(cfg.train.seed),
     } | (extra_tags or {})
-    run_id = tracking.create_run(client, experiment_id, run_name, tags, parent_run_id)
+    if run_id is None:
+        run_id = tracking.create_run(client, experiment_id, run_name, tags, parent_run_id)
+    else:
+        client.set_tag(run_id, "mlflow.runName", run_name)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
     summary = module.summary()
     if verbose:
         print(f"[ouro-lab] run {run_name} ({run_id}) -> {uri}", flush=True)
@@ -131,8 +154,12 @@ def _train(cfg: ExperimentConfig, parent_run_id: str | None, callbacks: Sequence
             test = _numbers(trainer.callback_metrics, "test/")
         _log_plot(client, run_id, module, val, run_name)
     except BaseException as err:
-        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
-        client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+        if isinstance(err, optuna.TrialPruned):
+            status = "KILLED"
+            client.set_tag(run_id, "pruned", str(err))
+        else:
+            status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+            client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
         client.set_terminated(run_id, status)
         if verbose:
             print(f"[ouro-lab] run {run_id} {status}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)

@@ -1,0 +1,503 @@
+"""`ouro-lab sweep sweeps/X.yaml`: an Optuna study whose trials are `train()` runs nested
+under one MLflow parent run; pruning, failure handling and resume.
+
+Layout of one study in MLflow (experiment = the study name):
+    study parent run (tag ouro.study)
+      trial run per Optuna trial (params = sampled values + full config; state tag optuna.state)
+        seed runs, when seeds > 1 (the trial run then holds their mean and spread)
+
+Resume: rerunning the same command loads the study from its storage. Trials left RUNNING by
+a dead process (journal storage has no heartbeat) are marked FAIL and, if `retries` allows,
+re-enqueued with the same params; finished trials are kept and never repeated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import optuna
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from ouro_lab import tracking
+from ouro_lab.config import ExperimentConfig, flatten, load_config, to_dict
+from ouro_lab.sweep_config import SweepConfig, grid_values, is_int_range, override_for
+from ouro_lab.train import TrainResult, train
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class PruningCallback(L.Callback):
+    """Reports the objective to Optuna after every validation, at `offset + global_step`, and
+    stops the trial when the pruner says so.
+
+    NOTE: optuna_integration's PyTorchLightningPruningCallback reports at step=current_epoch,
+    which repeats for step-based training (and Optuna drops repeated steps silently).
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str, offset: int = 0):
+        self.trial, self.metric, self.offset = trial, metric, offset
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.metric])
+        step = self.offset + trainer.global_step
+        if not math.isfinite(value):
+            return  # a NaN objective fails the trial in training_step, with its reason
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {trainer.global_step} with {self.metric}={value:.4f}")
+
+
+@dataclass
+class Study:
+    sweep: SweepConfig
+    base: Path
+    study: optuna.Study
+    client: MlflowClient
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    study_dir: Path
+
+
+def canonical_hash(cfg: ExperimentConfig) -> str:
+    """Hash of what determines a run's result. Keys a standard model ignores (loop count for
+    param_matched, the exit objective, extra eval loops) are normalised away, so the same
+    param-matched baseline is trained once per study and reused at every T."""
+    d = to_dict(cfg)
+    d.pop("tracking")
+    d["train"].pop("progress_bar")
+    if cfg.model.arch != "looped":
+        d.pop("objective")
+        d["eval"].pop("extra_loops")
+        d["model"].pop("loop_state")
+        if cfg.model.arch == "param_matched":
+            d["model"].pop("loops")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_sampler(sweep: SweepConfig) -> optuna.samplers.BaseSampler:
+    s = sweep.sampler
+    if s.name == "grid":
+        space = {key: grid_values(spec) for key, spec in sweep.params.items()}
+        return optuna.samplers.GridSampler(space, seed=s.seed)
+    if s.name == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=s.seed, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=s.seed)
+
+
+def make_pruner(sweep: SweepConfig) -> optuna.pruners.BasePruner:
+    settings = dict(sweep.pruner)
+    name = settings.pop("name", "none")
+    return {
+        "none": optuna.pruners.NopPruner,
+        "median": optuna.pruners.MedianPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    }[name](**settings)
+
+
+def make_storage(sweep: SweepConfig, study_dir: Path) -> optuna.storages.BaseStorage | str:
+    """Default: a journal file under the study folder, safe for several processes on one host.
+    Any Optuna storage URL otherwise (e.g. postgresql://... for several hosts)."""
+    if sweep.storage:
+        return sweep.storage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    study_dir.mkdir(parents=True, exist_ok=True)
+    path = str(study_dir / "optuna.journal")
+    return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def open_study(sweep: SweepConfig, base: Path) -> Study:
+    """Create or load the Optuna study, the MLflow experiment and the study's parent run."""
+    study_dir = Path(sweep.study_dir or Path("studies") / sweep.name).resolve()
+    storage = make_storage(sweep, study_dir)
+    study = optuna.create_study(study_name=sweep.name, storage=storage, sampler=make_sampler(sweep),
+                                pruner=make_pruner(sweep), direction=sweep.objective.direction,
+                                load_if_exists=True)
+    base_cfg = load_config(base, sweep.overrides)
+    uri = tracking.resolve_tracking_uri(sweep.tracking_uri or base_cfg.tracking.uri)
+    client, experiment_id = tracking.open_experiment(uri, sweep.name)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent is None or _run_missing(client, parent):
+        parent = tracking.create_run(client, experiment_id, f"study-{sweep.name}", {
+            "ouro.study": sweep.name, "ouro.role": "study", **tracking.reproducibility_tags()})
+        study.set_user_attr("mlflow_parent_run_id", parent)
+        client.log_batch(parent, params=[Param(f"sweep.{k}", str(v)[:6000]) for k, v in _sweep_params(sweep).items()])
+        client.log_text(parent, _sweep_yaml(sweep), "sweep.yaml")
+    else:
+        client.update_run(parent, status="RUNNING")
+    return Study(sweep, base, study, client, uri, experiment_id, parent, study_dir)
+
+
+def _sweep_yaml(sweep: SweepConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(sweep))
+
+
+def _sweep_params(sweep: SweepConfig) -> dict[str, Any]:
+    return {"objective": f"{sweep.objective.direction} {sweep.objective.metric}", "sampler": sweep.sampler.name,
+            "pruner": json.dumps(dict(sweep.pruner)), "trials": sweep.trials, "seeds": sweep.seeds,
+            "params": ", ".join(sweep.params), "overrides": " ".join(sweep.overrides)}
+
+
+def _run_missing(client: MlflowClient, run_id: str) -> bool:
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "deleted"
+    except Exception:
+        return True
+
+
+# --- trials ------------------------------------------------------------------------------
+
+def suggest(trial: optuna.Trial, sweep: SweepConfig) -> dict[str, Any]:
+    values = {}
+    for key, spec in sweep.params.items():
+        if spec.choices is not None or sweep.sampler.name == "grid":
+            values[key] = trial.suggest_categorical(key, spec.choices if spec.choices is not None else grid_values(spec))
+        elif is_int_range(spec):
+            values[key] = trial.suggest_int(key, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)
+        else:
+            values[key] = trial.suggest_float(key, float(spec.low), float(spec.high), step=spec.step, log=spec.log)
+    return values
+
+
+def run_trial(s: Study, trial: optuna.Trial, verbose: bool) -> float:
+    sweep = s.sweep
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    sampled = suggest(trial, sweep)
+    overrides = [*sweep.overrides, *(override_for(k, v) for k, v in sampled.items()),
+                 f"tracking.uri={s.tracking_uri}", f"tracking.experiment={sweep.name}", "train.progress_bar=false"]
+    cfg = load_config(s.base, overrides)
+    label = " ".join(f"{k}={v}" for k, v in sampled.items())
+    tags = {"ouro.study": sweep.name, "ouro.trial": str(trial.number), "ouro.role": "trial",
+            "optuna.state": "RUNNING"}
+    if sweep.seeds == 1:
+        value, _ = _train_seed(s, trial, cfg, sweep.seed_base, 0, s.parent_run_id, tags, label, verbose)
+        return value
+    # several seeds: a trial run holding the mean and spread, with one child run per seed
+    trial_run = tracking.create_run(s.client, s.experiment_id, f"trial-{trial.number} {label}",
+                                    tags | tracking.reproducibility_tags(), s.parent_run_id)
+    trial.set_user_attr("mlflow_run_id", trial_run)
+    params = {k: str(v) for k, v in flatten(to_dict(cfg)).items() if k != "train.seed"}
+    s.client.log_batch(trial_run, params=[Param(k, v) for k, v in params.items()][:100])
+    for i in range(100, len(params), 100):
+        s.client.log_batch(trial_run, params=[Param(k, v) for k, v in params.items()][i:i + 100])
+    results, values = [], []
+    try:
+        for i in range(sweep.seeds):
+            seed_tags = {"ouro.study": sweep.name, "ouro.trial": str(trial.number), "ouro.role": "seed"}
+            value, run_id = _train_seed(s, trial, cfg, sweep.seed_base + i, i, trial_run, seed_tags,
+                                        f"{label} seed {sweep.seed_base + i}", verbose)
+            values.append(value)
+            results.append(s.client.get_run(run_id).data.metrics)
+    except BaseException as err:
+        _end_run(s.client, trial_run, err)
+        raise
+    _log_aggregate(s.client, trial_run, results, sweep.objective.metric)
+    _end_run(s.client, trial_run, None)
+    return statistics.fmean(values)
+
+
+def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int, index: int, parent: str,
+                tags: dict[str, str], label: str, verbose: bool) -> tuple[float, str]:
+    """Train one seed (or reuse an identical finished run of this study); return (objective, run id)."""
+    cfg.train.seed = seed
+    cfg.tracking.run_name = f"trial-{trial.number} {label}" if "seed" not in label else f"trial-{trial.number} {label}"
+    digest = canonical_hash(cfg)
+    tags = tags | {"ouro.config_hash": digest}
+    metric = s.sweep.objective.metric
+    reused = _find_finished(s, digest)
+    if reused is not None:
+        run_id = _copy_run(s, reused, parent, tags, cfg.tracking.run_name)
+        value = s.client.get_run(run_id).data.metrics.get(metric)
+        if verbose:
+            print(f"[sweep] trial {trial.number}: reusing identical run {reused.info.run_id} ({label})", flush=True)
+        if value is None:
+            raise KeyError(f"objective metric {metric!r} was not logged by run {reused.info.run_id}")
+        return value, run_id
+    offset = index * cfg.train.max_steps
+    run_id = tracking.create_run(s.client, s.experiment_id, cfg.tracking.run_name, tags, parent)
+    if s.sweep.seeds == 1:
+        trial.set_user_attr("mlflow_run_id", run_id)
+    if verbose:
+        print(f"[sweep {s.sweep.name}] trial {trial.number} started: {label}", flush=True)
+    try:
+        result: TrainResult = train(cfg, run_id=run_id, callbacks=[PruningCallback(trial, metric, offset)],
+                                    extra_tags=tags, verbose=False)
+    except BaseException as err:
+        s.client.set_tag(run_id, "optuna.state", state_of(err))
+        raise
+    value = (result.val | result.test).get(metric)
+    if value is None:
+        raise KeyError(f"objective metric {metric!r} was not logged; available e.g. "
+                       f"{', '.join(sorted(result.val)[:6])} ...")
+    s.client.set_tag(result.run_id, "optuna.state", "COMPLETE")
+    return value, result.run_id
+
+
+def _find_finished(s: Study, digest: str):
+    runs = s.client.search_runs(
+        [s.experiment_id], filter_string=f"tags.`ouro.config_hash` = '{digest}' and attributes.status = 'FINISHED'",
+        max_results=10)
+    originals = [r for r in runs if "ouro.reused_from" not in r.data.tags]
+    return originals[0] if originals else None
+
+
+def _copy_run(s: Study, source, parent: str, tags: dict[str, str], name: str) -> str:
+    """A child run that points at an identical finished run and carries its final metrics."""
+    run_id = tracking.create_run(s.client, s.experiment_id, name,
+                                 tags | {"ouro.reused_from": source.info.run_id, "optuna.state": "COMPLETE"}, parent)
+    now = int(time.time() * 1000)
+    params = [Param(k, v) for k, v in source.data.params.items()]
+    for i in range(0, len(params), 100):
+        s.client.log_batch(run_id, params=params[i:i + 100])
+    metrics = [Metric(k, v, now, 0) for k, v in source.data.metrics.items()]
+    for i in range(0, len(metrics), 1000):
+        s.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    s.client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _log_aggregate(client: MlflowClient, run_id: str, results: list[dict[str, float]], objective: str) -> None:
+    """Mean over seeds of every final val/test metric (same names), and the objective's spread."""
+    now = int(time.time() * 1000)
+    keys = set.intersection(*(set(r) for r in results))
+    metrics = [Metric(k, statistics.fmean(r[k] for r in results), now, 0) for k in sorted(keys)
+               if k.startswith(("val/", "test/", "model/"))]
+    values = [r[objective] for r in results if objective in r]
+    if len(values) > 1:
+        metrics.append(Metric(f"seeds/{objective}_std", statistics.stdev(values), now, 0))
+        metrics.append(Metric(f"seeds/{objective}_min", min(values), now, 0))
+        metrics.append(Metric(f"seeds/{objective}_max", max(values), now, 0))
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+
+def state_of(err: BaseException) -> str:
+    return "PRUNED" if isinstance(err, optuna.TrialPruned) else "FAIL"
+
+
+def _end_run(client: MlflowClient, run_id: str, err: BaseException | None) -> None:
+    if err is None:
+        client.set_tag(run_id, "optuna.state", "COMPLETE")
+        client.set_terminated(run_id, "FINISHED")
+    elif isinstance(err, optuna.TrialPruned):
+        client.set_tag(run_id, "optuna.state", "PRUNED")
+        client.set_tag(run_id, "pruned", str(err))
+        client.set_terminated(run_id, "KILLED")
+    else:
+        client.set_tag(run_id, "optuna.state", "FAIL")
+        client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+        client.set_terminated(run_id, "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+
+
+# --- the study loop ----------------------------------------------------------------------
+
+def _interrupted(t: optuna.trial.FrozenTrial) -> bool:
+    return t.state == TrialState.FAIL and bool(t.user_attrs.get("interrupted"))
+
+
+def _counts_toward_budget(t: optuna.trial.FrozenTrial, retries: int) -> bool:
+    """Complete, pruned and failed (crash, NaN) trials use the budget; an interrupted trial
+    does not while it will be retried."""
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    if t.state == TrialState.FAIL:
+        return not _interrupted(t) or t.user_attrs.get("retry_depth", 0) >= retries
+    return False
+
+
+def recover_interrupted(s: Study, verbose: bool) -> None:
+    """Mark trials left RUNNING by a dead worker on this host as FAIL (journal storage has no
+    heartbeat), end their MLflow runs, and enqueue retries for interrupted trials."""
+    host = socket.gethostname()
+    storage = s.study._storage
+    for t in s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        w_host, _, w_pid = worker.rpartition(":")
+        if w_host == host and not _pid_alive(int(w_pid or 0)):
+            storage.set_trial_user_attr(t._trial_id, "interrupted", "worker process died")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            if verbose:
+                print(f"[sweep {s.sweep.name}] trial {t.number} was left running by a dead worker "
+                      f"({worker}): marked FAIL", flush=True)
+    for run in s.client.search_runs([s.experiment_id], filter_string="attributes.status = 'RUNNING'"):
+        if run.info.run_id == s.parent_run_id:
+            continue
+        trial_no = run.data.tags.get("ouro.trial")
+        states = {t.number: t for t in s.study.get_trials(deepcopy=False)}
+        if trial_no is not None and int(trial_no) in states and states[int(trial_no)].state.is_finished():
+            s.client.set_tag(run.info.run_id, "optuna.state", "FAIL")
+            s.client.set_tag(run.info.run_id, "error", "interrupted: the sweep process was killed")
+            s.client.set_terminated(run.info.run_id, "KILLED")
+    trials = s.study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for t in trials:
+        depth = t.user_attrs.get("retry_depth", 0)
+        if _interrupted(t) and t.number not in retried and depth < s.sweep.retries:
+            s.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "retry_depth": depth + 1},
+                                  skip_if_exists=False)
+            if verbose:
+                print(f"[sweep {s.sweep.name}] re-queued interrupted trial {t.number} "
+                      f"(retry {depth + 1}/{s.sweep.retries})", flush=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def budget(sweep: SweepConfig) -> int:
+    if sweep.sampler.name == "grid":
+        size = math.prod(len(grid_values(spec)) for spec in sweep.params.values())
+        return min(size, sweep.trials) if sweep.trials else size
+    return sweep.trials
+
+
+@dataclass
+class SweepSummary:
+    name: str
+    study_dir: Path
+    storage: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    counts: dict[str, int]
+    best: list[dict[str, Any]]
+    seconds: float
+
+    def table(self, k: int = 5) -> str:
+        lines = [f"best {min(k, len(self.best))} of {self.counts.get('COMPLETE', 0)} complete trials "
+                 f"({', '.join(f'{n} {s.lower()}' for s, n in sorted(self.counts.items()))}):"]
+        for row in self.best[:k]:
+            spread = f" ± {row['std']:.4f}" if row.get("std") is not None else ""
+            lines.append(f"  trial {row['number']:>3}  {row['value']:.4f}{spread}  "
+                         + " ".join(f"{p}={v}" for p, v in row["params"].items()))
+        return "\n".join(lines)
+
+
+def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), verbose: bool = True) -> SweepSummary:
+    """Run (or resume) the study declared in `path` until its budget or timeout is used up."""
+    from ouro_lab.sweep_config import load_sweep
+
+    sweep, base = load_sweep(path, overrides)
+    s = open_study(sweep, base)
+    recover_interrupted(s, verbose)
+    total, start = budget(sweep), time.perf_counter()
+    storage_desc = sweep.storage or str(s.study_dir / "optuna.journal")
+    if verbose:
+        print(f"[sweep {sweep.name}] study in {storage_desc}; runs in {s.tracking_uri} "
+              f"(experiment {sweep.name!r}); budget {total} trials x {sweep.seeds} seed(s)", flush=True)
+
+    def objective(trial: optuna.Trial) -> float:
+        try:
+            return run_trial(s, trial, verbose)
+        except (KeyboardInterrupt, SystemExit):
+            trial.set_user_attr("interrupted", "Ctrl-C / SystemExit")
+            raise
+        except optuna.TrialPruned:
+            raise
+        except Exception as err:
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
+            raise
+
+    def report(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+        if not verbose:
+            return
+        done = sum(_counts_toward_budget(x, sweep.retries) for x in study.get_trials(deepcopy=False))
+        try:
+            best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
+        except ValueError:
+            best = "no complete trial yet"
+        what = f"{sweep.objective.metric}={t.value:.4f}" if t.value is not None else (
+            t.user_attrs.get("error") or t.user_attrs.get("interrupted") or "")
+        print(f"[sweep {sweep.name}] {done}/{total} trial {t.number} {t.state.name} {what} | {best} | "
+              f"{' '.join(f'{k}={v}' for k, v in t.params.items())} | "
+              f"{(t.duration.total_seconds() if t.duration else 0):.0f} s", flush=True)
+
+    try:
+        while True:
+            trials = s.study.get_trials(deepcopy=False)
+            if sum(_counts_toward_budget(t, sweep.retries) for t in trials) >= total:
+                break
+            if sweep.timeout is not None and time.perf_counter() - start > sweep.timeout:
+                if verbose:
+                    print(f"[sweep {sweep.name}] timeout of {sweep.timeout:.0f} s reached", flush=True)
+                break
+            s.study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[report])
+    except (KeyboardInterrupt, SystemExit):
+        s.client.set_terminated(s.parent_run_id, "KILLED")
+        print(f"\n[sweep {sweep.name}] interrupted; finished trials are saved. Rerun the same command to resume.",
+              file=sys.stderr, flush=True)
+        raise
+    summary = summarize(s, time.perf_counter() - start, storage_desc)
+    _log_summary(s, summary)
+    if verbose:
+        print(summary.table())
+        print(f"[sweep {sweep.name}] done in {summary.seconds:.0f} s. study: {storage_desc}")
+        print(f"[sweep {sweep.name}] view: {tracking.ui_command(s.tracking_uri)}  then open "
+              f"{tracking.runs_url(s.experiment_id)}")
+    return summary
+
+
+def summarize(s: Study, seconds: float, storage_desc: str) -> SweepSummary:
+    trials = s.study.get_trials(deepcopy=False)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    reverse = s.sweep.objective.direction == "maximize"
+    best = []
+    for t in sorted(complete, key=lambda t: t.value, reverse=reverse):
+        std = None
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if s.sweep.seeds > 1 and run_id:
+            std = s.client.get_run(run_id).data.metrics.get(f"seeds/{s.sweep.objective.metric}_std")
+        best.append({"number": t.number, "value": t.value, "std": std, "params": t.params, "run_id": run_id})
+    return SweepSummary(s.sweep.name, s.study_dir, storage_desc, s.tracking_uri, s.experiment_id, s.parent_run_id,
+                        counts, best, seconds)
+
+
+def _log_summary(s: Study, summary: SweepSummary) -> None:
+    s.study_dir.mkdir(parents=True, exist_ok=True)
+    text = summary.table(k=len(summary.best) or 1)
+    (s.study_dir / "summary.txt").write_text(text + "\n")
+    s.client.log_text(s.parent_run_id, text, "summary.txt")
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"study/n_{k.lower()}", float(v), now, 0) for k, v in summary.counts.items()]
+    if summary.best:
+        metrics.append(Metric(f"study/best_{s.sweep.objective.metric.replace('/', '_')}", summary.best[0]["value"], now, 0))
+    if metrics:
+        s.client.log_batch(s.parent_run_id, metrics=metrics)
+    failed_all = summary.counts and not summary.counts.get("COMPLETE") and not summary.counts.get("PRUNED")
+    s.client.set_terminated(s.parent_run_id, "FAILED" if failed_all else "FINISHED")
+
+
+class SweepFailed(RuntimeError):
+    """Every trial of the study failed."""

@@ -1,0 +1,236 @@
+"""Sweep YAML schema (`sweeps/*.yaml`): typed, documented, validated before any trial runs.
+
+    name: loops                      # study name (default: the file's stem)
+    base: ../conf/state.yaml         # experiment config, relative to this file
+    overrides: [train.max_steps=1000]
+    objective: {metric: val/acc_final, direction: maximize}
+    params:
+      model.loops: {choices: [1, 2, 4, 8]}                        # categorical / grid
+      objective.entropy_weight: {low: 0.001, high: 1.0, log: true}  # float range
+      model.n_layers: {low: 1, high: 4}                            # int range (ints given)
+    sampler: {name: grid, seed: 0}   # grid | tpe | random | cmaes
+    pruner: {name: median, n_startup_trials: 4, n_warmup_steps: 250}
+    trials: 24                        # budget: trials that end (complete, pruned or failed)
+    seeds: 3                          # runs per sampled configuration; trial value = their mean
+
+Modelled on W&B sweep configs (`parameters` with `values` / `min`/`max`) and Optuna's own
+distributions (`choices`, `low`/`high`, `log`, `step`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from ouro_lab.config import ConfigError, load_config
+
+SAMPLERS = ("grid", "tpe", "random", "cmaes")
+PRUNERS = ("none", "median", "hyperband", "successive_halving")
+DIRECTIONS = ("maximize", "minimize")
+# Metrics the objective may name: val/<name> or test/<name>, e.g. val/acc_final, val/acc_step3_d4.
+METRIC_PATTERN = re.compile(r"^(val|test)/[a-z_]+(step\d+)?(_d\d+)?$")
+PRUNER_SETTINGS = {
+    "none": set(),
+    "median": {"n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"},
+    "hyperband": {"min_resource", "max_resource", "reduction_factor"},
+    "successive_halving": {"min_resource", "reduction_factor", "min_early_stopping_rate"},
+}
+
+
+@dataclass
+class ObjectiveSpec:
+    metric: str = "val/acc_final"  # a metric logged at every validation (pruning reports it)
+    direction: str = "maximize"  # maximize | minimize
+
+
+@dataclass
+class SamplerSpec:
+    name: str = "tpe"  # grid | tpe | random | cmaes
+    seed: int = 0  # sampler seed (grid: the order points are visited in)
+
+
+@dataclass
+class ParamSpec:
+    choices: Optional[list[Any]] = None  # categorical values (the grid sampler's points)
+    low: Optional[float] = None  # range start; int range when low, high (and step) are ints
+    high: Optional[float] = None  # range end (inclusive)
+    log: bool = False  # sample on a log scale
+    step: Optional[float] = None  # discretisation step (int ranges: default 1)
+
+
+@dataclass
+class SweepConfig:
+    name: str = ""  # Optuna study name and MLflow experiment; default: the file's stem
+    base: str = ""  # experiment config the trials start from (relative to the sweep file)
+    overrides: list[str] = field(default_factory=list)  # fixed key=value overrides for every trial
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
+    params: dict[str, ParamSpec] = field(default_factory=dict)  # config key -> distribution
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    pruner: dict[str, Any] = field(default_factory=lambda: {"name": "none"})  # name + its settings
+    trials: int = 0  # trial budget; 0 = the grid's size (grid sampler only)
+    timeout: Optional[float] = None  # stop starting new trials after this many seconds
+    seeds: int = 1  # training runs per sampled configuration (train.seed = seed_base + i)
+    seed_base: int = 0
+    retries: int = 1  # re-run a trial interrupted by a kill / Ctrl-C this many times
+    storage: Optional[str] = None  # Optuna storage URL; None = journal file in {study_dir}
+    study_dir: Optional[str] = None  # None = studies/{name} in the working directory
+    tracking_uri: Optional[str] = None  # MLflow; None = the base config's (or the embedded default)
+
+
+SWEEP_KEYS = ("name", "trials", "timeout", "seeds", "seed_base", "retries", "storage", "study_dir",
+              "tracking_uri", "sampler.name", "sampler.seed", "objective.metric", "objective.direction")
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepConfig, Path]:
+    """The validated sweep and the resolved path of its base config.
+
+    `overrides`: sweep keys (`trials=4`, `seeds=1`, `sampler.seed=3` ...) change the sweep;
+    any other `key=value` is added to the fixed experiment overrides (`train.max_steps=3000`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    sweep_overrides, experiment_overrides = [], []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value, e.g. trials=4 or train.max_steps=500")
+        (sweep_overrides if item.split("=", 1)[0] in SWEEP_KEYS else experiment_overrides).append(item)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), raw, OmegaConf.from_dotlist(sweep_overrides))
+        sweep: SweepConfig = OmegaConf.to_object(merged)
+    except ConfigKeyError as err:
+        key = err.full_key or err.key
+        if str(key).startswith("params."):
+            message = f"params.{str(key).split('.', 2)[-1]}: unknown field; a param takes choices, low, high, log, step"
+        else:
+            message = f"unknown sweep field '{key}'; valid fields: {', '.join(sorted(SweepConfig.__dataclass_fields__))}"
+        raise ConfigError(f"{path}: {message}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {err.full_key}: {str(err).splitlines()[0]}") from None
+    sweep.overrides = [*sweep.overrides, *experiment_overrides]
+    sweep.name = sweep.name or path.stem
+    base = (path.parent / sweep.base).resolve() if sweep.base else None
+    validate_sweep(sweep, base, path)
+    return sweep, base
+
+
+def validate_sweep(sweep: SweepConfig, base: Path | None, path: Path) -> None:
+    """Every check that can fail before a trial runs, each naming the field."""
+    problems: list[str] = []
+    if base is None:
+        problems.append("base: missing; name the experiment config the trials start from, e.g. base: ../conf/state.yaml")
+    elif not base.is_file():
+        problems.append(f"base: {base} not found")
+    if sweep.objective.direction not in DIRECTIONS:
+        problems.append(f"objective.direction: {sweep.objective.direction!r} is not one of: {', '.join(DIRECTIONS)}")
+    if not METRIC_PATTERN.match(sweep.objective.metric):
+        problems.append(f"objective.metric: {sweep.objective.metric!r} is not a metric name like val/acc_final, "
+                        "val/loss_final, val/acc_step3 or val/acc_final_d4")
+    if sweep.sampler.name not in SAMPLERS:
+        problems.append(f"sampler.name: {sweep.sampler.name!r} is not one of: {', '.join(SAMPLERS)}")
+    pruner = dict(sweep.pruner)
+    pruner_name = pruner.pop("name", "none")
+    if pruner_name not in PRUNERS:
+        problems.append(f"pruner.name: {pruner_name!r} is not one of: {', '.join(PRUNERS)}")
+    else:
+        for key in sorted(set(pruner) - PRUNER_SETTINGS[pruner_name]):
+            allowed = ", ".join(sorted(PRUNER_SETTINGS[pruner_name])) or "none"
+            problems.append(f"pruner.{key}: not a setting of the {pruner_name} pruner (settings: {allowed})")
+    if sweep.seeds < 1:
+        problems.append(f"seeds: must be >= 1, got {sweep.seeds}")
+    if sweep.retries < 0:
+        problems.append(f"retries: must be >= 0, got {sweep.retries}")
+    if sweep.timeout is not None and sweep.timeout <= 0:
+        problems.append(f"timeout: must be > 0 seconds, got {sweep.timeout}")
+    if not sweep.params:
+        problems.append("params: empty; give at least one config key to sweep, e.g. model.loops: {choices: [1, 2, 4]}")
+    for key, spec in sweep.params.items():
+        problems += [f"params.{key}: {m}" for m in _check_param(spec, sweep.sampler.name)]
+    if sweep.trials < 0:
+        problems.append(f"trials: must be >= 0, got {sweep.trials}")
+    elif sweep.trials == 0 and sweep.sampler.name != "grid":
+        problems.append(f"trials: set a trial budget (0 means 'the whole grid', only for sampler.name=grid)")
+    if not problems and base is not None:
+        problems += _check_against_base(sweep, base)
+    if problems:
+        raise ConfigError(f"invalid sweep {path}:\n  " + "\n  ".join(problems))
+
+
+def _check_param(spec: ParamSpec, sampler: str) -> list[str]:
+    if spec.choices is not None:
+        if spec.low is not None or spec.high is not None:
+            return ["give either choices or low/high, not both"]
+        if len(spec.choices) == 0:
+            return ["choices is empty"]
+        return []
+    if spec.low is None or spec.high is None:
+        return ["needs choices: [...] or a range low: .. high: .."]
+    problems = []
+    if not spec.low < spec.high:
+        problems.append(f"empty range: low={spec.low} must be < high={spec.high}")
+    if spec.log and spec.low <= 0:
+        problems.append(f"log scale needs low > 0, got {spec.low}")
+    if spec.log and spec.step is not None:
+        problems.append("log and step cannot be combined (Optuna)")
+    if spec.step is not None and spec.step <= 0:
+        problems.append(f"step must be > 0, got {spec.step}")
+    if sampler == "grid" and not (is_int_range(spec) and not spec.log):
+        problems.append("the grid sampler needs choices (or an int range low/high with no log)")
+    return problems
+
+
+def is_int_range(spec: ParamSpec) -> bool:
+    values = [spec.low, spec.high] + ([spec.step] if spec.step is not None else [])
+    return all(float(v).is_integer() for v in values) and not isinstance(spec.low, bool)
+
+
+def grid_values(spec: ParamSpec) -> list[Any]:
+    if spec.choices is not None:
+        return list(spec.choices)
+    step = int(spec.step or 1)
+    return list(range(int(spec.low), int(spec.high) + 1, step))
+
+
+def _check_against_base(sweep: SweepConfig, base: Path) -> list[str]:
+    """Each param path must exist in the experiment config, and every value it can take must
+    make a valid config (so a wrong type fails now, not in trial 17)."""
+    problems = []
+    try:
+        load_config(base, sweep.overrides)
+    except ConfigError as err:
+        return [f"overrides: {err}"]
+    for key, spec in sweep.params.items():
+        values = spec.choices if spec.choices is not None else [spec.low, spec.high]
+        if spec.choices is None and is_int_range(spec):
+            values = [int(v) for v in values]
+        for value in values:
+            try:
+                load_config(base, [*sweep.overrides, f"{key}={_yaml_value(value)}"])
+            except ConfigError as err:
+                message = str(err)
+                if "unknown config key" in message:
+                    problems.append(f"params.{key}: not a key of the experiment config ({message})")
+                    break
+                problems.append(f"params.{key}: value {value!r} is invalid: {message}")
+    return problems
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return str(value)
+
+
+def override_for(key: str, value: Any) -> str:
+    return f"{key}={_yaml_value(value)}"
