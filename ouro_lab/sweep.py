@@ -90,11 +90,21 @@ def canonical_hash(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class GridSampler(optuna.samplers.GridSampler):
+    """NOTE: Optuna 5.0's GridSampler.after_trial raises KeyError('grid_id') for an enqueued
+    trial (our retry of an interrupted one) when one grid point is left. Stopping is decided by
+    our own budget loop, so that lookup can be skipped for such trials."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        if "grid_id" in study._storage.get_trial_system_attrs(trial._trial_id):
+            super().after_trial(study, trial, state, values)
+
+
 def make_sampler(sweep: SweepConfig) -> optuna.samplers.BaseSampler:
     s = sweep.sampler
     if s.name == "grid":
         space = {key: grid_values(spec) for key, spec in sweep.params.items()}
-        return optuna.samplers.GridSampler(space, seed=s.seed)
+        return GridSampler(space, seed=s.seed)
     if s.name == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.name == "cmaes":
@@ -191,7 +201,7 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool) -> float:
     tags = {"ouro.study": sweep.name, "ouro.trial": str(trial.number), "ouro.role": "trial",
             "optuna.state": "RUNNING"}
     if sweep.seeds == 1:
-        value, _ = _train_seed(s, trial, cfg, sweep.seed_base, 0, s.parent_run_id, tags, label, verbose)
+        value, _ = _train_seed(s, trial, cfg, cfg.train.seed, 0, s.parent_run_id, tags, label, verbose)
         return value
     # several seeds: a trial run holding the mean and spread, with one child run per seed
     trial_run = tracking.create_run(s.client, s.experiment_id, f"trial-{trial.number} {label}",
@@ -202,11 +212,12 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool) -> float:
     for i in range(100, len(params), 100):
         s.client.log_batch(trial_run, params=[Param(k, v) for k, v in params.items()][i:i + 100])
     results, values = [], []
+    first_seed = cfg.train.seed
     try:
         for i in range(sweep.seeds):
             seed_tags = {"ouro.study": sweep.name, "ouro.trial": str(trial.number), "ouro.role": "seed"}
-            value, run_id = _train_seed(s, trial, cfg, sweep.seed_base + i, i, trial_run, seed_tags,
-                                        f"{label} seed {sweep.seed_base + i}", verbose)
+            value, run_id = _train_seed(s, trial, cfg, first_seed + i, i, trial_run, seed_tags,
+                                        f"{label} seed {first_seed + i}", verbose)
             values.append(value)
             results.append(s.client.get_run(run_id).data.metrics)
     except BaseException as err:
@@ -221,7 +232,7 @@ def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int,
                 tags: dict[str, str], label: str, verbose: bool) -> tuple[float, str]:
     """Train one seed (or reuse an identical finished run of this study); return (objective, run id)."""
     cfg.train.seed = seed
-    cfg.tracking.run_name = f"trial-{trial.number} {label}" if "seed" not in label else f"trial-{trial.number} {label}"
+    cfg.tracking.run_name = f"trial-{trial.number} {label}"
     digest = canonical_hash(cfg)
     tags = tags | {"ouro.config_hash": digest}
     metric = s.sweep.objective.metric
@@ -335,7 +346,8 @@ def recover_interrupted(s: Study, verbose: bool) -> None:
         worker = t.user_attrs.get("worker", "")
         w_host, _, w_pid = worker.rpartition(":")
         if w_host == host and not _pid_alive(int(w_pid or 0)):
-            storage.set_trial_user_attr(t._trial_id, "interrupted", "worker process died")
+            if not t.user_attrs.get("interrupted"):
+                storage.set_trial_user_attr(t._trial_id, "interrupted", "worker process died")
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             if verbose:
                 print(f"[sweep {s.sweep.name}] trial {t.number} was left running by a dead worker "
@@ -452,6 +464,11 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ver
                 break
             s.study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[report])
     except (KeyboardInterrupt, SystemExit):
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        for t in s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("worker") == me:  # Optuna leaves it RUNNING on a BaseException
+                s.study._storage.set_trial_user_attr(t._trial_id, "interrupted", "Ctrl-C")
+                s.study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         s.client.set_terminated(s.parent_run_id, "KILLED")
         print(f"\n[sweep {sweep.name}] interrupted; finished trials are saved. Rerun the same command to resume.",
               file=sys.stderr, flush=True)

@@ -57,10 +57,10 @@ class SamplerSpec:
 @dataclass
 class ParamSpec:
     choices: Optional[list[Any]] = None  # categorical values (the grid sampler's points)
-    low: Optional[float] = None  # range start; int range when low, high (and step) are ints
-    high: Optional[float] = None  # range end (inclusive)
+    low: Any = None  # range start; an int range when low and high are written as ints (1, not 1.0)
+    high: Any = None  # range end (inclusive)
     log: bool = False  # sample on a log scale
-    step: Optional[float] = None  # discretisation step (int ranges: default 1)
+    step: Any = None  # discretisation step (int ranges: default 1)
 
 
 @dataclass
@@ -74,15 +74,14 @@ class SweepConfig:
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "none"})  # name + its settings
     trials: int = 0  # trial budget; 0 = the grid's size (grid sampler only)
     timeout: Optional[float] = None  # stop starting new trials after this many seconds
-    seeds: int = 1  # training runs per sampled configuration (train.seed = seed_base + i)
-    seed_base: int = 0
+    seeds: int = 1  # training runs per sampled configuration, train.seed + 0 .. seeds-1
     retries: int = 1  # re-run a trial interrupted by a kill / Ctrl-C this many times
     storage: Optional[str] = None  # Optuna storage URL; None = journal file in {study_dir}
     study_dir: Optional[str] = None  # None = studies/{name} in the working directory
     tracking_uri: Optional[str] = None  # MLflow; None = the base config's (or the embedded default)
 
 
-SWEEP_KEYS = ("name", "trials", "timeout", "seeds", "seed_base", "retries", "storage", "study_dir",
+SWEEP_KEYS = ("name", "trials", "timeout", "seeds", "retries", "storage", "study_dir",
               "tracking_uri", "sampler.name", "sampler.seed", "objective.metric", "objective.direction")
 
 
@@ -104,15 +103,13 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value, e.g. trials=4 or train.max_steps=500")
         (sweep_overrides if item.split("=", 1)[0] in SWEEP_KEYS else experiment_overrides).append(item)
+    _check_param_fields(raw, path)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), raw, OmegaConf.from_dotlist(sweep_overrides))
         sweep: SweepConfig = OmegaConf.to_object(merged)
     except ConfigKeyError as err:
         key = err.full_key or err.key
-        if str(key).startswith("params."):
-            message = f"params.{str(key).split('.', 2)[-1]}: unknown field; a param takes choices, low, high, log, step"
-        else:
-            message = f"unknown sweep field '{key}'; valid fields: {', '.join(sorted(SweepConfig.__dataclass_fields__))}"
+        message = f"unknown sweep field '{key}'; valid fields: {', '.join(sorted(SweepConfig.__dataclass_fields__))}"
         raise ConfigError(f"{path}: {message}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {err.full_key}: {str(err).splitlines()[0]}") from None
@@ -121,6 +118,24 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     base = (path.parent / sweep.base).resolve() if sweep.base else None
     validate_sweep(sweep, base, path)
     return sweep, base
+
+
+def _check_param_fields(raw, path: Path) -> None:
+    """Checked by hand: param keys contain dots, which OmegaConf's error keys mangle."""
+    params = raw.get("params") if hasattr(raw, "get") else None
+    if params is None:
+        return
+    if not hasattr(params, "items"):
+        raise ConfigError(f"{path}: params: expected a mapping of config key -> distribution")
+    fields = ParamSpec.__dataclass_fields__
+    for key, spec in params.items():
+        if not hasattr(spec, "items"):
+            raise ConfigError(f"{path}: params.{key}: expected a distribution like {{choices: [...]}} or "
+                              f"{{low: .., high: ..}}, got {spec!r}")
+        for name in spec:
+            if name not in fields:
+                raise ConfigError(f"{path}: params.{key}: unknown field {name!r}; a param takes "
+                                  f"{', '.join(fields)}")
 
 
 def validate_sweep(sweep: SweepConfig, base: Path | None, path: Path) -> None:
@@ -174,6 +189,10 @@ def _check_param(spec: ParamSpec, sampler: str) -> list[str]:
         return []
     if spec.low is None or spec.high is None:
         return ["needs choices: [...] or a range low: .. high: .."]
+    for name in ("low", "high", "step"):
+        value = getattr(spec, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return [f"{name} must be a number, got {value!r}"]
     problems = []
     if not spec.low < spec.high:
         problems.append(f"empty range: low={spec.low} must be < high={spec.high}")
@@ -190,7 +209,7 @@ def _check_param(spec: ParamSpec, sampler: str) -> list[str]:
 
 def is_int_range(spec: ParamSpec) -> bool:
     values = [spec.low, spec.high] + ([spec.step] if spec.step is not None else [])
-    return all(float(v).is_integer() for v in values) and not isinstance(spec.low, bool)
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 def grid_values(spec: ParamSpec) -> list[Any]:

@@ -1,0 +1,243 @@
+"""Sweeps: schema validation, real tiny studies end to end, pruning, failures, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from ouro_lab.cli import main
+from ouro_lab.config import ConfigError
+from ouro_lab.sweep import run_sweep
+from ouro_lab.sweep_config import load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.d_model=32", "model.n_heads=2", "data.state.length=8", "data.n_val=64", "data.n_test=64",
+    "train.max_steps=30", "train.warmup_steps=3", "train.val_every=10",
+]
+
+
+def write_sweep(tmp_path: Path, body: str, name: str = "s", extra: tuple[str, ...] = ()) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    overrides = "\n".join(f"  - {o}" for o in [*TINY, *extra])
+    path.write_text(f"base: {ROOT / 'conf' / 'state.yaml'}\nstudy_dir: {tmp_path / 'studies' / name}\n"
+                    f"tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\noverrides:\n{overrides}\n"
+                    + textwrap.dedent(body))
+    return path
+
+
+def load_study(tmp_path: Path, name: str = "s") -> optuna.Study:
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "studies" / name / "optuna.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+# --- schema ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, message", [
+    ("params: {model.loops: {choices: [1, 2]}}\ntrials: 2\nsampler: {name: tpe}\nbogus: 1\n",
+     "unknown sweep field 'bogus'"),
+    ("params: {model.loops: {choices: [1, 2], scale: 3}}\ntrials: 2\n",
+     "params.model.loops: unknown field 'scale'; a param takes choices, low, high, log, step"),
+    ("params: {model.loopz: {choices: [1, 2]}}\ntrials: 2\n",
+     "params.model.loopz: not a key of the experiment config"),
+    ("params: {model.loops: {low: 4, high: 2}}\ntrials: 2\nsampler: {name: tpe}\n",
+     "params.model.loops: empty range: low=4 must be < high=2"),
+    ("params: {model.loops: {choices: []}}\ntrials: 2\n", "params.model.loops: choices is empty"),
+    ("params: {model.loops: {choices: [1, two]}}\ntrials: 2\n",
+     "params.model.loops: value 'two' is invalid: model.loops: Value 'two' of type 'str' could not be converted"),
+    ("params: {model.loops: {choices: [0, 2]}}\ntrials: 2\n",
+     "params.model.loops: value 0 is invalid: invalid config:\n  model.loops: must be >= 1"),
+    ("params: {objective.entropy_weight: {low: 0.0, high: 1.0, log: true}}\ntrials: 2\nsampler: {name: tpe}\n",
+     "params.objective.entropy_weight: log scale needs low > 0"),
+    ("params: {objective.entropy_weight: {low: 0.01, high: 1.0}}\nsampler: {name: grid}\n",
+     "the grid sampler needs choices"),
+    ("params: {model.loops: {choices: [1, 2]}}\nsampler: {name: tpe}\n", "trials: set a trial budget"),
+    ("params: {model.loops: {choices: [1, 2]}}\ntrials: 2\nsampler: {name: anneal}\n",
+     "sampler.name: 'anneal' is not one of: grid, tpe, random, cmaes"),
+    ("params: {model.loops: {choices: [1, 2]}}\ntrials: 2\npruner: {name: median, patience: 3}\n",
+     "pruner.patience: not a setting of the median pruner"),
+    ("params: {model.loops: {choices: [1, 2]}}\ntrials: 2\nobjective: {metric: accuracy}\n",
+     "objective.metric: 'accuracy' is not a metric name"),
+    ("params: {model.loops: {choices: [1, 2]}}\ntrials: two\n", "trials: Value 'two' of type 'str'"),
+])
+def test_schema_errors_name_the_field(tmp_path, body, message):
+    with pytest.raises(ConfigError) as err:
+        load_sweep(write_sweep(tmp_path, body))
+    assert message in str(err.value)
+
+
+def test_missing_base_and_missing_file(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("params: {model.loops: {choices: [1]}}\ntrials: 1\n")
+    with pytest.raises(ConfigError, match="base: missing"):
+        load_sweep(path)
+    path.write_text("base: nope.yaml\nparams: {model.loops: {choices: [1]}}\ntrials: 1\n")
+    with pytest.raises(ConfigError, match="base: .*nope.yaml not found"):
+        load_sweep(path)
+    with pytest.raises(ConfigError, match="sweep file not found"):
+        load_sweep(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sweeps_validate(path):
+    sweep, base = load_sweep(path)
+    assert base.is_file() and sweep.params
+
+
+def test_cli_overrides_split_between_sweep_and_experiment(tmp_path):
+    path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2]}}\ntrials: 2\n")
+    sweep, _ = load_sweep(path, ["trials=5", "seeds=2", "train.max_steps=7"])
+    assert (sweep.trials, sweep.seeds) == (5, 2)
+    assert sweep.overrides[-1] == "train.max_steps=7"
+
+
+# --- real studies ----------------------------------------------------------------------
+
+def test_two_trial_sweep_nests_runs_and_completes_trials(tmp_path):
+    path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2]}}\nsampler: {name: grid}\n", "two")
+    summary = run_sweep(path, verbose=False)
+    assert summary.counts == {"COMPLETE": 2}
+    study = load_study(tmp_path, "two")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("two").experiment_id
+    runs = client.search_runs([exp])
+    (parent,) = [r for r in runs if r.data.tags.get("ouro.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 3 and len(children) == 2
+    assert parent.info.status == "FINISHED"
+    assert sorted(c.data.params["model.loops"] for c in children) == ["1", "2"]
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["optuna.state"] == "COMPLETE"
+        assert child.data.params["model.d_model"] == "32"  # the full config, fixed overrides included
+        assert "val/acc_step1_d1" in child.data.metrics
+        trial = trials[int(child.data.tags["ouro.trial"])]
+        assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
+        assert trial.value == pytest.approx(child.data.metrics["val/acc_final"])
+    assert "summary.txt" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # rerunning the finished study trains nothing more
+    again = run_sweep(path, verbose=False)
+    assert again.counts == {"COMPLETE": 2} and len(client.search_runs([exp])) == 3
+
+
+def test_seeds_give_seed_runs_under_a_trial_run_and_reuse_the_param_matched_baseline(tmp_path):
+    path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2]}}\nsampler: {name: grid}\nseeds: 2\n", "seeds",
+                       extra=("model.arch=param_matched",))
+    summary = run_sweep(path, verbose=False)
+    assert summary.counts == {"COMPLETE": 2}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("seeds").experiment_id])
+    trial_runs = [r for r in runs if r.data.tags.get("ouro.role") == "trial"]
+    seed_runs = [r for r in runs if r.data.tags.get("ouro.role") == "seed"]
+    assert len(trial_runs) == 2 and len(seed_runs) == 4
+    for trial_run in trial_runs:
+        kids = [r for r in seed_runs if r.data.tags["mlflow.parentRunId"] == trial_run.info.run_id]
+        assert sorted(k.data.params["train.seed"] for k in kids) == ["0", "1"]
+        mean = sum(k.data.metrics["val/acc_final"] for k in kids) / 2
+        assert trial_run.data.metrics["val/acc_final"] == pytest.approx(mean)
+        assert "seeds/val/acc_final_std" in trial_run.data.metrics
+    # param_matched ignores model.loops: the second trial reuses the first one's runs
+    reused = [r for r in seed_runs if "ouro.reused_from" in r.data.tags]
+    assert len(reused) == 2
+    values = [t.value for t in load_study(tmp_path, "seeds").get_trials()]
+    assert values[0] == pytest.approx(values[1])
+
+
+def test_pruning_stops_an_always_worse_configuration(tmp_path):
+    path = write_sweep(tmp_path, """\
+        params:
+          train.lr: {choices: [0.01, 1.0e-9]}
+          train.seed: {choices: [0, 1, 2]}
+        objective: {metric: val/loss_final, direction: minimize}
+        sampler: {name: grid, seed: 0}
+        pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 15}
+        """, "prune")
+    summary = run_sweep(path, verbose=False)
+    study = load_study(tmp_path, "prune")
+    pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
+    assert pruned, summary.counts
+    assert all(t.params["train.lr"] == 1e-9 for t in pruned)
+    assert summary.counts.get("COMPLETE", 0) + len(pruned) == 6
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(pruned[0].user_attrs["mlflow_run_id"])
+    assert run.data.tags["optuna.state"] == "PRUNED" and run.info.status == "KILLED"
+    assert "pruned at step" in run.data.tags["pruned"]
+
+
+def test_nan_trial_fails_with_reason_and_the_study_continues(tmp_path, capsys):
+    path = write_sweep(tmp_path, "params: {train.lr: {choices: [0.003, 1.0e6]}}\nsampler: {name: grid}\n", "nan",
+                       extra=("train.grad_clip=0",))
+    summary = run_sweep(path, verbose=False)
+    assert summary.counts == {"COMPLETE": 1, "FAIL": 1}
+    (failed,) = [t for t in load_study(tmp_path, "nan").get_trials() if t.state == TrialState.FAIL]
+    assert failed.params["train.lr"] == 1e6 and "training loss became" in failed.user_attrs["error"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "training loss became nan" in run.data.tags["error"]
+    assert run.data.tags["optuna.state"] == "FAIL"
+
+
+def test_sweep_where_every_trial_fails_exits_nonzero(tmp_path, capsys):
+    path = write_sweep(tmp_path, "params: {train.lr: {choices: [1.0e6]}}\nsampler: {name: grid}\n", "allfail",
+                       extra=("train.grad_clip=0",))
+    assert main(["sweep", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "every trial of study 'allfail' failed" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, sig):
+    path = write_sweep(tmp_path, """\
+        params:
+          model.loops: {choices: [1, 2, 3]}
+        sampler: {name: grid}
+        """, "resume", extra=("train.max_steps=150",))
+    proc = subprocess.Popen([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.time() + 240
+    for line in proc.stdout:  # kill as soon as trial 1 has started (trial 0 is complete)
+        seen.append(line)
+        if "trial 1 started" in line:
+            time.sleep(2)
+            proc.send_signal(sig)
+            break
+        assert time.time() < deadline, "".join(seen)
+    proc.wait(timeout=60)
+    study = load_study(tmp_path, "resume")
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, "".join(seen)
+        assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING]
+    else:  # Ctrl-C: the sweep ends the trial FAIL itself and says how to resume
+        assert proc.returncode == 130, "".join(seen)
+        assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]
+        assert "Rerun the same command to resume" in proc.stdout.read()
+
+    summary = run_sweep(path, verbose=False)
+    trials = load_study(tmp_path, "resume").get_trials()
+    states = [t.state for t in trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].user_attrs["interrupted"] == ("worker process died" if sig == signal.SIGKILL else "Ctrl-C")
+    assert trials[2].user_attrs["retry_of"] == 1 and trials[2].params == trials[1].params
+    assert sorted(t.params["model.loops"] for t in trials if t.state == TrialState.COMPLETE) == [1, 2, 3]
+    assert summary.counts == {"COMPLETE": 3, "FAIL": 1}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    by_trial = {}
+    for r in runs:
+        by_trial.setdefault(r.data.tags.get("ouro.trial"), []).append(r)
+    assert len(by_trial["0"]) == 1  # the finished trial was not repeated
+    (killed,) = by_trial["1"]
+    assert killed.info.status == "KILLED" and killed.data.tags["optuna.state"] == "FAIL"
+    assert all(r.info.status != "RUNNING" for r in runs)
