@@ -27,7 +27,6 @@ from typing import Any
 
 import lightning as L
 import optuna
-from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -150,7 +149,7 @@ def open_study(sweep: SweepConfig, base: Path) -> Study:
         parent = tracking.create_run(client, experiment_id, f"study-{sweep.name}", {
             "ouro.study": sweep.name, "ouro.role": "study", **tracking.reproducibility_tags()})
         study.set_user_attr("mlflow_parent_run_id", parent)
-        client.log_batch(parent, params=[Param(f"sweep.{k}", str(v)[:6000]) for k, v in _sweep_params(sweep).items()])
+        tracking.log_params(client, parent, {f"sweep.{k}": v for k, v in _sweep_params(sweep).items()})
         client.log_text(parent, _sweep_yaml(sweep), "sweep.yaml")
     else:
         client.update_run(parent, status="RUNNING")
@@ -207,10 +206,7 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool) -> float:
     trial_run = tracking.create_run(s.client, s.experiment_id, f"trial-{trial.number} {label}",
                                     tags | tracking.reproducibility_tags(), s.parent_run_id)
     trial.set_user_attr("mlflow_run_id", trial_run)
-    params = {k: str(v) for k, v in flatten(to_dict(cfg)).items() if k != "train.seed"}
-    s.client.log_batch(trial_run, params=[Param(k, v) for k, v in params.items()][:100])
-    for i in range(100, len(params), 100):
-        s.client.log_batch(trial_run, params=[Param(k, v) for k, v in params.items()][i:i + 100])
+    tracking.log_params(s.client, trial_run, {k: v for k, v in flatten(to_dict(cfg)).items() if k != "train.seed"})
     results, values = [], []
     first_seed = cfg.train.seed
     try:
@@ -277,30 +273,22 @@ def _copy_run(s: Study, source, parent: str, tags: dict[str, str], name: str) ->
     """A child run that points at an identical finished run and carries its final metrics."""
     run_id = tracking.create_run(s.client, s.experiment_id, name,
                                  tags | {"ouro.reused_from": source.info.run_id, "optuna.state": "COMPLETE"}, parent)
-    now = int(time.time() * 1000)
-    params = [Param(k, v) for k, v in source.data.params.items()]
-    for i in range(0, len(params), 100):
-        s.client.log_batch(run_id, params=params[i:i + 100])
-    metrics = [Metric(k, v, now, 0) for k, v in source.data.metrics.items()]
-    for i in range(0, len(metrics), 1000):
-        s.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    tracking.log_params(s.client, run_id, source.data.params)
+    tracking.log_metrics(s.client, run_id, source.data.metrics)
     s.client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
 def _log_aggregate(client: MlflowClient, run_id: str, results: list[dict[str, float]], objective: str) -> None:
     """Mean over seeds of every final val/test metric (same names), and the objective's spread."""
-    now = int(time.time() * 1000)
     keys = set.intersection(*(set(r) for r in results))
-    metrics = [Metric(k, statistics.fmean(r[k] for r in results), now, 0) for k in sorted(keys)
-               if k.startswith(("val/", "test/", "model/"))]
+    metrics = {k: statistics.fmean(r[k] for r in results) for k in sorted(keys)
+               if k.startswith(("val/", "test/", "model/"))}
     values = [r[objective] for r in results if objective in r]
     if len(values) > 1:
-        metrics.append(Metric(f"seeds/{objective}_std", statistics.stdev(values), now, 0))
-        metrics.append(Metric(f"seeds/{objective}_min", min(values), now, 0))
-        metrics.append(Metric(f"seeds/{objective}_max", max(values), now, 0))
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        metrics |= {f"seeds/{objective}_std": statistics.stdev(values), f"seeds/{objective}_min": min(values),
+                    f"seeds/{objective}_max": max(values)}
+    tracking.log_metrics(client, run_id, metrics)
 
 
 def state_of(err: BaseException) -> str:
@@ -506,15 +494,9 @@ def _log_summary(s: Study, summary: SweepSummary) -> None:
     text = summary.table(k=len(summary.best) or 1)
     (s.study_dir / "summary.txt").write_text(text + "\n")
     s.client.log_text(s.parent_run_id, text, "summary.txt")
-    now = int(time.time() * 1000)
-    metrics = [Metric(f"study/n_{k.lower()}", float(v), now, 0) for k, v in summary.counts.items()]
+    metrics = {f"study/n_{k.lower()}": v for k, v in summary.counts.items()}
     if summary.best:
-        metrics.append(Metric(f"study/best_{s.sweep.objective.metric.replace('/', '_')}", summary.best[0]["value"], now, 0))
-    if metrics:
-        s.client.log_batch(s.parent_run_id, metrics=metrics)
+        metrics[f"study/best_{s.sweep.objective.metric.replace('/', '_')}"] = summary.best[0]["value"]
+    tracking.log_metrics(s.client, s.parent_run_id, metrics)
     failed_all = summary.counts and not summary.counts.get("COMPLETE") and not summary.counts.get("PRUNED")
     s.client.set_terminated(s.parent_run_id, "FAILED" if failed_all else "FINISHED")
-
-
-class SweepFailed(RuntimeError):
-    """Every trial of the study failed."""

@@ -173,7 +173,7 @@ def validate_sweep(sweep: SweepConfig, base: Path | None, path: Path) -> None:
     if sweep.trials < 0:
         problems.append(f"trials: must be >= 0, got {sweep.trials}")
     elif sweep.trials == 0 and sweep.sampler.name != "grid":
-        problems.append(f"trials: set a trial budget (0 means 'the whole grid', only for sampler.name=grid)")
+        problems.append("trials: set a trial budget (0 means 'the whole grid', only for sampler.name=grid)")
     if not problems and base is not None:
         problems += _check_against_base(sweep, base)
     if problems:

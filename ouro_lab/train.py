@@ -181,15 +181,9 @@ def _numbers(metrics: dict, prefix: str) -> dict[str, float]:
 
 def _log_setup(client: MlflowClient, run_id: str, cfg: ExperimentConfig, summary: dict[str, int]) -> None:
     """Flattened config and derived facts as params, config YAML (+ git diff) as artifacts."""
-    from mlflow.entities import Metric, Param
-
-    params = {k: str(v) for k, v in flatten(to_dict(cfg)).items()}
-    params |= {f"derived.{k}": str(v) for k, v in summary.items()}
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=items[i : i + 100])
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"model/{k}", float(v), now, 0) for k, v in summary.items()])
+    params = flatten(to_dict(cfg)) | {f"derived.{k}": v for k, v in summary.items()}
+    tracking.log_params(client, run_id, params)
+    tracking.log_metrics(client, run_id, {f"model/{k}": v for k, v in summary.items()})
     client.log_text(run_id, to_yaml(cfg), "config.yaml")
     diff = tracking.git_diff()
     if diff:

@@ -1,6 +1,5 @@
 """Sweeps: schema validation, real tiny studies end to end, pruning, failures, resume."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -241,3 +240,23 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, sig):
     (killed,) = by_trial["1"]
     assert killed.info.status == "KILLED" and killed.data.tags["optuna.state"] == "FAIL"
     assert all(r.info.status != "RUNNING" for r in runs)
+
+
+@pytest.mark.parametrize("sampler", ["grid", "tpe", "random", "cmaes"])
+@pytest.mark.parametrize("pruner", ["none: {}", "median: {n_startup_trials: 2}", "hyperband: {min_resource: 10}",
+                                    "successive_halving: {min_resource: 10, reduction_factor: 2}"])
+def test_every_sampler_and_pruner_is_built_from_yaml(tmp_path, sampler, pruner):
+    from ouro_lab.sweep import make_pruner, make_sampler
+
+    name, settings = pruner.split(": ", 1)
+    settings = settings.strip("{}")
+    pruner_yaml = f"{{name: {name}{', ' + settings if settings else ''}}}"
+    path = write_sweep(tmp_path, f"params: {{model.n_layers: {{low: 1, high: 3}}}}\ntrials: 2\n"
+                                 f"sampler: {{name: {sampler}, seed: 1}}\npruner: {pruner_yaml}\n")
+    sweep, _ = load_sweep(path)
+    study = optuna.create_study(sampler=make_sampler(sweep), pruner=make_pruner(sweep), direction="maximize")
+    trial = study.ask()
+    from ouro_lab.sweep import suggest
+
+    values = suggest(trial, sweep)
+    assert values["model.n_layers"] in (1, 2, 3)
