@@ -60,7 +60,7 @@ class LoopStepMetrics(Metric):
         for t in range(self.n_steps):
             out[f"loss_step{t + 1}"] = self.loss_sum[t].sum() / total
             out[f"acc_step{t + 1}"] = self.correct[t].sum() / total
-            for k in range(self.n_levels):
+            for k in self._present_levels():
                 out[f"loss_step{t + 1}_d{k + 1}"] = self.loss_sum[t, k] / count[k]
                 out[f"acc_step{t + 1}_d{k + 1}"] = self.correct[t, k] / count[k]
         final = self.trained_steps
@@ -77,7 +77,12 @@ class LoopStepMetrics(Metric):
             out["exit_entropy"] = self.exit_entropy.sum() / total
             out["loss_exit"] = self.exit_loss / total
             out["acc_exit"] = self.exit_correct / total
-            for k in range(self.n_levels):
+            for k in self._present_levels():
                 out[f"exit_expected_step_d{k + 1}"] = (self.exit_mass[:, k] * steps).sum() / count[k]
                 out[f"exit_entropy_d{k + 1}"] = self.exit_entropy[k] / count[k]
         return {k: v.float() for k, v in out.items()}
+
+    def _present_levels(self) -> list[int]:
+        """Levels with at least one scored token (e.g. arith with eval_ops=max has one): an
+        empty level is left out rather than reported as accuracy 0."""
+        return [k for k in range(self.n_levels) if self.count[k] > 0]

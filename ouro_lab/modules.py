@@ -111,7 +111,7 @@ class _LMModule(L.LightningModule):
                 f"(lr {self.cfg.train.lr}); lower train.lr or raise train.warmup_steps"
             )
         self.log("train/loss", result.loss, prog_bar=True)
-        if self.global_step % self.cfg.train.log_every == 0:
+        if (self.global_step + 1) % self.cfg.train.log_every == 0:  # the steps Lightning flushes
             mask = (targets != IGNORE_INDEX).float()
             per_step = (step_losses * mask).sum((1, 2)) / mask.sum().clamp_min(1)
             logs = {f"train/loss_step{t + 1}": v for t, v in enumerate(per_step.detach())}

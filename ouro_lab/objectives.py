@@ -49,14 +49,19 @@ def kl_to_prior(exit_probs: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """KL(p || prior) per token, (..., T) -> (...).
 
     NOTE: written out on purpose; torch.nn.KLDivLoss(p.log(), prior) is KL(prior || p).
-    xlogy gives 0 * log 0 = 0 for exit steps with no mass.
+    Steps with no mass contribute 0 * finite = 0; the clamp keeps the gradient finite there
+    (torch.xlogy's backward is 0/0 = NaN at p = 0, reached once a gate saturates in fp32).
     """
-    return (torch.xlogy(exit_probs, exit_probs) - exit_probs * prior.log()).sum(-1)
+    return (exit_probs * (_safe_log(exit_probs) - prior.log())).sum(-1)
+
+
+def _safe_log(p: torch.Tensor) -> torch.Tensor:
+    return torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
 
 
 def entropy(exit_probs: torch.Tensor) -> torch.Tensor:
     """H(p) in nats per token, (..., T) -> (...)."""
-    return -torch.xlogy(exit_probs, exit_probs).sum(-1)
+    return -(exit_probs * _safe_log(exit_probs)).sum(-1)
 
 
 def per_step_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -31,9 +31,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ouro_lab import tracking
-from ouro_lab.config import ExperimentConfig, flatten, load_config, to_dict
+from ouro_lab.config import ConfigError, ExperimentConfig, flatten, load_config, to_dict
 from ouro_lab.sweep_config import SweepConfig, grid_values, is_int_range, override_for
-from ouro_lab.train import TrainResult, train
+from ouro_lab.train import TrainResult, resolve_precision, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -80,6 +80,9 @@ def canonical_hash(cfg: ExperimentConfig) -> str:
     d = to_dict(cfg)
     d.pop("tracking")
     d["train"].pop("progress_bar")
+    d["train"]["precision"] = resolve_precision(cfg)  # 'auto' means fp32 on CPU, bf16 on GPU
+    if cfg.objective.prior != "geometric":
+        d["objective"].pop("prior_p")
     if cfg.model.arch != "looped":
         d.pop("objective")
         d["eval"].pop("extra_loops")
@@ -99,16 +102,20 @@ class GridSampler(optuna.samplers.GridSampler):
             super().after_trial(study, trial, state, values)
 
 
-def make_sampler(sweep: SweepConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(sweep: SweepConfig, n_existing: int = 0) -> optuna.samplers.BaseSampler:
+    """The grid's order depends on the seed alone (it skips visited points). The others draw
+    from a fresh random state per process: NOTE a resumed study must not replay the first
+    process's draws, so their seed is moved on by the number of trials already in the study."""
     s = sweep.sampler
     if s.name == "grid":
         space = {key: grid_values(spec) for key, spec in sweep.params.items()}
         return GridSampler(space, seed=s.seed)
+    seed = s.seed + 1_000_003 * n_existing
     if s.name == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if s.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=s.seed, warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=s.seed)
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def make_pruner(sweep: SweepConfig) -> optuna.pruners.BasePruner:
@@ -138,10 +145,25 @@ def open_study(sweep: SweepConfig, base: Path) -> Study:
     """Create or load the Optuna study, the MLflow experiment and the study's parent run."""
     study_dir = Path(sweep.study_dir or Path("studies") / sweep.name).resolve()
     storage = make_storage(sweep, study_dir)
-    study = optuna.create_study(study_name=sweep.name, storage=storage, sampler=make_sampler(sweep),
+    base_cfg = load_config(base, sweep.overrides)
+    definition = definition_hash(sweep, base_cfg)
+    try:
+        existing = optuna.load_study(study_name=sweep.name, storage=storage)
+        n_existing = len(existing.get_trials(deepcopy=False))
+        found = existing.user_attrs.get("definition_hash")
+        if found is not None and found != definition:
+            where = sweep.storage or study_dir
+            raise ConfigError(
+                f"study {sweep.name!r} in {where} was created from a different sweep definition "
+                f"(params, overrides, objective, seeds or the base config changed). Resuming would mix "
+                f"incomparable trials: give the new study its own name (e.g. name={sweep.name}-v2) or "
+                f"delete the old study")
+    except KeyError:
+        n_existing = 0
+    study = optuna.create_study(study_name=sweep.name, storage=storage, sampler=make_sampler(sweep, n_existing),
                                 pruner=make_pruner(sweep), direction=sweep.objective.direction,
                                 load_if_exists=True)
-    base_cfg = load_config(base, sweep.overrides)
+    study.set_user_attr("definition_hash", definition)
     uri = tracking.resolve_tracking_uri(sweep.tracking_uri or base_cfg.tracking.uri)
     client, experiment_id = tracking.open_experiment(uri, sweep.name)
     parent = study.user_attrs.get("mlflow_parent_run_id")
@@ -154,6 +176,19 @@ def open_study(sweep: SweepConfig, base: Path) -> Study:
     else:
         client.update_run(parent, status="RUNNING")
     return Study(sweep, base, study, client, uri, experiment_id, parent, study_dir)
+
+
+def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:
+    """What makes two invocations the same study: the search space, objective, seeds and the
+    resolved experiment config (budget, timeout and retries may change between resumes)."""
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.to_container(OmegaConf.structured(sweep))
+    for key in ("trials", "timeout", "retries", "storage", "study_dir", "tracking_uri", "pruner"):
+        d.pop(key)
+    d["base_config"] = to_dict(base_cfg)
+    d["base_config"].pop("tracking")
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _sweep_yaml(sweep: SweepConfig) -> str:
@@ -234,7 +269,7 @@ def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int,
     metric = s.sweep.objective.metric
     reused = _find_finished(s, digest)
     if reused is not None:
-        run_id = _copy_run(s, reused, parent, tags, cfg.tracking.run_name)
+        run_id = _copy_run(s, reused, cfg, parent, tags)
         value = s.client.get_run(run_id).data.metrics.get(metric)
         if verbose:
             print(f"[sweep] trial {trial.number}: reusing identical run {reused.info.run_id} ({label})", flush=True)
@@ -252,28 +287,45 @@ def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int,
                                     extra_tags=tags, verbose=False)
     except BaseException as err:
         s.client.set_tag(run_id, "optuna.state", state_of(err))
+        if s.client.get_run(run_id).info.status == "RUNNING":  # failed before train() could end it
+            s.client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+            s.client.set_terminated(run_id, "FAILED")
         raise
     value = (result.val | result.test).get(metric)
+    problem = None
     if value is None:
-        raise KeyError(f"objective metric {metric!r} was not logged; available e.g. "
-                       f"{', '.join(sorted(result.val)[:6])} ...")
+        problem = (f"objective metric {metric!r} was not logged; available e.g. "
+                   f"{', '.join(sorted(result.val)[:6])} ...")
+    elif not math.isfinite(value):
+        problem = f"objective metric {metric!r} is {value}"
+    if problem:
+        s.client.set_tag(result.run_id, "optuna.state", "FAIL")
+        s.client.set_tag(result.run_id, "error", problem)
+        raise ValueError(problem)
     s.client.set_tag(result.run_id, "optuna.state", "COMPLETE")
     return value, result.run_id
 
 
 def _find_finished(s: Study, digest: str):
+    # NOTE: MLFlowLogger marks a run FINISHED as soon as fit() ends, before the final
+    # validation and test; only the sweep's own COMPLETE tag says the run is whole.
     runs = s.client.search_runs(
-        [s.experiment_id], filter_string=f"tags.`ouro.config_hash` = '{digest}' and attributes.status = 'FINISHED'",
+        [s.experiment_id], filter_string=f"tags.`ouro.config_hash` = '{digest}' and attributes.status = 'FINISHED' "
+                                         "and tags.`optuna.state` = 'COMPLETE'",
         max_results=10)
     originals = [r for r in runs if "ouro.reused_from" not in r.data.tags]
     return originals[0] if originals else None
 
 
-def _copy_run(s: Study, source, parent: str, tags: dict[str, str], name: str) -> str:
-    """A child run that points at an identical finished run and carries its final metrics."""
-    run_id = tracking.create_run(s.client, s.experiment_id, name,
-                                 tags | {"ouro.reused_from": source.info.run_id, "optuna.state": "COMPLETE"}, parent)
-    tracking.log_params(s.client, run_id, source.data.params)
+def _copy_run(s: Study, source, cfg: ExperimentConfig, parent: str, tags: dict[str, str]) -> str:
+    """A child run that points at an identical finished run and carries its final metrics;
+    its params are this trial's own config (e.g. the T it stands for), plus the derived facts."""
+    source_tags = {k: v for k, v in source.data.tags.items() if k.startswith(("ouro.", "versions.", "mlflow.source"))}
+    run_tags = source_tags | tags | {"ouro.reused_from": source.info.run_id, "optuna.state": "COMPLETE",
+                                     "ouro.loops": str(cfg.model.loops), "ouro.seed": str(cfg.train.seed)}
+    run_id = tracking.create_run(s.client, s.experiment_id, cfg.tracking.run_name, run_tags, parent)
+    derived = {k: v for k, v in source.data.params.items() if k.startswith("derived.")}
+    tracking.log_params(s.client, run_id, flatten(to_dict(cfg)) | derived)
     tracking.log_metrics(s.client, run_id, source.data.metrics)
     s.client.set_terminated(run_id, "FINISHED")
     return run_id

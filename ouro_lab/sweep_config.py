@@ -102,7 +102,9 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value, e.g. trials=4 or train.max_steps=500")
-        (sweep_overrides if item.split("=", 1)[0] in SWEEP_KEYS else experiment_overrides).append(item)
+        key = item.split("=", 1)[0]
+        is_sweep_key = key in SWEEP_KEYS or key.startswith("pruner.")
+        (sweep_overrides if is_sweep_key else experiment_overrides).append(item)
     _check_param_fields(raw, path)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), raw, OmegaConf.from_dotlist(sweep_overrides))

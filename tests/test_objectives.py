@@ -141,3 +141,15 @@ def test_per_step_token_losses_ignore_index():
 
 def test_entropy_of_uniform():
     assert entropy(torch.full((4,), 0.25)).item() == pytest.approx(math.log(4))
+
+
+def test_saturated_gates_give_finite_gradients():
+    """Exit steps with exactly zero mass (a gate saturated in fp32) must not make NaN gradients."""
+    step_losses = torch.tensor([2.0, 1.0, 0.5]).view(3, 1, 1)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    for value in (100.0, -100.0):
+        gates = torch.full((1, 1, 3), value, requires_grad=True)
+        for prior in ("uniform", "geometric"):
+            out = loop_objective(step_losses, gates, mask, prior=prior, entropy_weight=0.1)
+            (grad,) = torch.autograd.grad(out.loss, gates)
+            assert torch.isfinite(out.loss) and torch.isfinite(grad).all(), (value, prior, grad)

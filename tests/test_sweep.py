@@ -95,9 +95,32 @@ def test_shipped_sweeps_validate(path):
 
 def test_cli_overrides_split_between_sweep_and_experiment(tmp_path):
     path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2]}}\ntrials: 2\n")
-    sweep, _ = load_sweep(path, ["trials=5", "seeds=2", "train.max_steps=7"])
-    assert (sweep.trials, sweep.seeds) == (5, 2)
+    sweep, _ = load_sweep(path, ["trials=5", "seeds=2", "train.max_steps=7", "pruner.name=median"])
+    assert (sweep.trials, sweep.seeds, sweep.pruner["name"]) == (5, 2, "median")
     assert sweep.overrides[-1] == "train.max_steps=7"
+
+
+def test_resuming_with_a_different_definition_is_refused(tmp_path):
+    from ouro_lab.sweep import open_study
+
+    path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2]}}\nsampler: {name: grid}\n", "guard")
+    open_study(*load_sweep(path, ["trials=1"]))  # budget changes are fine
+    open_study(*load_sweep(path, ["trials=2"]))
+    with pytest.raises(ConfigError, match="created from a different sweep definition.*name=guard-v2"):
+        open_study(*load_sweep(path, ["train.max_steps=31"]))
+
+
+def test_samplers_do_not_replay_draws_on_resume(tmp_path):
+    from ouro_lab.sweep import make_sampler
+
+    path = write_sweep(tmp_path, "params: {objective.entropy_weight: {low: 0.001, high: 1.0, log: true}}\n"
+                                 "trials: 4\nsampler: {name: random, seed: 0}\n")
+    sweep, _ = load_sweep(path)
+    draws = []
+    for n_existing in (0, 0, 3):
+        study = optuna.create_study(sampler=make_sampler(sweep, n_existing))
+        draws.append(study.ask().suggest_float("x", 0.001, 1.0, log=True))
+    assert draws[0] == draws[1] and draws[2] != draws[0]
 
 
 # --- real studies ----------------------------------------------------------------------
@@ -149,6 +172,10 @@ def test_seeds_give_seed_runs_under_a_trial_run_and_reuse_the_param_matched_base
     # param_matched ignores model.loops: the second trial reuses the first one's runs
     reused = [r for r in seed_runs if "ouro.reused_from" in r.data.tags]
     assert len(reused) == 2
+    for r in reused:  # a copy carries the config of the trial it stands for, not its source's
+        parent = next(t for t in trial_runs if t.info.run_id == r.data.tags["mlflow.parentRunId"])
+        assert r.data.params["model.loops"] == parent.data.params["model.loops"]
+        assert r.data.params["derived.n_params"] == seed_runs[0].data.params["derived.n_params"]
     values = [t.value for t in load_study(tmp_path, "seeds").get_trials()]
     assert values[0] == pytest.approx(values[1])
 
