@@ -229,8 +229,11 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, sig):
           model.loops: {choices: [1, 2, 3]}
         sampler: {name: grid}
         """, "resume", extra=("train.max_steps=150",))
+    # NOTE: a shell starting CI in the background ignores SIGINT, and children inherit that;
+    # restore the default so Python turns Ctrl-C into KeyboardInterrupt as in a terminal.
     proc = subprocess.Popen([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     deadline = time.time() + 240
     for line in proc.stdout:  # kill as soon as trial 1 has started (trial 0 is complete)
