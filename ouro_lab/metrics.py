@@ -86,3 +86,20 @@ class LoopStepMetrics(Metric):
         """Levels with at least one scored token (e.g. arith with eval_ops=max has one): an
         empty level is left out rather than reported as accuracy 0."""
         return [k for k in range(self.n_levels) if self.count[k] > 0]
+
+
+def metric_names(n_steps: int, trained_steps: int, levels: list[int], has_gate: bool,
+                 splits: tuple[str, ...] = ("val", "test")) -> set[str]:
+    """Every name a run logs through `LoopStepMetrics` (for checking a sweep's objective up
+    front). Difficulty levels with no examples in a split are left out at run time."""
+    names: set[str] = set()
+    for t in [*range(1, n_steps + 1), "final"]:
+        step = f"step{t}" if t != "final" else "final"
+        for kind in ("loss", "acc"):
+            names.add(f"{kind}_{step}")
+            names.update(f"{kind}_{step}_d{k}" for k in levels)
+    if has_gate:
+        names.update({"exit_expected_step", "exit_entropy", "loss_exit", "acc_exit"})
+        names.update(f"exit_mass_step{t}" for t in range(1, trained_steps + 1))
+        names.update(f"exit_{stat}_d{k}" for stat in ("expected_step", "entropy") for k in levels)
+    return {f"{split}/{name}" for split in splits for name in names} | {f"{split}/acc" for split in splits}

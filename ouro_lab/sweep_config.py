@@ -229,6 +229,8 @@ def _check_against_base(sweep: SweepConfig, base: Path) -> list[str]:
         load_config(base, sweep.overrides)
     except ConfigError as err:
         return [f"overrides: {err}"]
+    if not problems:
+        problems += _check_objective_exists(sweep, base)
     for key, spec in sweep.params.items():
         values = spec.choices if spec.choices is not None else [spec.low, spec.high]
         if spec.choices is None and is_int_range(spec):
@@ -243,6 +245,40 @@ def _check_against_base(sweep: SweepConfig, base: Path) -> list[str]:
                     break
                 problems.append(f"params.{key}: value {value!r} is invalid: {message}")
     return problems
+
+
+def _check_objective_exists(sweep: SweepConfig, base: Path, max_points: int = 256) -> list[str]:
+    """The objective metric must be logged at every point of the search space (the grid's
+    points, or each range's ends): e.g. baselines log no val/exit_*, loops=2 no val/acc_step6."""
+    import itertools
+
+    from ouro_lab.data import get_task
+    from ouro_lab.metrics import metric_names
+
+    keys = list(sweep.params)
+    axes = []
+    for spec in sweep.params.values():
+        if spec.choices is not None:
+            axes.append(list(spec.choices))
+        else:
+            axes.append([int(spec.low), int(spec.high)] if is_int_range(spec) else [spec.low, spec.high])
+    for point in itertools.islice(itertools.product(*axes), max_points):
+        overrides = [*sweep.overrides, *(override_for(k, v) for k, v in zip(keys, point))]
+        try:
+            cfg = load_config(base, overrides)
+        except ConfigError:
+            continue  # reported per value by the caller
+        task = get_task(cfg.data.task)(getattr(cfg.data, cfg.data.task))
+        looped = cfg.model.arch == "looped"
+        trained = cfg.model.loops if looped else 1
+        names = metric_names(trained + (cfg.eval.extra_loops if looped else 0), trained, task.difficulty_levels,
+                             looped, ("val", "test") if cfg.eval.test else ("val",))
+        if sweep.objective.metric not in names:
+            where = " ".join(override_for(k, v) for k, v in zip(keys, point))
+            return [f"objective.metric: {sweep.objective.metric!r} is not logged at {where} "
+                    f"(model.arch={cfg.model.arch}, {trained} trained loop step(s), eval.test={cfg.eval.test}); "
+                    "pick a metric every trial logs, e.g. val/acc_final"]
+    return []
 
 
 def _yaml_value(value: Any) -> str:

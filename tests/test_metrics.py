@@ -31,3 +31,13 @@ def test_levels_without_examples_are_left_out_not_zero():
     out = m.compute()
     assert out["acc_step1_d3"] == 1.0
     assert "acc_step1_d1" not in out and "acc_step1_d2" not in out
+
+
+def test_metric_names_match_what_a_run_logs():
+    from ouro_lab.metrics import metric_names
+
+    m = LoopStepMetrics(n_steps=4, trained_steps=2, n_levels=2, has_gate=True)
+    m.update(torch.ones(4, 1, 2), torch.ones(4, 1, 2, dtype=torch.bool), torch.tensor([[1, 2]]),
+             torch.full((1, 2, 2), 0.5))
+    logged = {f"val/{k}" for k in m.compute()} | {"val/acc"}
+    assert logged == metric_names(4, 2, [1, 2], True, ("val",))

@@ -68,6 +68,12 @@ def load_study(tmp_path: Path, name: str = "s") -> optuna.Study:
     ("params: {model.loops: {choices: [1, 2]}}\ntrials: 2\nobjective: {metric: accuracy}\n",
      "objective.metric: 'accuracy' is not a metric name"),
     ("params: {model.loops: {choices: [1, 2]}}\ntrials: two\n", "trials: Value 'two' of type 'str'"),
+    ("params: {model.arch: {choices: [looped, param_matched]}}\nobjective: {metric: val/exit_entropy}\ntrials: 2\n",
+     "objective.metric: 'val/exit_entropy' is not logged at model.arch=param_matched"),
+    ("params: {model.loops: {choices: [2, 6]}}\nobjective: {metric: val/acc_step6}\ntrials: 2\n",
+     "objective.metric: 'val/acc_step6' is not logged at model.loops=2"),
+    ("params: {model.loops: {choices: [2]}}\nobjective: {metric: val/acc_final_d5}\ntrials: 2\n",
+     "objective.metric: 'val/acc_final_d5' is not logged"),
 ])
 def test_schema_errors_name_the_field(tmp_path, body, message):
     with pytest.raises(ConfigError) as err:
