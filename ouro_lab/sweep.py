@@ -147,22 +147,16 @@ def open_study(sweep: SweepConfig, base: Path) -> Study:
     storage = make_storage(sweep, study_dir)
     base_cfg = load_config(base, sweep.overrides)
     definition = definition_hash(sweep, base_cfg)
-    try:
-        existing = optuna.load_study(study_name=sweep.name, storage=storage)
-        n_existing = len(existing.get_trials(deepcopy=False))
-        found = existing.user_attrs.get("definition_hash")
-        if found is not None and found != definition:
-            where = sweep.storage or study_dir
-            raise ConfigError(
-                f"study {sweep.name!r} in {where} was created from a different sweep definition "
-                f"(params, overrides, objective, seeds or the base config changed). Resuming would mix "
-                f"incomparable trials: give the new study its own name (e.g. name={sweep.name}-v2) or "
-                f"delete the old study")
-    except KeyError:
-        n_existing = 0
-    study = optuna.create_study(study_name=sweep.name, storage=storage, sampler=make_sampler(sweep, n_existing),
-                                pruner=make_pruner(sweep), direction=sweep.objective.direction,
-                                load_if_exists=True)
+    study = optuna.create_study(study_name=sweep.name, storage=storage, pruner=make_pruner(sweep),
+                                direction=sweep.objective.direction, load_if_exists=True)
+    found = study.user_attrs.get("definition_hash")
+    if found is not None and found != definition:
+        raise ConfigError(
+            f"study {sweep.name!r} in {sweep.storage or study_dir} was created from a different sweep definition "
+            f"(params, overrides, objective, seeds or the base config changed). Resuming would mix "
+            f"incomparable trials: give the new study its own name (e.g. name={sweep.name}-v2) or "
+            f"delete the old study")
+    study.sampler = make_sampler(sweep, len(study.get_trials(deepcopy=False)))
     study.set_user_attr("definition_hash", definition)
     uri = tracking.resolve_tracking_uri(sweep.tracking_uri or base_cfg.tracking.uri)
     client, experiment_id = tracking.open_experiment(uri, sweep.name)
@@ -270,7 +264,7 @@ def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int,
     reused = _find_finished(s, digest)
     if reused is not None:
         run_id = _copy_run(s, reused, cfg, parent, tags)
-        value = s.client.get_run(run_id).data.metrics.get(metric)
+        value = reused.data.metrics.get(metric)
         if verbose:
             print(f"[sweep] trial {trial.number}: reusing identical run {reused.info.run_id} ({label})", flush=True)
         if value is None:
@@ -286,10 +280,10 @@ def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int,
         result: TrainResult = train(cfg, run_id=run_id, callbacks=[PruningCallback(trial, metric, offset)],
                                     extra_tags=tags, verbose=False)
     except BaseException as err:
-        s.client.set_tag(run_id, "optuna.state", state_of(err))
         if s.client.get_run(run_id).info.status == "RUNNING":  # failed before train() could end it
-            s.client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
-            s.client.set_terminated(run_id, "FAILED")
+            _end_run(s.client, run_id, err)
+        else:
+            s.client.set_tag(run_id, "optuna.state", state_of(err))
         raise
     value = (result.val | result.test).get(metric)
     problem = None
@@ -348,17 +342,9 @@ def state_of(err: BaseException) -> str:
 
 
 def _end_run(client: MlflowClient, run_id: str, err: BaseException | None) -> None:
-    if err is None:
-        client.set_tag(run_id, "optuna.state", "COMPLETE")
-        client.set_terminated(run_id, "FINISHED")
-    elif isinstance(err, optuna.TrialPruned):
-        client.set_tag(run_id, "optuna.state", "PRUNED")
-        client.set_tag(run_id, "pruned", str(err))
-        client.set_terminated(run_id, "KILLED")
-    else:
-        client.set_tag(run_id, "optuna.state", "FAIL")
-        client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
-        client.set_terminated(run_id, "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED")
+    """End a run the sweep made and tag its Optuna state (COMPLETE / PRUNED / FAIL)."""
+    client.set_tag(run_id, "optuna.state", "COMPLETE" if err is None else state_of(err))
+    tracking.end_run(client, run_id, err)
 
 
 # --- the study loop ----------------------------------------------------------------------
@@ -392,16 +378,16 @@ def recover_interrupted(s: Study, verbose: bool) -> None:
             if verbose:
                 print(f"[sweep {s.sweep.name}] trial {t.number} was left running by a dead worker "
                       f"({worker}): marked FAIL", flush=True)
+    states = {t.number: t for t in s.study.get_trials(deepcopy=False)}
     for run in s.client.search_runs([s.experiment_id], filter_string="attributes.status = 'RUNNING'"):
         if run.info.run_id == s.parent_run_id:
             continue
         trial_no = run.data.tags.get("ouro.trial")
-        states = {t.number: t for t in s.study.get_trials(deepcopy=False)}
         if trial_no is not None and int(trial_no) in states and states[int(trial_no)].state.is_finished():
             s.client.set_tag(run.info.run_id, "optuna.state", "FAIL")
             s.client.set_tag(run.info.run_id, "error", "interrupted: the sweep process was killed")
             s.client.set_terminated(run.info.run_id, "KILLED")
-    trials = s.study.get_trials(deepcopy=False)
+    trials = list(states.values())
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for t in trials:
         depth = t.user_attrs.get("retry_depth", 0)

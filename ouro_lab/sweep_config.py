@@ -252,8 +252,8 @@ def _check_objective_exists(sweep: SweepConfig, base: Path, max_points: int = 25
     points, or each range's ends): e.g. baselines log no val/exit_*, loops=2 no val/acc_step6."""
     import itertools
 
-    from ouro_lab.data import get_task
     from ouro_lab.metrics import metric_names
+    from ouro_lab.modules import build_task
 
     keys = list(sweep.params)
     axes = []
@@ -268,7 +268,7 @@ def _check_objective_exists(sweep: SweepConfig, base: Path, max_points: int = 25
             cfg = load_config(base, overrides)
         except ConfigError:
             continue  # reported per value by the caller
-        task = get_task(cfg.data.task)(getattr(cfg.data, cfg.data.task))
+        task = build_task(cfg)
         looped = cfg.model.arch == "looped"
         trained = cfg.model.loops if looped else 1
         names = metric_names(trained + (cfg.eval.extra_loops if looped else 0), trained, task.difficulty_levels,

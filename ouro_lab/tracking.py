@@ -110,6 +110,33 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
         client.log_batch(run_id, metrics=items[i : i + 1000])
 
 
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    """All tags in one request."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def end_run(client: MlflowClient, run_id: str, err: BaseException | None) -> str:
+    """End a run by how its work ended; return the MLflow status.
+
+    FINISHED; KILLED for an interruption (Ctrl-C, SystemExit) or an Optuna prune (tag
+    `pruned`); FAILED otherwise, with the reason in tag `error`.
+    """
+    import optuna
+
+    if err is None:
+        status = "FINISHED"
+    elif isinstance(err, optuna.TrialPruned):
+        status = "KILLED"
+        client.set_tag(run_id, "pruned", str(err))
+    else:
+        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+    client.set_terminated(run_id, status)
+    return status
+
+
 def reproducibility_tags() -> dict[str, str]:
     """Git commit (+ dirty flag) of the working tree and versions of the key packages."""
     tags = {f"versions.{p}": _version(p) for p in PACKAGES}

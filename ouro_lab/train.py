@@ -13,7 +13,6 @@ from typing import Sequence
 
 import lightning as L
 import matplotlib.pyplot as plt
-import optuna
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
@@ -112,9 +111,7 @@ def _train(cfg: ExperimentConfig, parent_run_id: str | None, callbacks: Sequence
     if run_id is None:
         run_id = tracking.create_run(client, experiment_id, run_name, tags, parent_run_id)
     else:
-        client.set_tag(run_id, "mlflow.runName", run_name)
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
+        tracking.set_tags(client, run_id, tags | {"mlflow.runName": run_name})
     summary = module.summary()
     if verbose:
         print(f"[ouro-lab] run {run_name} ({run_id}) -> {uri}", flush=True)
@@ -154,17 +151,11 @@ def _train(cfg: ExperimentConfig, parent_run_id: str | None, callbacks: Sequence
             test = _numbers(trainer.callback_metrics, "test/")
         _log_plot(client, run_id, module, val, run_name)
     except BaseException as err:
-        if isinstance(err, optuna.TrialPruned):
-            status = "KILLED"
-            client.set_tag(run_id, "pruned", str(err))
-        else:
-            status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
-            client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
-        client.set_terminated(run_id, status)
+        status = tracking.end_run(client, run_id, err)
         if verbose:
             print(f"[ouro-lab] run {run_id} {status}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
-    client.set_terminated(run_id, "FINISHED")
+    tracking.end_run(client, run_id, None)
     result = TrainResult(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri,
                          checkpoint=checkpoint.last_model_path or checkpoint.best_model_path or None,
                          seconds=time.perf_counter() - start, val=val, test=test, summary=summary)
