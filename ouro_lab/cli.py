@@ -3,6 +3,7 @@
     ouro-lab train conf/state.yaml model.loops=4 model.arch=depth_matched
     ouro-lab eval outputs/ouro-lab/<run_id>/checkpoints/last.ckpt eval.extra_loops=4
     ouro-lab sweep sweeps/loops.yaml seeds=1 train.max_steps=500
+    ouro-lab report loops --epsilon 0.01
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("sweep", help="sweep YAML, e.g. sweeps/loops.yaml")
     p_sweep.add_argument("overrides", nargs="*",
                          help="sweep keys (trials=4 seeds=1 sampler.seed=3 ...) or experiment keys (train.max_steps=500)")
+    p_report = sub.add_parser("report", help="saturation report of a study: Markdown + plots, logged on its MLflow parent run")
+    p_report.add_argument("study", help="study name (= its MLflow experiment) or an MLflow experiment name / id")
+    p_report.add_argument("--store", default=None,
+                          help="MLflow tracking URI or sqlite file (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p_report.add_argument("--out", default=None, help="report folder (default: reports/<study>)")
+    p_report.add_argument("--epsilon", type=float, default=0.01,
+                          help="saturation threshold: the smallest gain from more loops that counts (default 0.01)")
+    p_report.add_argument("--metric", default=None, help="metric kind: acc, loss ... (default: the sweep objective's)")
+    p_report.add_argument("--split", choices=("val", "test"), default=None, help="default: test when logged, else val")
+    p_report.add_argument("--level", type=float, default=0.95, help="confidence level of intervals (default 0.95)")
+    p_report.add_argument("--no-log", action="store_true", help="do not log the report as MLflow artifacts")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -43,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ouro-lab: every trial of study {summary.name!r} failed ({summary.counts}); "
                       "see the `error` tag of its runs in MLflow", file=sys.stderr)
                 return 1
+        elif args.command == "report":
+            return _report(args)
         else:
             from ouro_lab.evaluate import evaluate_checkpoint
 
@@ -58,6 +72,31 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as err:
         print(f"ouro-lab: training diverged: {err}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ouro_lab import analysis
+
+    if not 0 < args.level < 1 or args.epsilon < 0:
+        print("ouro-lab: --level must be in (0, 1) and --epsilon >= 0", file=sys.stderr)
+        return 2
+    try:
+        data = analysis.load_study(args.study, args.store)
+        out = Path(args.out or Path("reports") / data.name)
+        print(f"[report] study {data.name!r}: {len(data.runs)} finished runs "
+              f"({', '.join(f'{k} {v}' for k, v in sorted(data.counts.items()))}) from {data.tracking_uri}", flush=True)
+        report = analysis.write_report(data, out, epsilon=args.epsilon, kind=args.metric, split=args.split,
+                                       level=args.level, log=not args.no_log)
+    except analysis.AnalysisError as err:
+        print(f"ouro-lab: {err}", file=sys.stderr)
+        return 2
+    print(report.table)
+    print(f"\nreport: {report.folder / 'report.md'} ({len(report.files)} files)")
+    if data.parent_run_id and not args.no_log:
+        from ouro_lab.tracking import runs_url
+
+        print(f"logged as artifacts report/ of the study run: {runs_url(data.experiment_id, data.parent_run_id)}")
     return 0
 
 

@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 
 from ouro_lab import tracking
 from ouro_lab.config import ConfigError, ExperimentConfig, flatten, load_config, to_dict
-from ouro_lab.sweep_config import SweepConfig, grid_values, is_int_range, override_for
+from ouro_lab.sweep_config import SweepConfig, distribution, grid_values, override_for
 from ouro_lab.train import TrainResult, resolve_precision, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -209,12 +209,13 @@ def _run_missing(client: MlflowClient, run_id: str) -> bool:
 def suggest(trial: optuna.Trial, sweep: SweepConfig) -> dict[str, Any]:
     values = {}
     for key, spec in sweep.params.items():
-        if spec.choices is not None or sweep.sampler.name == "grid":
-            values[key] = trial.suggest_categorical(key, spec.choices if spec.choices is not None else grid_values(spec))
-        elif is_int_range(spec):
-            values[key] = trial.suggest_int(key, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)
+        dist = distribution(spec, sweep.sampler.name)
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            values[key] = trial.suggest_categorical(key, dist.choices)
+        elif isinstance(dist, optuna.distributions.IntDistribution):
+            values[key] = trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
         else:
-            values[key] = trial.suggest_float(key, float(spec.low), float(spec.high), step=spec.step, log=spec.log)
+            values[key] = trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
     return values
 
 

@@ -22,12 +22,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ouro_lab.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    import optuna
 
 SAMPLERS = ("grid", "tpe", "random", "cmaes")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
@@ -212,6 +215,17 @@ def _check_param(spec: ParamSpec, sampler: str) -> list[str]:
 def is_int_range(spec: ParamSpec) -> bool:
     values = [spec.low, spec.high] + ([spec.step] if spec.step is not None else [])
     return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def distribution(spec: ParamSpec, sampler: str) -> optuna.distributions.BaseDistribution:
+    """The Optuna distribution a param is sampled from (the grid sampler sees its points as choices)."""
+    import optuna
+
+    if spec.choices is not None or sampler == "grid":
+        return optuna.distributions.CategoricalDistribution(spec.choices if spec.choices is not None else grid_values(spec))
+    if is_int_range(spec):
+        return optuna.distributions.IntDistribution(int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)
+    return optuna.distributions.FloatDistribution(float(spec.low), float(spec.high), step=spec.step, log=spec.log)
 
 
 def grid_values(spec: ParamSpec) -> list[Any]:

@@ -1,0 +1,173 @@
+"""Analysis: the saturation statistics on curves with a known answer, and the report, the CLI
+and the notebook end to end on a tiny real study."""
+
+import math
+import textwrap
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from nbclient import NotebookClient
+from scipy import stats
+
+from ouro_lab import analysis
+from ouro_lab.cli import main
+from ouro_lab.sweep import run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- saturation on synthetic curves ------------------------------------------------------
+
+def test_saturation_point_of_a_saturating_curve():
+    curve = {1: 0.50, 2: 0.80, 3: 0.95, 4: 0.96, 6: 0.96, 8: 0.965}
+    assert analysis.saturation_point(curve, epsilon=0.02) == 3
+    assert analysis.saturation_point(curve, epsilon=0.001) is None  # 6 -> 8 still gains 0.005
+    assert analysis.saturation_point(curve, epsilon=0.2) == 2
+
+
+def test_never_saturating_and_late_gains():
+    assert analysis.saturation_point({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4}, epsilon=0.05) is None
+    # a plateau followed by a later gain is not saturation
+    assert analysis.saturation_point({1: 0.5, 2: 0.5, 3: 0.5, 4: 0.9}, epsilon=0.01) is None
+    assert analysis.saturation_point({1: 0.5, 2: 0.5, 3: 0.9, 4: 0.9}, epsilon=0.01) == 3
+
+
+def test_saturation_minimize_direction():
+    loss = {1: 2.0, 2: 1.0, 3: 0.5, 4: 0.49}
+    assert analysis.saturation_point(loss, 0.05, "minimize") == 3
+    assert analysis.saturation_point(loss, 0.05, "maximize") == 1  # loss going down never "improves"
+
+
+def test_saturation_interval_from_noisy_seeds():
+    rng = np.random.default_rng(0)
+    truth = {1: 0.4, 2: 0.7, 3: 0.9, 4: 1.0, 6: 1.0, 8: 1.0}
+    clean = analysis.saturation({t: [v] * 3 for t, v in truth.items()}, epsilon=0.05)
+    assert (clean.point, clean.low, clean.high, clean.p_saturated) == (4, 4, 4, 1.0)
+    noisy = analysis.saturation({t: v + rng.normal(0, 0.02, 5) for t, v in truth.items()}, epsilon=0.05)
+    assert noisy.point == 4 and noisy.low <= 4 <= noisy.high
+    # gains near epsilon blurred by seed noise (3 seeds): the interval is no longer a point
+    edge = {1: 0.4, 2: 0.7, 3: 0.95, 4: 1.0, 6: 1.0}
+    blurred = analysis.saturation({t: v + rng.normal(0, 0.03, 3) for t, v in edge.items()}, epsilon=0.05)
+    assert blurred.point in (3, 4) and blurred.low <= blurred.point <= blurred.high and blurred.low < blurred.high
+    assert 0 < blurred.p_saturated <= 1
+    assert str(blurred).startswith(f"T={blurred.point} [")
+
+
+def test_unsaturated_interval_reaches_past_the_range():
+    rising = {t: [0.1 * t - 0.01, 0.1 * t, 0.1 * t + 0.01] for t in (1, 2, 3, 4)}
+    sat = analysis.saturation(rising, epsilon=0.05)
+    assert sat.point is None and math.isinf(sat.high) and sat.p_saturated == 0.0
+    assert str(sat).startswith("not saturated by T=4") and ">4" in str(sat)
+    single = analysis.saturation({1: [0.5], 2: [0.9], 3: [0.9]}, epsilon=0.01)
+    assert single.point == 2 and "no interval" in str(single)
+
+
+def test_mean_ci_is_the_student_t_interval():
+    x = [0.2, 0.5, 0.4, 0.6]
+    mean, lo, hi = analysis.mean_ci(x, 0.9)
+    ref = stats.t.interval(0.9, len(x) - 1, loc=np.mean(x), scale=stats.sem(x))
+    assert mean == pytest.approx(np.mean(x)) and (lo, hi) == pytest.approx(ref)
+    assert math.isnan(analysis.mean_ci([0.3])[1])
+
+
+# --- a tiny real study -------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """loops {1, 2} x the three archs x 2 seeds on `state`, trained for real (a few seconds)."""
+    tmp = tmp_path_factory.mktemp("study")
+    overrides = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "data.state.length=8",
+                 "data.n_val=64", "data.n_test=64", "train.max_steps=30", "train.warmup_steps=3", "train.val_every=15"]
+    path = tmp / "tiny.yaml"
+    path.write_text(f"base: {ROOT / 'conf' / 'state.yaml'}\nstudy_dir: {tmp / 'studies' / 'tiny'}\n"
+                    f"tracking_uri: sqlite:///{tmp / 'mlflow.db'}\noverrides: {overrides}\n" + textwrap.dedent("""
+                    objective: {metric: val/acc_final, direction: maximize}
+                    params:
+                      model.loops: {choices: [1, 2]}
+                      model.arch: {choices: [looped, param_matched, depth_matched]}
+                    sampler: {name: grid, seed: 0}
+                    seeds: 2
+                    """))
+    summary = run_sweep(path, [], verbose=False)
+    assert summary.counts == {"COMPLETE": 6}
+    return tmp
+
+
+def test_study_reads_back_as_tidy_frames(tiny_study):
+    data = analysis.load_study("tiny", str(tiny_study / "mlflow.db"))
+    assert data.counts == {"COMPLETE": 12} and len(data.runs) == 12  # 6 trials x 2 seeds
+    assert sorted(data.runs.groupby(["arch", "loops"]).size().tolist()) == [2] * 6
+    assert data.runs["reused"].sum() == 2  # param_matched trained once per seed, reused at T=2
+    # steps: one row per run x split x eval step x difficulty; looped T=2 evaluated past T (extra loops)
+    looped2 = data.steps[(data.steps["arch"] == "looped") & (data.steps["loops"] == 2) & (data.steps["split"] == "val")]
+    assert set(looped2["step"]) == {1, 2, 3, 4}
+    assert set(looped2["difficulty"]) == {"all", "d1", "d2", "d3", "d4"}
+    assert looped2[["acc", "loss"]].notna().all().all()
+    assert len(data.trials) == 6 and set(data.trials["state"]) == {"COMPLETE"}
+    table = analysis.key_table(data)
+    assert list(table.columns) == ["group", "T", "looped", "param_matched", "depth_matched"]
+    assert table["T"].tolist() == [1, 2]
+    # param_matched is one model: identical at every T
+    assert table["param_matched"].iloc[0] == table["param_matched"].iloc[1]
+    compute = analysis.compute_table(data)
+    looped = compute[compute["arch"] == "looped"].set_index("T")
+    assert looped.loc[2, "forward_flops_per_token"] > 1.9 * looped.loc[1, "forward_flops_per_token"]
+    assert looped.loc[2, "n_params"] == looped.loc[1, "n_params"]
+
+
+def test_report_files_table_and_artifacts(tiny_study, tmp_path):
+    data = analysis.load_study("tiny", str(tiny_study / "mlflow.db"))
+    report = analysis.write_report(data, tmp_path / "report", epsilon=0.01, n_boot=200)
+    names = {f.name for f in report.files}
+    assert {"report.md", "vs_loops.png", "vs_step.png", "compute.png", "exit_gate.png", "optuna_history.png",
+            "curves.csv", "saturation.csv"} <= names
+    assert all(f.stat().st_size > 0 for f in report.files)
+    sat = analysis.saturation_table(data, 0.01, n_boot=200)
+    assert set(sat["arch"]) == {"looped", "depth_matched"}  # param_matched does not depend on T
+    assert len(sat) == 2 * 5  # x (all + 4 position buckets)
+    for heading in ("## Summary", "## Metric vs trained loop count T", "## Saturation points",
+                    "## Metric vs evaluation loop step t", "## Compute-normalised", "## Exit gate", "## The sweep"):
+        assert heading in report.markdown
+    assert "looped" in report.table and "param_matched" in report.table
+    client = MlflowClient(data.tracking_uri)
+    logged = {a.path for a in client.list_artifacts(data.parent_run_id, "report")}
+    assert {"report/report.md", "report/vs_loops.png", "report/saturation.csv"} <= logged
+
+
+def test_report_cli(tiny_study, tmp_path, capsys):
+    store = str(tiny_study / "mlflow.db")
+    assert main(["report", "tiny", "--store", store, "--out", str(tmp_path / "r"), "--no-log"]) == 0
+    out = capsys.readouterr().out
+    assert "saturation (all positions)" in out and (tmp_path / "r" / "report.md").exists()
+    assert main(["report", "nosuch", "--store", store]) == 2
+    assert "no study or MLflow experiment named 'nosuch'" in capsys.readouterr().err
+    assert main(["report", "tiny", "--store", store, "--metric", "bpb", "--no-log", "--out", str(tmp_path / "x")]) == 2
+    assert "metric kind 'bpb' not logged" in capsys.readouterr().err
+
+
+def test_plain_train_runs_are_a_study_too(tiny_config, tmp_path):
+    """An experiment of `ouro-lab train` runs (no sweep) reports the same way, minus the Optuna view."""
+    from ouro_lab.train import train
+
+    for loops in (1, 2):
+        train(tiny_config(f"model.loops={loops}", "train.max_steps=15"), verbose=False)
+    data = analysis.load_study("test", str(tmp_path / "mlflow.db"))
+    assert data.parent_run_id is None and data.trials.empty and sorted(data.runs["loops"]) == [1, 2]
+    report = analysis.write_report(data, tmp_path / "r", n_boot=50)
+    assert "## The sweep" not in report.markdown and "1 seed: no interval" in report.markdown
+
+
+def test_notebook_runs_top_to_bottom(tiny_study, tmp_path):
+    nb = nbformat.read(ROOT / "notebooks" / "loop_saturation.ipynb", as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    params[0].source = f'STUDY = "tiny"\nSTORE = {str(tiny_study / "mlflow.db")!r}\nEPSILON = 0.01\n' \
+                       f'METRIC = None\nSPLIT = None\nREPORT_DIR = {str(tmp_path)!r}\n'
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4  # the plots are inline
+    assert (tmp_path / "tiny" / "report.md").exists()
