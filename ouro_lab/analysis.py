@@ -48,7 +48,8 @@ EXIT_METRIC = re.compile(r"^(?P<split>val|test)/(?P<kind>exit_expected_step|exit
 # keys that never define a group: the axes of the analysis, bookkeeping, and facts derived from them
 NOT_GROUPING = ("model.loops", "model.arch", "train.seed", "tracking.", "train.progress_bar", "train.precision")
 EXIT_KEYS = ("objective.entropy_weight", "objective.prior", "objective.prior_p")
-MAX_GROUP_VALUES = 8  # a varying key with more distinct values (a continuous search) is averaged over
+MAX_GROUP_VALUES = 8  # outside sweeps, a varying key with more distinct values is averaged over
+EXIT_TREND = 0.05  # expected-exit-step difference (steps) the summary calls a trend
 LOWER_IS_BETTER = ("loss", "bpb", "exit_entropy", "exit_expected_step")
 ALL = "all"  # the difficulty label of the metric over all labelled positions
 
@@ -142,7 +143,10 @@ def load_study(study: str, store: str | None = None) -> StudyData:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(study)
     if experiment is None and study.isdigit():
-        experiment = client.get_experiment(study)
+        try:
+            experiment = client.get_experiment(study)
+        except Exception:  # MLflow raises for an unknown id
+            experiment = None
     if experiment is None:
         names = sorted(e.name for e in client.search_experiments())
         raise AnalysisError(f"no study or MLflow experiment named {study!r} in {uri}; "
@@ -166,8 +170,11 @@ def load_study(study: str, store: str | None = None) -> StudyData:
     keys = list((sweep.get("params") or {}).keys())
     sampled = {r.info.run_id: {k: r.data.params[k] for k in keys if k in r.data.params}
                for r in runs if r.info.run_id in with_seeds}
-    run_frame, group_keys, averaged = _runs_frame(done, sampled)
-    steps, exits = _tidy_metrics(done, run_frame)
+    continuous = [k for k, spec in (sweep.get("params") or {}).items()
+                  if spec.get("choices") is None and (sweep.get("sampler") or {}).get("name") != "grid"]
+    run_frame, group_keys, averaged = _runs_frame(done, sampled, continuous)
+    kept = set(run_frame["run_id"])
+    steps, exits = _tidy_metrics([r for r in done if r.info.run_id in kept], run_frame)
     objective = sweep.get("objective") or {}
     task = run_frame["task"].iloc[0]
     return StudyData(
@@ -189,10 +196,15 @@ def _search_all(client: MlflowClient, experiment_id: str) -> list:
 
 
 def _state(run) -> str:
-    """The Optuna-style state of a run: the sweep's own tag, else the MLflow status."""
+    """The Optuna-style state of a run: the sweep's own tag, else the MLflow status.
+
+    NOTE: MLFlowLogger marks a run FINISHED when fit() ends, before the final validation and
+    test: a sweep's run is whole only once the sweep tags it COMPLETE."""
     tag = run.data.tags.get("optuna.state")
     if tag:
         return tag
+    if "ouro.study" in run.data.tags:
+        return "RUNNING" if run.info.status in ("RUNNING", "FINISHED") else "FAIL"
     return {"FINISHED": "COMPLETE", "FAILED": "FAIL", "KILLED": "FAIL"}.get(run.info.status, run.info.status)
 
 
@@ -229,7 +241,10 @@ def _value(text: str) -> Any:
     return {"True": True, "False": False, "None": None}.get(text, text)
 
 
-def _runs_frame(done: list, sampled: Mapping[str, dict[str, str]]) -> tuple[pd.DataFrame, list[str], list[str]]:
+def _runs_frame(done: list, sampled: Mapping[str, dict[str, str]],
+                continuous: Sequence[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Unit runs as rows. Group keys: what varies besides T, arch and seed; a param the sweep
+    samples from a range (or, outside sweeps, a key with many values) is averaged over instead."""
     rows, params = [], []
     for r in done:
         p = r.data.params | sampled.get(r.data.tags.get("mlflow.parentRunId"), {})
@@ -249,15 +264,19 @@ def _runs_frame(done: list, sampled: Mapping[str, dict[str, str]]) -> tuple[pd.D
             "forward_flops_per_token": m.get("model/forward_flops_per_token", math.nan),
             "train_flops": m.get("model/train_flops_per_token", math.nan) * tokens,
             "reused": "ouro.reused_from" in r.data.tags, "run_name": r.info.run_name,
+            "config_hash": r.data.tags.get("ouro.config_hash", r.info.run_id),
         })
     frame = pd.DataFrame(rows)
     varying = sorted(k for k in set().union(*params)
                      if not k.startswith(NOT_GROUPING) and len({c.get(k) for c in params}) > 1)
-    group_keys = [k for k in varying if len({c.get(k) for c in params}) <= MAX_GROUP_VALUES]
+    group_keys = [k for k in varying if k not in continuous and len({c.get(k) for c in params}) <= MAX_GROUP_VALUES]
     averaged = [k for k in varying if k not in group_keys]
     for key in varying:
         frame[key] = [_value(c[key]) if key in c else None for c in params]
     frame["group"] = [group_label({k: row[k] for k in group_keys}) for _, row in frame.iterrows()]
+    # NOTE: the sweep copies an identical finished run instead of retraining it; a copy in the
+    # same cell (group, arch, T) is the same model, not another seed
+    frame = frame.drop_duplicates(["group", "arch", "loops", "config_hash"]).reset_index(drop=True)
     return frame, group_keys, averaged
 
 
@@ -371,12 +390,15 @@ class Saturation:
 
 
 def saturation(values: Mapping[int, Sequence[float]], epsilon: float = 0.01, direction: str = "maximize",
-               level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> Saturation:
+               level: float = 0.95, n_boot: int = 2000, seed: int = 0, paired: bool = False) -> Saturation:
     """Saturation point of a metric-vs-T curve with per-T seed values, and its uncertainty: the
-    point is recomputed on `n_boot` resamples (seeds drawn with replacement, independently at
-    each T) and the central `level` percentile interval reported; a resample that does not
-    saturate counts as beyond the largest T (interval bound '>T_max')."""
-    values = {int(t): np.asarray([v for v in vs if np.isfinite(v)], dtype=float) for t, vs in values.items()}
+    point is recomputed on `n_boot` resamples (seeds drawn with replacement) and the central
+    `level` percentile interval reported; a resample that does not saturate counts as beyond the
+    largest T (interval bound '>T_max'). `paired`: the i-th value of every T comes from the same
+    seed, so seeds are resampled jointly across T; else independently at each T."""
+    raw = {int(t): np.asarray(vs, dtype=float) for t, vs in values.items()}
+    paired = paired and len({len(v) for v in raw.values()}) == 1 and all(np.isfinite(v).all() for v in raw.values())
+    values = {t: v[np.isfinite(v)] for t, v in raw.items()}
     values = {t: v for t, v in values.items() if len(v)}
     if not values:
         raise AnalysisError("no finite values to find a saturation point in")
@@ -388,7 +410,11 @@ def saturation(values: Mapping[int, Sequence[float]], epsilon: float = 0.01, dir
     rng = np.random.default_rng(seed)
     boot = np.empty(n_boot)
     for b in range(n_boot):
-        means = {t: float(rng.choice(v, size=len(v)).mean()) for t, v in values.items()}
+        if paired:
+            idx = rng.integers(0, n_seeds, n_seeds)
+            means = {t: float(v[idx].mean()) for t, v in values.items()}
+        else:
+            means = {t: float(rng.choice(v, size=len(v)).mean()) for t, v in values.items()}
         found = saturation_point(means, epsilon, direction)
         boot[b] = math.inf if found is None else found
     alpha = (1 - level) / 2
@@ -400,7 +426,10 @@ def final_values(data: StudyData, kind: str | None = None, split: str | None = N
     """One row per unit run x difficulty: the metric at the run's trained (final) step."""
     kind, split = kind or data.kind, split or data.split
     s = data.steps[(data.steps["split"] == split) & (data.steps["step"] == data.steps["trained_steps"])]
-    if kind not in s.columns:
+    if s.empty:
+        raise AnalysisError(f"no {split} metrics in study {data.name!r} (splits logged: "
+                            f"{', '.join(sorted(set(data.steps['split'])))}; test needs eval.test=true)")
+    if kind not in s.columns or s[kind].isna().all():
         raise AnalysisError(f"metric kind {kind!r} not logged in study {data.name!r}; "
                             f"kinds: {', '.join(c for c in ('acc', 'loss', 'bpb') if c in s.columns)}")
     return s.rename(columns={kind: "value"})[["run_id", "group", "arch", "loops", "seed", "difficulty", "value"]]
@@ -427,14 +456,19 @@ def saturation_table(data: StudyData, epsilon: float = 0.01, kind: str | None = 
     rows = []
     finals = final_values(data, kind, split)
     for (group, arch, diff), g in finals[finals["arch"] != "param_matched"].groupby(["group", "arch", "difficulty"]):
-        per_t = {t: gt["value"].tolist() for t, gt in g.groupby("loops")}
-        if len(per_t) < 2:
+        cells = {t: gt.sort_values("seed") for t, gt in g.groupby("loops")}
+        if len(cells) < 2:
             continue
-        sat = saturation(per_t, epsilon, direction, level, n_boot)
+        # the same seeds at every T (and one run each): resample them jointly
+        seeds = {tuple(c["seed"]) for c in cells.values()}
+        paired = len(seeds) == 1 and len(set(next(iter(seeds)))) == len(next(iter(seeds)))
+        sat = saturation({t: c["value"].tolist() for t, c in cells.items()}, epsilon, direction, level, n_boot,
+                         paired=paired)
         rows.append(dict(group=group, arch=arch, difficulty=diff, point=sat.point, low=sat.low, high=sat.high,
-                         p_saturated=sat.p_saturated, n_seeds=sat.n_seeds, t_max=sat.t_max, text=str(sat)))
+                         p_saturated=sat.p_saturated, n_seeds=sat.n_seeds, t_max=sat.t_max, text=str(sat),
+                         paired=paired))
     table = pd.DataFrame(rows, columns=["group", "arch", "difficulty", "point", "low", "high", "p_saturated",
-                                        "n_seeds", "t_max", "text"])
+                                        "n_seeds", "t_max", "text", "paired"])
     return _in_group_order(data, table, ["arch", "difficulty"])
 
 
@@ -467,7 +501,8 @@ def _figure_legend(fig, axes, title: str | None = None) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, handle)
     if seen:
-        fig.legend(seen.values(), seen.keys(), loc="outside lower center", ncols=min(len(seen), 8), fontsize=8,
+        fits = max(1, int(fig.get_figwidth() / 2.4))  # entries per legend row that fit the figure's width
+        fig.legend(seen.values(), seen.keys(), loc="outside lower center", ncols=min(len(seen), fits), fontsize=8,
                    title=title, title_fontsize=8)
 
 
@@ -552,8 +587,9 @@ def compute_table(data: StudyData, kind: str | None = None, split: str | None = 
              .agg(mean=("value", "mean"), train_flops=("train_flops", "mean"),
                   forward_flops_per_token=("forward_flops_per_token", "mean"), n_params=("n_params", "mean"))
              .reset_index())
-    pm = table["arch"] == "param_matched"
-    table.loc[pm, "loops"] = None
+    # a reused param_matched run is the same model at every T: one point per group
+    reused_only = table["arch"].eq("param_matched") & data.runs["reused"].any()
+    table.loc[reused_only, "loops"] = None
     table = table.drop_duplicates(["group", "arch", "loops"])
     return _in_group_order(data, table, ["arch", "loops"]).rename(columns={"loops": "T"})
 
@@ -579,6 +615,7 @@ def plot_compute(data: StudyData, kind: str | None = None, split: str | None = N
                         ax.annotate(f"T={int(row['T'])}", (row[x], row["mean"]), fontsize=6,
                                     textcoords="offset points", xytext=(3, -9))
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels collide within a decade
             _panel(ax, group, label, f"{split} {kind} (all positions)")
     _figure_legend(fig, axes)
     fig.suptitle(f"{data.name}: compute-normalised, {split} {kind} (seed mean) vs FLOPs")
@@ -609,45 +646,48 @@ def exit_wide(data: StudyData, split: str | None = None) -> pd.DataFrame:
 
 
 def plot_exit(data: StudyData, split: str | None = None):
-    """Does the gate spend more loops on harder inputs? Expected exit step and exit entropy vs
-    difficulty (one line per T, line style per group); and against beta / the prior when the
-    study varies them."""
+    """Does the gate spend more loops on harder inputs? Row 1: expected exit step and exit
+    entropy vs difficulty (one line per T, line style per group). One more row per exit-objective
+    key the study varies (beta, prior, prior_p): the same two statistics against its value."""
     split = split or data.split
     table = exit_table(data, split)
     if table.empty:
         return None
     levels = [d for d in difficulty_order(table["difficulty"]) if d != ALL] or [ALL]
-    varied = [k for k in EXIT_KEYS if k in data.group_keys]
+    varied = [k for k in EXIT_KEYS if k in data.group_keys + data.averaged_keys]
     groups = [g for g in data.groups if g in set(table["group"])]
-    loops = sorted(table["loops"].unique())
+    loops = [t for t in sorted(table["loops"].unique()) if t > 1] or sorted(table["loops"].unique())
     colors = {t: plt.cm.viridis(x) for t, x in zip(loops, np.linspace(0, 0.9, len(loops)))}
     dashes = ("-", "--", ":", "-.")
-    fig, axes = _grid(1, 2 + len(varied), width=4.2, height=3.2)
-    for j, (col, label) in enumerate((("exit_expected_step", "expected exit step E[t]"),
-                                      ("exit_entropy", "exit entropy (nats)"))):
+    stats_ = (("exit_expected_step", "expected exit step E[t]"), ("exit_entropy", "exit entropy (nats)"))
+    fig, axes = _grid(1 + len(varied), 2, width=4.6, height=3.2)
+    for j, (col, label) in enumerate(stats_):
         ax = axes[0, j]
         for gi, group in enumerate(groups):
             for t in loops:
-                c = table[(table["group"] == group) & (table["loops"] == t) & table["difficulty"].isin(levels)]
-                if c.empty or t == 1:  # one step: nothing to decide
-                    continue
-                c = c.set_index("difficulty").loc[levels]
-                ax.plot(range(1, len(levels) + 1), c[col], marker="o", color=colors[t], linestyle=dashes[gi % 4],
-                        label=f"T={t}" + (f", {group}" if len(groups) > 1 else ""))
+                c = table[(table["group"] == group) & (table["loops"] == t)].set_index("difficulty").reindex(levels)
+                ax.plot(range(1, len(levels) + 1), c[col], marker="o", color=colors[t], linestyle=dashes[gi % 4])
         ax.set_xticks(range(1, len(levels) + 1), [lv.removeprefix("d") for lv in levels])
         _panel(ax, f"{label} by {data.difficulty_name}", data.difficulty_name, label)
     e = data.exits[(data.exits["split"] == split) & (data.exits["difficulty"] == ALL)]
-    for j, key in enumerate(varied, start=2):
-        ax = axes[0, j]
-        m = e.groupby([key, "loops"])["exit_expected_step"].mean().reset_index()
-        for t in loops[1:] if len(loops) > 1 else loops:
-            c = m[m["loops"] == t].sort_values(key)
-            ax.plot(c[key].astype(str) if c[key].dtype == object else c[key], c["exit_expected_step"], marker="o",
-                    color=colors[t])
-        if key == "objective.entropy_weight" and (m[key] > 0).all():
-            ax.set_xscale("log")
-        _panel(ax, f"E[t] (all positions) vs {key}", key, "expected exit step E[t]")
-    _figure_legend(fig, axes)
+    for i, key in enumerate(varied, start=1):
+        m = e.groupby([key, "loops"])[[c for c, _ in stats_]].mean().reset_index()
+        numeric = pd.api.types.is_numeric_dtype(m[key])
+        for j, (col, label) in enumerate(stats_):
+            ax = axes[i, j]
+            for t in loops:
+                c = m[m["loops"] == t].sort_values(key)
+                ax.plot(c[key] if numeric else c[key].astype(str), c[col], marker="o", color=colors[t])
+            if numeric and key == "objective.entropy_weight" and (m[key] > 0).all():
+                ax.set_xscale("log")
+            _panel(ax, f"{label} (all positions) vs {key}", key, label)
+    # legend: colour = T, line style = group
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[t], marker="o", label=f"T={t}") for t in loops]
+    if len(groups) > 1:
+        handles += [Line2D([], [], color="black", linestyle=dashes[gi % 4], label=g) for gi, g in enumerate(groups)]
+    axes[0, 0].legend(handles=handles, fontsize=7, ncols=2)
     fig.suptitle(f"{data.name}: exit gate of the looped runs ({split}, seed means)")
     return fig
 
@@ -669,7 +709,11 @@ def optuna_study(data: StudyData) -> optuna.Study | None:
             continue
         if state == optuna.trial.TrialState.COMPLETE and not np.isfinite(row["value"]):
             continue
-        values = {k: _param_value(dists[k], row[k]) for k in dists if row.get(k) is not None}
+        try:
+            values = {k: _param_value(dists[k], row[k]) for k in dists if row.get(k) is not None}
+        except ValueError as err:
+            warnings.warn(f"trial {row['number']} left out of the Optuna view: {err}")
+            continue
         study.add_trial(optuna.trial.create_trial(
             params=values, distributions={k: dists[k] for k in values}, state=state,
             value=float(row["value"]) if state == optuna.trial.TrialState.COMPLETE else None))
@@ -677,12 +721,14 @@ def optuna_study(data: StudyData) -> optuna.Study | None:
 
 
 def _param_value(dist, text: str) -> Any:
+    """A logged param (a string; a float config key logs choice 0 as '0.0') as the distribution's value."""
     if isinstance(dist, optuna.distributions.CategoricalDistribution):
         for choice in dist.choices:
-            if str(choice) == text:
+            if str(choice) == text or (isinstance(choice, (int, float)) and _value(text) == choice):
                 return choice
-        raise AnalysisError(f"param value {text!r} is not among the sweep's choices {dist.choices}")
-    return int(text) if isinstance(dist, optuna.distributions.IntDistribution) else float(text)
+        raise ValueError(f"param value {text!r} is not among the sweep's choices {dist.choices}")
+    number = float(text)
+    return int(number) if isinstance(dist, optuna.distributions.IntDistribution) else number
 
 
 def param_importances(study: optuna.Study | None) -> dict[str, float]:
@@ -800,15 +846,17 @@ def summary(data: StudyData, sat: pd.DataFrame, importances: Mapping[str, float]
                      f"at worst (T={worst['T']} run to t={worst['last_step']}, {worst['group']}) and by "
                      f"{best['change']:+.3f} at best (T={best['T']} run to t={best['last_step']}, {best['group']}).")
     exits = exit_table(data, split)
-    if len(exits):
-        t_max = exits["loops"].max()
-        e = exits[(exits["loops"] == t_max) & (exits["difficulty"] != ALL)]
-        if len(e) > 1 and t_max > 1:
-            by = e.groupby("difficulty")["exit_expected_step"].mean()
+    for group in [g for g in data.groups if g in set(exits["group"])]:
+        e = exits[(exits["group"] == group) & (exits["difficulty"] != ALL)]
+        t_max = e["loops"].max()
+        by = e[e["loops"] == t_max].set_index("difficulty")["exit_expected_step"]
+        if t_max > 1 and len(by) > 1:
             lo, hi = difficulty_order(by.index)[0], difficulty_order(by.index)[-1]
-            trend = "more" if by[hi] > by[lo] + 0.05 else ("fewer" if by[hi] < by[lo] - 0.05 else "about as many")
-            lines.append(f"Exit gate at T={t_max}: expected exit step {by[lo]:.2f} at {data.difficulty_name} "
-                         f"{lo[1:]} vs {by[hi]:.2f} at {hi[1:]}: it spends {trend} loops on harder inputs.")
+            trend = ("more" if by[hi] > by[lo] + EXIT_TREND else "fewer" if by[hi] < by[lo] - EXIT_TREND
+                     else "about as many")
+            lines.append(f"Exit gate at T={t_max} ({group}): expected exit step {by[lo]:.2f} at "
+                         f"{data.difficulty_name} {lo[1:]} vs {by[hi]:.2f} at {hi[1:]}: it spends {trend} loops "
+                         f"on harder inputs (a difference under {EXIT_TREND} steps counts as none).")
     if importances:
         lines.append("Parameter importance for the objective (fANOVA): "
                      + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()) + ".")
@@ -869,29 +917,34 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
         files.append(folder / name)
     if log and data.parent_run_id:
         client = MlflowClient(data.tracking_uri)
-        client.log_artifacts(data.parent_run_id, str(folder), "report")
-    printed = _terminal_table(data, table, sat, kind, split)
+        for path in files:
+            client.log_artifact(data.parent_run_id, str(path), "report")
+    printed = _terminal_table(table, sat, kind, split, level)
     return Report(folder, text, printed, files)
 
 
-def _terminal_table(data: StudyData, table: pd.DataFrame, sat: pd.DataFrame, kind: str, split: str) -> str:
+def _terminal_table(table: pd.DataFrame, sat: pd.DataFrame, kind: str, split: str, level: float) -> str:
     s = sat[sat["difficulty"].isin([ALL])][["group", "arch", "text"]].rename(columns={"text": "saturation (all positions)"})
-    return (f"{split} {kind} at the final step (all positions), mean ± 95% CI half-width over seeds:\n"
+    return (f"{split} {kind} at the final step (all positions), mean ± {level:.0%} CI half-width over seeds:\n"
             + table.to_string(index=False) + "\n\n" + s.to_string(index=False))
 
 
 def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, lines: list[str],
                      importances: Mapping[str, float], figures: set[str], kind: str, split: str,
                      epsilon: float, level: float, n_boot: int) -> str:
-    n_seeds = data.runs.groupby(["group", "arch", "loops"])["seed"].nunique()
+    n_seeds = data.runs.groupby(["group", "arch", "loops"])["run_id"].nunique()
     out = [f"# {data.name}: when do extra loops stop helping?", "",
            f"Study `{data.name}` (MLflow experiment {data.experiment_id}, store `{data.tracking_uri}`"
            + (f", study run `{data.parent_run_id}`" if data.parent_run_id else "") + ").",
            f"Unit runs by state: {', '.join(f'{k} {v}' for k, v in sorted(data.counts.items()))}; "
-           f"seeds per point: {n_seeds.min()}-{n_seeds.max()}. Metric: **{split} {kind}** at the final (trained) "
+           f"runs per point (group x arch x T): {n_seeds.min()}-{n_seeds.max()}. Metric: **{split} {kind}** at the final (trained) "
            f"loop step; difficulty = {data.difficulty_name}.", ""]
     if data.averaged_keys:
-        out += [f"Averaged over (more than {MAX_GROUP_VALUES} values each): {', '.join(data.averaged_keys)}.", ""]
+        out += [f"Averaged over: {', '.join(data.averaged_keys)} (sampled from a range, or more than "
+                f"{MAX_GROUP_VALUES} values): means, intervals and 'seeds' below pool runs over their values.", ""]
+    if kind != data.kind or data.objective_metric.split("/", 1)[-1] != f"{kind}_final":
+        out += [f"The sweep's objective is `{data.objective_metric}`; this report reads {kind} at each run's "
+                "final trained step (and per step / per difficulty below).", ""]
     out += ["## Summary", "", *[f"- {line}" for line in lines], "",
             "## Metric vs trained loop count T", "",
             f"Mean ± half-width of the {level:.0%} Student-t interval over seeds (all positions). "
@@ -902,10 +955,15 @@ def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, li
     out += ["## Saturation points", "",
             f"Saturation point = the smallest trained T from which no larger T in the study improves the "
             f"seed-mean metric by ε = {epsilon:g} or more ('not saturated' when the largest T still gains ε on "
-            f"the one before it). Interval: {level:.0%} percentile bootstrap over seeds ({n_boot} resamples, seeds "
-            "drawn with replacement independently at each T; a resample that does not saturate counts as beyond "
-            "the largest T, written '>T'). p_saturated = share of resamples that saturate within the range.", "",
-            _markdown_table(sat[["group", "arch", "difficulty", "text", "p_saturated", "n_seeds"]]
+            "the one before it). NOTE: this is stricter than 'the next T gains less than ε': a plateau followed "
+            "by a later gain is not called saturation, and gains are in the metric between trained T values "
+            f"(not per loop). Interval: {level:.0%} percentile bootstrap over seeds ({n_boot} resamples; seeds "
+            "drawn with replacement, jointly across T when every T has the same seeds (paired), else "
+            "independently; a resample that does not saturate counts as beyond the largest T, written '>T'). "
+            "p_saturated = share of resamples that saturate within the range. With 3 seeds a percentile "
+            "bootstrap of a grid point is coarse: read a point interval such as [6, 6] as 'every resample "
+            "agrees', not as certainty.", "",
+            _markdown_table(sat[["group", "arch", "difficulty", "text", "p_saturated", "n_seeds", "paired"]]
                             .rename(columns={"text": "saturation point [interval]"}), ".2f"), ""]
     extra = extrapolation_table(data, kind, split)
     out += ["## Metric vs evaluation loop step t", "",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
@@ -77,12 +78,13 @@ def test_mean_ci_is_the_student_t_interval():
 
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory):
-    """loops {1, 2} x the three archs x 2 seeds on `state`, trained for real (a few seconds)."""
+    """loops {1, 2} x the three archs x 2 seeds on `state`, trained for real (a few seconds).
+    Study 'smoke' in <tmp>/mlflow.db, as README's first command makes one in ./mlflow.db."""
     tmp = tmp_path_factory.mktemp("study")
     overrides = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "data.state.length=8",
                  "data.n_val=64", "data.n_test=64", "train.max_steps=30", "train.warmup_steps=3", "train.val_every=15"]
-    path = tmp / "tiny.yaml"
-    path.write_text(f"base: {ROOT / 'conf' / 'state.yaml'}\nstudy_dir: {tmp / 'studies' / 'tiny'}\n"
+    path = tmp / "smoke.yaml"  # named like README's smoke study: the notebook's defaults read it
+    path.write_text(f"base: {ROOT / 'conf' / 'state.yaml'}\nstudy_dir: {tmp / 'studies' / 'smoke'}\n"
                     f"tracking_uri: sqlite:///{tmp / 'mlflow.db'}\noverrides: {overrides}\n" + textwrap.dedent("""
                     objective: {metric: val/acc_final, direction: maximize}
                     params:
@@ -97,7 +99,7 @@ def tiny_study(tmp_path_factory):
 
 
 def test_study_reads_back_as_tidy_frames(tiny_study):
-    data = analysis.load_study("tiny", str(tiny_study / "mlflow.db"))
+    data = analysis.load_study("smoke", str(tiny_study / "mlflow.db"))
     assert data.counts == {"COMPLETE": 12} and len(data.runs) == 12  # 6 trials x 2 seeds
     assert sorted(data.runs.groupby(["arch", "loops"]).size().tolist()) == [2] * 6
     assert data.runs["reused"].sum() == 2  # param_matched trained once per seed, reused at T=2
@@ -119,7 +121,7 @@ def test_study_reads_back_as_tidy_frames(tiny_study):
 
 
 def test_report_files_table_and_artifacts(tiny_study, tmp_path):
-    data = analysis.load_study("tiny", str(tiny_study / "mlflow.db"))
+    data = analysis.load_study("smoke", str(tiny_study / "mlflow.db"))
     report = analysis.write_report(data, tmp_path / "report", epsilon=0.01, n_boot=200)
     names = {f.name for f in report.files}
     assert {"report.md", "vs_loops.png", "vs_step.png", "compute.png", "exit_gate.png", "optuna_history.png",
@@ -139,13 +141,15 @@ def test_report_files_table_and_artifacts(tiny_study, tmp_path):
 
 def test_report_cli(tiny_study, tmp_path, capsys):
     store = str(tiny_study / "mlflow.db")
-    assert main(["report", "tiny", "--store", store, "--out", str(tmp_path / "r"), "--no-log"]) == 0
+    assert main(["report", "smoke", "--store", store, "--out", str(tmp_path / "r"), "--no-log"]) == 0
     out = capsys.readouterr().out
     assert "saturation (all positions)" in out and (tmp_path / "r" / "report.md").exists()
     assert main(["report", "nosuch", "--store", store]) == 2
     assert "no study or MLflow experiment named 'nosuch'" in capsys.readouterr().err
-    assert main(["report", "tiny", "--store", store, "--metric", "bpb", "--no-log", "--out", str(tmp_path / "x")]) == 2
+    assert main(["report", "smoke", "--store", store, "--metric", "bpb", "--no-log", "--out", str(tmp_path / "x")]) == 2
     assert "metric kind 'bpb' not logged" in capsys.readouterr().err
+    assert main(["report", "999", "--store", store]) == 2
+    assert "no study or MLflow experiment named '999'" in capsys.readouterr().err
 
 
 def test_plain_train_runs_are_a_study_too(tiny_config, tmp_path):
@@ -160,14 +164,23 @@ def test_plain_train_runs_are_a_study_too(tiny_config, tmp_path):
     assert "## The sweep" not in report.markdown and "1 seed: no interval" in report.markdown
 
 
-def test_notebook_runs_top_to_bottom(tiny_study, tmp_path):
+def test_notebook_runs_top_to_bottom_with_no_edits(tiny_study):
+    """Its defaults (study 'smoke' in ../mlflow.db) read a study made like README's smoke sweep."""
     nb = nbformat.read(ROOT / "notebooks" / "loop_saturation.ipynb", as_version=4)
-    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(params) == 1
-    params[0].source = f'STUDY = "tiny"\nSTORE = {str(tiny_study / "mlflow.db")!r}\nEPSILON = 0.01\n' \
-                       f'METRIC = None\nSPLIT = None\nREPORT_DIR = {str(tmp_path)!r}\n'
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1  # papermill can set them
+    cwd = tiny_study / "notebooks"
+    cwd.mkdir(exist_ok=True)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4  # the plots are inline
-    assert (tmp_path / "tiny" / "report.md").exists()
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5  # the plots are inline
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "study 'smoke': 12 finished runs" in text and "saturates" in text
+
+
+def test_logged_params_map_back_to_the_sweep_distributions():
+    cat = optuna.distributions.CategoricalDistribution([0, 0.1, 1])
+    assert analysis._param_value(cat, "0.0") == 0 and analysis._param_value(cat, "0.1") == 0.1  # float key logs 0.0
+    assert analysis._param_value(optuna.distributions.IntDistribution(1, 8), "4.0") == 4
+    with pytest.raises(ValueError, match="not among the sweep's choices"):
+        analysis._param_value(cat, "0.5")
