@@ -781,6 +781,7 @@ def key_table(data: StudyData, difficulty: str = ALL, kind: str | None = None, s
     table = table.assign(cell=[_fmt(r["mean"], r["ci_low"], r["ci_high"], r["n"]) for _, r in table.iterrows()])
     wide = table.pivot_table(index=["group", "loops"], columns="arch", values="cell", aggfunc="first").reset_index()
     wide.columns.name = None
+    wide = wide.fillna("-")  # no finished run in that cell (pruned, failed, not swept)
     wide = _in_group_order(data, wide, ["loops"])
     return wide[["group", "loops", *[a for a in ARCHS if a in wide.columns]]].rename(columns={"loops": "T"})
 
