@@ -507,6 +507,9 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ver
         print(f"[sweep {sweep.name}] done in {summary.seconds:.0f} s. study: {storage_desc}")
         print(f"[sweep {sweep.name}] view: {tracking.ui_command(s.tracking_uri)}  then open "
               f"{tracking.runs_url(s.experiment_id)}")
+        store = "" if sweep.tracking_uri is None and s.tracking_uri == tracking.resolve_tracking_uri() \
+            else f" --store {s.tracking_uri}"
+        print(f"[sweep {sweep.name}] analyse: ouro-lab report {sweep.name}{store}")
     return summary
 
 
