@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("sweep", help="sweep YAML, e.g. sweeps/loops.yaml")
     p_sweep.add_argument("overrides", nargs="*",
                          help="sweep keys (trials=4 seeds=1 sampler.seed=3 ...) or experiment keys (train.max_steps=500)")
+    p_sweep.add_argument("--workers", type=int, default=1,
+                         help="worker processes on this study (one per GPU when there are that many; "
+                              "else CPU workers sharing the cores)")
+    p_sweep.add_argument("--gpus", default="", help="comma-separated GPU ids, one worker pinned to each, e.g. 0,1,3")
+    p_sweep.add_argument("--as-worker", type=int, default=None, help=argparse.SUPPRESS)
     p_report = sub.add_parser("report", help="saturation report of a study: Markdown + plots, logged on its MLflow parent run")
     p_report.add_argument("study", help="study name (= its MLflow experiment) or an MLflow experiment name / id")
     p_report.add_argument("--store", default=None,
@@ -48,9 +53,16 @@ def main(argv: list[str] | None = None) -> int:
 
             train(cfg)
         elif args.command == "sweep":
-            from ouro_lab.sweep import run_sweep
+            from ouro_lab.sweep import run_sweep, run_worker
 
-            summary = run_sweep(args.sweep, args.overrides)
+            if args.as_worker is not None:
+                run_worker(args.sweep, args.overrides, args.as_worker)
+                return 0
+            if args.workers < 1:
+                print("ouro-lab: --workers must be >= 1", file=sys.stderr)
+                return 2
+            gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+            summary = run_sweep(args.sweep, args.overrides, workers=args.workers, gpus=gpus)
             if not summary.counts.get("COMPLETE") and not summary.counts.get("PRUNED"):
                 print(f"ouro-lab: every trial of study {summary.name!r} failed ({summary.counts}); "
                       "see the `error` tag of its runs in MLflow", file=sys.stderr)

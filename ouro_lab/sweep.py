@@ -19,11 +19,12 @@ import math
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import optuna
@@ -219,9 +220,35 @@ def suggest(trial: optuna.Trial, sweep: SweepConfig) -> dict[str, Any]:
     return values
 
 
-def run_trial(s: Study, trial: optuna.Trial, verbose: bool) -> float:
+class Discarded(Exception):
+    """A trial that another worker's trial made redundant before it trained anything."""
+
+
+def claim(s: Study, trial: optuna.Trial, total: int) -> None:
+    """Raise `Discarded` unless this trial may run. Several workers check the budget and ask
+    Optuna for a trial at about the same time, so the check is repeated here, ordered by trial
+    number (which the storage assigns atomically): a trial runs only if the trials numbered
+    before it leave room in the budget, and (grid) none of them already holds its grid point,
+    and (retry) none of them already retries the same interrupted trial. NOTE: Optuna's
+    GridSampler may hand one point to two concurrent workers (DESIGN.md Part 3)."""
+    earlier = [t for t in s.study.get_trials(deepcopy=False) if t.number < trial.number]
+    live = [t for t in earlier if _claims_budget(t, s.sweep.retries)]
+    if len(live) >= total:
+        raise Discarded(f"budget of {total} trials already claimed by earlier trials")
+    grid_id = s.study._storage.get_trial_system_attrs(trial._trial_id).get("grid_id")
+    retry_of = trial.user_attrs.get("retry_of")
+    for t in live:
+        if grid_id is not None and t.system_attrs.get("grid_id") == grid_id:
+            raise Discarded(f"grid point already taken by trial {t.number}")
+        if retry_of is not None and t.user_attrs.get("retry_of") == retry_of:
+            raise Discarded(f"trial {retry_of} is already retried by trial {t.number}")
+
+
+def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = None) -> float:
     sweep = s.sweep
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    if total is not None:
+        claim(s, trial, total)
     sampled = suggest(trial, sweep)
     overrides = [*sweep.overrides, *(override_for(k, v) for k, v in sampled.items()),
                  f"tracking.uri={s.tracking_uri}", f"tracking.experiment={sweep.name}", "train.progress_bar=false"]
@@ -356,12 +383,19 @@ def _interrupted(t: optuna.trial.FrozenTrial) -> bool:
 
 def _counts_toward_budget(t: optuna.trial.FrozenTrial, retries: int) -> bool:
     """Complete, pruned and failed (crash, NaN) trials use the budget; an interrupted trial
-    does not while it will be retried."""
+    does not while it will be retried, nor does a discarded one (it never ran)."""
     if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
     if t.state == TrialState.FAIL:
+        if t.user_attrs.get("discarded"):
+            return False
         return not _interrupted(t) or t.user_attrs.get("retry_depth", 0) >= retries
     return False
+
+
+def _claims_budget(t: optuna.trial.FrozenTrial, retries: int) -> bool:
+    """Uses the budget, or will: running, or queued (a retry)."""
+    return _counts_toward_budget(t, retries) or t.state in (TrialState.RUNNING, TrialState.WAITING)
 
 
 def recover_interrupted(s: Study, verbose: bool) -> None:
@@ -441,61 +475,30 @@ class SweepSummary:
         return "\n".join(lines)
 
 
-def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), verbose: bool = True) -> SweepSummary:
-    """Run (or resume) the study declared in `path` until its budget or timeout is used up."""
+def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), verbose: bool = True,
+              workers: int = 1, gpus: Sequence[str] = ()) -> SweepSummary:
+    """Run (or resume) the study declared in `path` until its budget or timeout is used up:
+    in this process, or with `workers` > 1 (or `gpus`) in that many worker processes sharing
+    the study and the MLflow store (`run_workers`)."""
     from ouro_lab.sweep_config import load_sweep
 
     sweep, base = load_sweep(path, overrides)
-    s = open_study(sweep, base)
+    s = open_study(sweep, base)  # the store, experiment, parent run and study exist before any worker
     recover_interrupted(s, verbose)
     total, start = budget(sweep), time.perf_counter()
     storage_desc = sweep.storage or str(s.study_dir / "optuna.journal")
     if verbose:
         print(f"[sweep {sweep.name}] study in {storage_desc}; runs in {s.tracking_uri} "
-              f"(experiment {sweep.name!r}); budget {total} trials x {sweep.seeds} seed(s)", flush=True)
-
-    def objective(trial: optuna.Trial) -> float:
-        try:
-            return run_trial(s, trial, verbose)
-        except (KeyboardInterrupt, SystemExit):
-            trial.set_user_attr("interrupted", "Ctrl-C / SystemExit")
-            raise
-        except optuna.TrialPruned:
-            raise
-        except Exception as err:
-            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
-            raise
-
-    def report(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
-        if not verbose:
-            return
-        done = sum(_counts_toward_budget(x, sweep.retries) for x in study.get_trials(deepcopy=False))
-        try:
-            best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
-        except ValueError:
-            best = "no complete trial yet"
-        what = f"{sweep.objective.metric}={t.value:.4f}" if t.value is not None else (
-            t.user_attrs.get("error") or t.user_attrs.get("interrupted") or "")
-        print(f"[sweep {sweep.name}] {done}/{total} trial {t.number} {t.state.name} {what} | {best} | "
-              f"{' '.join(f'{k}={v}' for k, v in t.params.items())} | "
-              f"{(t.duration.total_seconds() if t.duration else 0):.0f} s", flush=True)
-
+              f"(experiment {sweep.name!r}); budget {total} trials x {sweep.seeds} seed(s)"
+              + (f"; {max(workers, len(gpus))} workers" if workers > 1 or gpus else ""), flush=True)
     try:
-        while True:
-            trials = s.study.get_trials(deepcopy=False)
-            if sum(_counts_toward_budget(t, sweep.retries) for t in trials) >= total:
-                break
-            if sweep.timeout is not None and time.perf_counter() - start > sweep.timeout:
-                if verbose:
-                    print(f"[sweep {sweep.name}] timeout of {sweep.timeout:.0f} s reached", flush=True)
-                break
-            s.study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[report])
+        if workers > 1 or gpus:
+            run_workers(path, overrides, workers, gpus, verbose)
+            # a worker that died late may have left its trial for nobody: finish the budget here
+            work(s, total, start, sweep.name, verbose)
+        else:
+            work(s, total, start, sweep.name, verbose)
     except (KeyboardInterrupt, SystemExit):
-        me = f"{socket.gethostname()}:{os.getpid()}"
-        for t in s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("worker") == me:  # Optuna leaves it RUNNING on a BaseException
-                s.study._storage.set_trial_user_attr(t._trial_id, "interrupted", "Ctrl-C")
-                s.study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         s.client.set_terminated(s.parent_run_id, "KILLED")
         print(f"\n[sweep {sweep.name}] interrupted; finished trials are saved. Rerun the same command to resume.",
               file=sys.stderr, flush=True)
@@ -513,8 +516,119 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ver
     return summary
 
 
+def run_worker(path: str | Path, overrides: list[str] | tuple[str, ...], index: int, verbose: bool = True) -> None:
+    """One worker of `run_workers`: the trial loop on the shared study, nothing else (the
+    coordinating process made the study and summarises it)."""
+    from ouro_lab.sweep_config import load_sweep
+
+    threads = int(os.environ.get("OURO_WORKER_THREADS", "0"))
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    sweep, base = load_sweep(path, overrides)
+    s = open_study(sweep, base)
+    work(s, budget(sweep), time.perf_counter(), f"{sweep.name} w{index}", verbose)
+
+
+def run_workers(path: str | Path, overrides: Sequence[str], workers: int, gpus: Sequence[str], verbose: bool) -> None:
+    """Start one worker process per GPU (CUDA_VISIBLE_DEVICES pinned) or `workers` CPU workers
+    (cores split between them so they do not oversubscribe), and wait for them. A worker that
+    dies leaves its trial to the others: they mark it failed and retry it."""
+    import torch
+
+    if not gpus and torch.cuda.is_available() and torch.cuda.device_count() >= workers:
+        gpus = [str(i) for i in range(workers)]
+    n = len(gpus) or workers
+    threads = max(1, (os.cpu_count() or 1) // n)
+    procs = []
+    for i in range(n):
+        env = os.environ | {"OURO_WORKER_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+                            "MKL_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": gpus[i] if gpus else ""}
+        cmd = [sys.executable, "-m", "ouro_lab.cli", "sweep", str(path), *overrides, "--as-worker", str(i)]
+        procs.append(subprocess.Popen(cmd, env=env))
+        if verbose:
+            where = f"GPU {gpus[i]}" if gpus else f"CPU, {threads} thread(s)"
+            print(f"[sweep] worker {i} pid {procs[-1].pid} on {where}", flush=True)
+    try:
+        # NOTE: reap each worker as soon as it ends: a dead child left unreaped is a zombie,
+        # which still looks alive to the others' check of its pid
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        codes = [p.returncode for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:  # they got the terminal's SIGINT too; wait for them to save their state
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    for i, code in enumerate(codes):
+        if code != 0 and verbose:
+            print(f"[sweep] worker {i} ended with status {code}; its trial is retried by the others or by a rerun",
+                  file=sys.stderr, flush=True)
+
+
+def work(s: Study, total: int, start: float, label: str, verbose: bool) -> None:
+    """The trial loop of one process: run trials until the budget is used up or the timeout."""
+    sweep = s.sweep
+
+    def objective(trial: optuna.Trial) -> float:
+        try:
+            return run_trial(s, trial, verbose, total)
+        except Discarded as err:
+            trial.set_user_attr("discarded", str(err))
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            trial.set_user_attr("interrupted", "Ctrl-C / SystemExit")
+            raise
+        except optuna.TrialPruned:
+            raise
+        except Exception as err:
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
+            raise
+
+    def report(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+        if not verbose:
+            return
+        if t.user_attrs.get("discarded"):
+            print(f"[sweep {label}] trial {t.number} not run: {t.user_attrs['discarded']}", flush=True)
+            return
+        done = sum(_counts_toward_budget(x, sweep.retries) for x in study.get_trials(deepcopy=False))
+        try:
+            best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
+        except ValueError:
+            best = "no complete trial yet"
+        what = f"{sweep.objective.metric}={t.value:.4f}" if t.value is not None else (
+            t.user_attrs.get("error") or t.user_attrs.get("interrupted") or "")
+        print(f"[sweep {label}] {done}/{total} trial {t.number} {t.state.name} {what} | {best} | "
+              f"{' '.join(f'{k}={v}' for k, v in t.params.items())} | "
+              f"{(t.duration.total_seconds() if t.duration else 0):.0f} s", flush=True)
+
+    try:
+        while True:
+            recover_interrupted(s, verbose)  # another worker on this host may have died
+            trials = s.study.get_trials(deepcopy=False)
+            # queued retries are work left: only what ran or is running fills the budget
+            if sum(_counts_toward_budget(t, sweep.retries) or t.state == TrialState.RUNNING for t in trials) >= total:
+                break
+            if sweep.timeout is not None and time.perf_counter() - start > sweep.timeout:
+                if verbose:
+                    print(f"[sweep {label}] timeout of {sweep.timeout:.0f} s reached", flush=True)
+                break
+            s.study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[report])
+    except (KeyboardInterrupt, SystemExit):
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        for t in s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("worker") == me:  # Optuna leaves it RUNNING on a BaseException
+                s.study._storage.set_trial_user_attr(t._trial_id, "interrupted", "Ctrl-C")
+                s.study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        raise
+
+
 def summarize(s: Study, seconds: float, storage_desc: str) -> SweepSummary:
-    trials = s.study.get_trials(deepcopy=False)
+    # a discarded trial never ran (another worker's trial made it redundant): not counted
+    trials = [t for t in s.study.get_trials(deepcopy=False) if not t.user_attrs.get("discarded")]
     counts: dict[str, int] = {}
     for t in trials:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1

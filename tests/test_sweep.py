@@ -296,3 +296,78 @@ def test_every_sampler_and_pruner_is_built_from_yaml(tmp_path, sampler, pruner):
 
     values = suggest(trial, sweep)
     assert values["model.n_layers"] in (1, 2, 3)
+
+
+# --- several workers on one study --------------------------------------------------------
+
+def test_two_cpu_workers_share_one_study(tmp_path):
+    """`--workers 2`: two processes on one journal study and one MLflow store; the budget is
+    met exactly, no grid point runs twice, every trial has exactly one MLflow run."""
+    path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2, 3, 4, 5]}}\nsampler: {name: grid, seed: 0}\n",
+                       name="w")
+    out = subprocess.run([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path), "--workers", "2"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "worker 0 pid" in out.stdout and "worker 1 pid" in out.stdout and "CPU, 1 thread(s)" in out.stdout
+    trials = [t for t in load_study(tmp_path, "w").get_trials() if not t.user_attrs.get("discarded")]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
+    assert sorted(t.params["model.loops"] for t in trials) == [1, 2, 3, 4, 5]
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers trained
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("w").experiment_id],
+                              filter_string="tags.`ouro.role` = 'trial'")
+    assert sorted(int(r.data.tags["ouro.trial"]) for r in runs) == sorted(t.number for t in trials)
+    assert "5 complete" in out.stdout
+
+
+def test_claim_discards_a_trial_another_worker_made_redundant():
+    from types import SimpleNamespace
+
+    from ouro_lab.sweep import Discarded, claim
+
+    study = optuna.create_study()
+    s = SimpleNamespace(study=study, sweep=SimpleNamespace(retries=1))
+    first, second = study.ask(), study.ask()  # two workers handed the same grid point at once
+    for t in (first, second):
+        study._storage.set_trial_system_attr(t._trial_id, "grid_id", 0)
+    claim(s, first, total=5)  # the earlier trial keeps it
+    with pytest.raises(Discarded, match="grid point already taken by trial 0"):
+        claim(s, second, total=5)
+    study._storage.set_trial_user_attr(second._trial_id, "discarded", "grid point taken")
+    study.tell(second, state=TrialState.FAIL)
+    third = study.ask()
+    claim(s, third, total=2)  # trial 0 running + the discarded one (not counted): room for one
+    with pytest.raises(Discarded, match="budget of 1 trials already claimed"):
+        claim(s, third, total=1)
+
+
+def test_a_killed_worker_trial_is_failed_and_retried_by_the_other(tmp_path):
+    path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2, 3, 4]}}\nsampler: {name: grid, seed: 0}\n",
+                       name="k", extra=("train.max_steps=200", "train.val_every=50"))
+    proc = subprocess.Popen([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path), "--workers", "2"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, victim = time.time() + 240, None
+    while victim is None:  # SIGKILL the worker of the first trial seen running
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.5)
+        if not (tmp_path / "studies" / "k" / "optuna.journal").exists():
+            continue
+        running = load_study(tmp_path, "k").get_trials(states=(TrialState.RUNNING,))
+        if running and "worker" in running[0].user_attrs:
+            victim = running[0]
+    time.sleep(1)
+    subprocess.run(["kill", "-9", victim.user_attrs["worker"].rpartition(":")[2]], check=True)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    assert "ended with status -9" in out
+    trials = load_study(tmp_path, "k").get_trials()
+    killed = trials[victim.number]
+    assert killed.state == TrialState.FAIL and killed.user_attrs["interrupted"] == "worker process died"
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["model.loops"] for t in done) == [1, 2, 3, 4]  # the budget, each point once
+    (retry,) = [t for t in done if t.user_attrs.get("retry_of") == victim.number]
+    assert retry.params == killed.params
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("k").experiment_id],
+                              filter_string=f"tags.`ouro.trial` = '{victim.number}'")
+    assert [(r.info.status, r.data.tags["optuna.state"]) for r in runs] == [("KILLED", "FAIL")]
