@@ -134,6 +134,12 @@ def make_storage(sweep: SweepConfig, study_dir: Path) -> optuna.storages.BaseSto
     """Default: a journal file under the study folder, safe for several processes on one host.
     Any Optuna storage URL otherwise (e.g. postgresql://... for several hosts)."""
     if sweep.storage:
+        if sweep.storage.startswith(("postgresql", "mysql", "sqlite")):
+            # NOTE: journal storage has no heartbeat; RDB has: a trial whose worker stops beating
+            # is failed by the next worker that looks (our callback queues its retry)
+            return optuna.storages.RDBStorage(sweep.storage, heartbeat_interval=sweep.heartbeat_interval,
+                                              grace_period=sweep.grace_period,
+                                              failed_trial_callback=_retry_stale_trial(sweep.retries))
         return sweep.storage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
@@ -231,8 +237,9 @@ def claim(s: Study, trial: optuna.Trial, total: int) -> None:
     before it leave room in the budget, and (grid) none of them already holds its grid point,
     and (retry) none of them already retries the same interrupted trial. NOTE: Optuna's
     GridSampler may hand one point to two concurrent workers (DESIGN.md Part 3)."""
-    earlier = [t for t in s.study.get_trials(deepcopy=False) if t.number < trial.number]
-    live = [t for t in earlier if _claims_budget(t, s.sweep.retries)]
+    trials = s.study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    live = [t for t in trials if t.number < trial.number and _claims_budget(t, s.sweep.retries, retried)]
     if len(live) >= total:
         raise Discarded(f"budget of {total} trials already claimed by earlier trials")
     grid_id = s.study._storage.get_trial_system_attrs(trial._trial_id).get("grid_id")
@@ -381,29 +388,41 @@ def _interrupted(t: optuna.trial.FrozenTrial) -> bool:
     return t.state == TrialState.FAIL and bool(t.user_attrs.get("interrupted"))
 
 
-def _counts_toward_budget(t: optuna.trial.FrozenTrial, retries: int) -> bool:
+def _retried(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
+    """Numbers of the trials that a later trial retries."""
+    return {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+
+
+def _counts_toward_budget(t: optuna.trial.FrozenTrial, retries: int, retried: set[int]) -> bool:
     """Complete, pruned and failed (crash, NaN) trials use the budget; an interrupted trial
-    does not while it will be retried, nor does a discarded one (it never ran)."""
+    does not while it will be retried or once it is (its retry stands in for it), nor does a
+    discarded one (it never ran)."""
     if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
     if t.state == TrialState.FAIL:
-        if t.user_attrs.get("discarded"):
+        if t.user_attrs.get("discarded") or t.number in retried:
             return False
         return not _interrupted(t) or t.user_attrs.get("retry_depth", 0) >= retries
     return False
 
 
-def _claims_budget(t: optuna.trial.FrozenTrial, retries: int) -> bool:
+def _claims_budget(t: optuna.trial.FrozenTrial, retries: int, retried: set[int]) -> bool:
     """Uses the budget, or will: running, or queued (a retry)."""
-    return _counts_toward_budget(t, retries) or t.state in (TrialState.RUNNING, TrialState.WAITING)
+    return _counts_toward_budget(t, retries, retried) or t.state in (TrialState.RUNNING, TrialState.WAITING)
 
 
 def recover_interrupted(s: Study, verbose: bool) -> None:
-    """Mark trials left RUNNING by a dead worker on this host as FAIL (journal storage has no
-    heartbeat), end their MLflow runs, and enqueue retries for interrupted trials."""
+    """Mark trials left RUNNING by a dead worker as FAIL, end their MLflow runs, and enqueue
+    retries for interrupted trials. Dead = no heartbeat (RDB storage, any host), or (journal
+    storage, which has no heartbeat) a worker process on this host that no longer exists."""
     host = socket.gethostname()
     storage = s.study._storage
-    for t in s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    from optuna.storages._heartbeat import is_heartbeat_enabled  # NOTE: not exported by Optuna 5
+
+    heartbeat = is_heartbeat_enabled(storage)
+    if heartbeat:
+        optuna.storages.fail_stale_trials(s.study)
+    for t in [] if heartbeat else s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
         w_host, _, w_pid = worker.rpartition(":")
         if w_host == host and not _pid_alive(int(w_pid or 0)):
@@ -432,6 +451,22 @@ def recover_interrupted(s: Study, verbose: bool) -> None:
             if verbose:
                 print(f"[sweep {s.sweep.name}] re-queued interrupted trial {t.number} "
                       f"(retry {depth + 1}/{s.sweep.retries})", flush=True)
+
+
+def _retry_stale_trial(retries: int):
+    """Optuna's failed-trial callback (RDB heartbeat): a trial whose worker stopped beating has
+    just been set FAIL; queue its retry (the retry_of link keeps the failed one off the budget).
+    NOTE: a finished trial's attrs cannot be changed any more, so the reason goes on the retry."""
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        depth = trial.user_attrs.get("retry_depth", 0)
+        print(f"[sweep {study.study_name}] trial {trial.number} lost its worker (no heartbeat): marked FAIL"
+              + (f", re-queued (retry {depth + 1}/{retries})" if depth < retries else ""), flush=True)
+        if depth < retries:
+            study.enqueue_trial(trial.params, skip_if_exists=False, user_attrs={
+                "retry_of": trial.number, "retry_depth": depth + 1, "retry_reason": "no heartbeat: its worker died"})
+
+    return callback
 
 
 def _pid_alive(pid: int) -> bool:
@@ -495,7 +530,7 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ver
         if workers > 1 or gpus:
             run_workers(path, overrides, workers, gpus, verbose)
             # a worker that died late may have left its trial for nobody: finish the budget here
-            work(s, total, start, sweep.name, verbose)
+            work(s, total, start, sweep.name, verbose, wait=True)
         else:
             work(s, total, start, sweep.name, verbose)
     except (KeyboardInterrupt, SystemExit):
@@ -569,8 +604,10 @@ def run_workers(path: str | Path, overrides: Sequence[str], workers: int, gpus: 
                   file=sys.stderr, flush=True)
 
 
-def work(s: Study, total: int, start: float, label: str, verbose: bool) -> None:
-    """The trial loop of one process: run trials until the budget is used up or the timeout."""
+def work(s: Study, total: int, start: float, label: str, verbose: bool, wait: bool = False) -> None:
+    """The trial loop of one process: run trials until the budget is used up or the timeout.
+    `wait`: while the rest of the budget is held by running trials, wait for them instead of
+    returning (one of them may belong to a dead worker, to be failed and retried)."""
     sweep = s.sweep
 
     def objective(trial: optuna.Trial) -> float:
@@ -594,7 +631,9 @@ def work(s: Study, total: int, start: float, label: str, verbose: bool) -> None:
         if t.user_attrs.get("discarded"):
             print(f"[sweep {label}] trial {t.number} not run: {t.user_attrs['discarded']}", flush=True)
             return
-        done = sum(_counts_toward_budget(x, sweep.retries) for x in study.get_trials(deepcopy=False))
+        trials = study.get_trials(deepcopy=False)
+        retried = _retried(trials)
+        done = sum(_counts_toward_budget(x, sweep.retries, retried) for x in trials)
         try:
             best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
         except ValueError:
@@ -610,12 +649,19 @@ def work(s: Study, total: int, start: float, label: str, verbose: bool) -> None:
             recover_interrupted(s, verbose)  # another worker on this host may have died
             trials = s.study.get_trials(deepcopy=False)
             # queued retries are work left: only what ran or is running fills the budget
-            if sum(_counts_toward_budget(t, sweep.retries) or t.state == TrialState.RUNNING for t in trials) >= total:
+            retried = _retried(trials)
+            done = sum(_counts_toward_budget(t, sweep.retries, retried) for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            waiting = any(t.state == TrialState.WAITING for t in trials)  # a queued retry: always pop it
+            if not waiting and (done >= total or (done + running >= total and not wait)):
                 break
             if sweep.timeout is not None and time.perf_counter() - start > sweep.timeout:
                 if verbose:
                     print(f"[sweep {label}] timeout of {sweep.timeout:.0f} s reached", flush=True)
                 break
+            if not waiting and done + running >= total:  # wait: a running trial's worker may be dead
+                time.sleep(1)
+                continue
             s.study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[report])
     except (KeyboardInterrupt, SystemExit):
         me = f"{socket.gethostname()}:{os.getpid()}"

@@ -80,11 +80,13 @@ class SweepConfig:
     seeds: int = 1  # training runs per sampled configuration, train.seed + 0 .. seeds-1
     retries: int = 1  # re-run a trial interrupted by a kill / Ctrl-C this many times
     storage: Optional[str] = None  # Optuna storage URL; None = journal file in {study_dir}
+    heartbeat_interval: int = 60  # RDB storage: seconds between a running trial's heartbeats
+    grace_period: Optional[int] = None  # RDB storage: a trial silent this long is failed (None: 2 x interval)
     study_dir: Optional[str] = None  # None = studies/{name} in the working directory
     tracking_uri: Optional[str] = None  # MLflow; None = the base config's (or the embedded default)
 
 
-SWEEP_KEYS = ("name", "trials", "timeout", "seeds", "retries", "storage", "study_dir",
+SWEEP_KEYS = ("name", "trials", "timeout", "seeds", "retries", "storage", "heartbeat_interval", "grace_period", "study_dir",
               "tracking_uri", "sampler.name", "sampler.seed", "objective.metric", "objective.direction")
 
 

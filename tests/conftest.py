@@ -29,3 +29,65 @@ def tiny_config(tmp_path, tracking_uri):
         return load_config(path, [*base, *overrides])
 
     return make
+
+
+# --- a real PostgreSQL server for the multi-worker tests --------------------------------
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server on loopback for this test session, or $OURO_TEST_POSTGRES_URL
+    (postgresql://user@host:port, the server of a scaling-out test elsewhere). Skipped with the
+    reason when no server binaries exist, except under CI, where `.ci/run` installs them."""
+    import glob
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    if os.environ.get("OURO_TEST_POSTGRES_URL"):
+        yield os.environ["OURO_TEST_POSTGRES_URL"].rstrip("/")
+        return
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    bindir = bins[-1] if bins else (os.path.dirname(shutil.which("initdb") or "") or None)
+    if bindir is None:
+        message = "no PostgreSQL server binaries (apt-get install postgresql) and no OURO_TEST_POSTGRES_URL"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the PostgreSQL tests: {message}")
+        pytest.skip(message)
+    data = tempfile.mkdtemp(prefix="ouro-pg-")
+    as_user = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        shutil.chown(data, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([*as_user, f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "ouro", "--no-sync"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", data, "-l", f"{data}/server.log", "-w", "start", "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://ouro@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_db(postgres_server):
+    """make(name) -> URL of a new, empty database on the session's server."""
+    import uuid
+
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
+
+    def make(name: str) -> str:
+        db = f"{name}_{uuid.uuid4().hex[:8]}"
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f"CREATE DATABASE {db}"))
+        return f"{postgres_server}/{db}"
+
+    yield make
+    engine.dispose()

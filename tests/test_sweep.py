@@ -24,19 +24,21 @@ TINY = [
 ]
 
 
-def write_sweep(tmp_path: Path, body: str, name: str = "s", extra: tuple[str, ...] = ()) -> Path:
+def write_sweep(tmp_path: Path, body: str, name: str = "s", extra: tuple[str, ...] = (),
+                tracking_uri: str | None = None) -> Path:
     path = tmp_path / f"{name}.yaml"
     overrides = "\n".join(f"  - {o}" for o in [*TINY, *extra])
+    uri = tracking_uri or f"sqlite:///{tmp_path / 'mlflow.db'}"
     path.write_text(f"base: {ROOT / 'conf' / 'state.yaml'}\nstudy_dir: {tmp_path / 'studies' / name}\n"
-                    f"tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\noverrides:\n{overrides}\n"
-                    + textwrap.dedent(body))
+                    f"tracking_uri: {uri}\noverrides:\n{overrides}\n" + textwrap.dedent(body))
     return path
 
 
-def load_study(tmp_path: Path, name: str = "s") -> optuna.Study:
+def load_study(tmp_path: Path, name: str = "s", storage: str | None = None) -> optuna.Study:
     from optuna.storages.journal import JournalFileBackend
 
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "studies" / name / "optuna.journal")))
+    if storage is None:
+        storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "studies" / name / "optuna.journal")))
     return optuna.load_study(study_name=name, storage=storage)
 
 
@@ -300,22 +302,38 @@ def test_every_sampler_and_pruner_is_built_from_yaml(tmp_path, sampler, pruner):
 
 # --- several workers on one study --------------------------------------------------------
 
-def test_two_cpu_workers_share_one_study(tmp_path):
-    """`--workers 2`: two processes on one journal study and one MLflow store; the budget is
-    met exactly, no grid point runs twice, every trial has exactly one MLflow run."""
-    path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2, 3, 4, 5]}}\nsampler: {name: grid, seed: 0}\n",
-                       name="w")
+@pytest.fixture(params=["journal", "postgres"])
+def stores(request, tmp_path):
+    """(sweep YAML lines, Optuna storage URL or None, MLflow URI) for the embedded default
+    (journal file + sqlite) and for a real PostgreSQL server holding both (with heartbeat)."""
+    if request.param == "journal":
+        return "", None, f"sqlite:///{tmp_path / 'mlflow.db'}"
+    make = request.getfixturevalue("postgres_db")
+    optuna_url, mlflow_url = make("optuna"), make("mlflow")
+    return f"storage: {optuna_url}\nheartbeat_interval: 1\ngrace_period: 5\n", optuna_url, mlflow_url
+
+
+def _trial_runs(uri: str, name: str, trial: int | None = None) -> list:
+    client = MlflowClient(uri)
+    where = "tags.`ouro.role` = 'trial'" + (f" and tags.`ouro.trial` = '{trial}'" if trial is not None else "")
+    return client.search_runs([client.get_experiment_by_name(name).experiment_id], filter_string=where)
+
+
+def test_two_cpu_workers_share_one_study(tmp_path, stores):
+    """`--workers 2`: two processes on one study and one MLflow store; the budget is met
+    exactly, no grid point runs twice, every trial has exactly one MLflow run."""
+    lines, storage, uri = stores
+    path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2, 3, 4, 5]}}\nsampler: {name: grid, seed: 0}\n"
+                       + lines, name="w", tracking_uri=uri)
     out = subprocess.run([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path), "--workers", "2"],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "worker 0 pid" in out.stdout and "worker 1 pid" in out.stdout and "CPU, 1 thread(s)" in out.stdout
-    trials = [t for t in load_study(tmp_path, "w").get_trials() if not t.user_attrs.get("discarded")]
+    trials = [t for t in load_study(tmp_path, "w", storage).get_trials() if not t.user_attrs.get("discarded")]
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
     assert sorted(t.params["model.loops"] for t in trials) == [1, 2, 3, 4, 5]
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers trained
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("w").experiment_id],
-                              filter_string="tags.`ouro.role` = 'trial'")
+    runs = _trial_runs(uri, "w")
     assert sorted(int(r.data.tags["ouro.trial"]) for r in runs) == sorted(t.number for t in trials)
     assert "5 complete" in out.stdout
 
@@ -341,18 +359,22 @@ def test_claim_discards_a_trial_another_worker_made_redundant():
         claim(s, third, total=1)
 
 
-def test_a_killed_worker_trial_is_failed_and_retried_by_the_other(tmp_path):
-    path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2, 3, 4]}}\nsampler: {name: grid, seed: 0}\n",
-                       name="k", extra=("train.max_steps=200", "train.val_every=50"))
+def test_a_killed_worker_trial_is_failed_and_retried_by_the_other(tmp_path, stores):
+    """SIGKILL one of two workers mid-trial: its trial ends FAIL (journal: its pid is gone;
+    PostgreSQL: Optuna's heartbeat lapses) and is retried; the study completes its budget."""
+    lines, storage, uri = stores
+    path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2, 3, 4]}}\nsampler: {name: grid, seed: 0}\n"
+                       + lines, name="k", extra=("train.max_steps=200", "train.val_every=50"), tracking_uri=uri)
     proc = subprocess.Popen([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path), "--workers", "2"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, victim = time.time() + 240, None
     while victim is None:  # SIGKILL the worker of the first trial seen running
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.5)
-        if not (tmp_path / "studies" / "k" / "optuna.journal").exists():
+        try:
+            running = load_study(tmp_path, "k", storage).get_trials(states=(TrialState.RUNNING,))
+        except (KeyError, FileNotFoundError):  # the study is not created yet
             continue
-        running = load_study(tmp_path, "k").get_trials(states=(TrialState.RUNNING,))
         if running and "worker" in running[0].user_attrs:
             victim = running[0]
     time.sleep(1)
@@ -360,14 +382,16 @@ def test_a_killed_worker_trial_is_failed_and_retried_by_the_other(tmp_path):
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
     assert "ended with status -9" in out
-    trials = load_study(tmp_path, "k").get_trials()
+    trials = load_study(tmp_path, "k", storage).get_trials()
     killed = trials[victim.number]
-    assert killed.state == TrialState.FAIL and killed.user_attrs["interrupted"] == "worker process died"
+    assert killed.state == TrialState.FAIL
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     assert sorted(t.params["model.loops"] for t in done) == [1, 2, 3, 4]  # the budget, each point once
     (retry,) = [t for t in done if t.user_attrs.get("retry_of") == victim.number]
     assert retry.params == killed.params
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("k").experiment_id],
-                              filter_string=f"tags.`ouro.trial` = '{victim.number}'")
+    if storage is None:  # journal: a surviving worker saw the pid gone
+        assert killed.user_attrs["interrupted"] == "worker process died"
+    else:  # PostgreSQL: Optuna's heartbeat lapsed; our failed-trial callback queued the retry
+        assert retry.user_attrs["retry_reason"] == "no heartbeat: its worker died"
+    runs = _trial_runs(uri, "k", victim.number)
     assert [(r.info.status, r.data.tags["optuna.state"]) for r in runs] == [("KILLED", "FAIL")]
