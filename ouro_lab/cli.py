@@ -106,9 +106,10 @@ def _report(args: argparse.Namespace) -> int:
     print(report.table)
     print(f"\nreport: {report.folder / 'report.md'} ({len(report.files)} files)")
     if data.parent_run_id and not args.no_log:
-        from ouro_lab.tracking import runs_url
+        from ouro_lab.tracking import where_to_look
 
-        print(f"logged as artifacts report/ of the study run: {runs_url(data.experiment_id, data.parent_run_id)}")
+        look = where_to_look(data.tracking_uri, data.experiment_id, data.parent_run_id)
+        print(f"logged as artifacts report/ of the study run: {look}")
     return 0
 
 

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -421,7 +422,9 @@ def recover_interrupted(s: Study, verbose: bool) -> None:
 
     heartbeat = is_heartbeat_enabled(storage)
     if heartbeat:
-        optuna.storages.fail_stale_trials(s.study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(s.study)
     for t in [] if heartbeat else s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
         w_host, _, w_pid = worker.rpartition(":")
@@ -543,8 +546,7 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ver
     if verbose:
         print(summary.table())
         print(f"[sweep {sweep.name}] done in {summary.seconds:.0f} s. study: {storage_desc}")
-        print(f"[sweep {sweep.name}] view: {tracking.ui_command(s.tracking_uri)}  then open "
-              f"{tracking.runs_url(s.experiment_id)}")
+        print(f"[sweep {sweep.name}] view: {tracking.where_to_look(s.tracking_uri, s.experiment_id)}")
         store = "" if sweep.tracking_uri is None and s.tracking_uri == tracking.resolve_tracking_uri() \
             else f" --store {s.tracking_uri}"
         print(f"[sweep {sweep.name}] analyse: ouro-lab report {sweep.name}{store}")

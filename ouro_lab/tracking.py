@@ -176,8 +176,12 @@ def runs_url(experiment_id: str, run_id: str | None = None, host: str = "http://
     return f"{host}/#/experiments/{experiment_id}/runs"
 
 
-def ui_command(tracking_uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+def where_to_look(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """How to see a run or an experiment's runs: the page itself on an MLflow server, else the
+    `mlflow ui` command for the store and the page it will serve."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {runs_url(experiment_id, run_id, host=tracking_uri.rstrip('/'))}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}  then open {runs_url(experiment_id, run_id)}"
 
 
 def loop_step_figure(history: dict[str, list[tuple[int, float]]], final: dict[str, float],

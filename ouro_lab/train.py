@@ -162,7 +162,7 @@ def _train(cfg: ExperimentConfig, parent_run_id: str | None, callbacks: Sequence
     if verbose:
         print(result.table("val"))
         print(f"[ouro-lab] done in {result.seconds:.0f} s. checkpoint: {result.checkpoint}")
-        print(f"[ouro-lab] view: {tracking.ui_command(uri)}  then open {tracking.runs_url(experiment_id, run_id)}")
+        print(f"[ouro-lab] view: {tracking.where_to_look(uri, experiment_id, run_id)}")
     return result
 
 
