@@ -24,6 +24,9 @@ from ouro_lab.objectives import PRIORS
 ARCHS = ("looped", "param_matched", "depth_matched")
 POSITIONS = ("rope", "learned")
 LOOP_STATES = ("normed", "residual")
+# NOTE: "ddp" (Lightning's subprocess launcher) re-runs the whole command line in every rank, a
+# sweep included; "ddp_spawn" starts the ranks from the training call itself.
+STRATEGIES = ("auto", "ddp_spawn", "ddp_fork", "ddp", "ddp_notebook", "fsdp", "deepspeed", "single_device")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 
 
@@ -66,7 +69,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max grad norm; 0 = off
     precision: str = "auto"  # auto (32-true on CPU, bf16-mixed on GPU) | 32-true | bf16-mixed | 16-mixed | bf16-true
     accelerator: str = "auto"  # Lightning accelerator: auto | cpu | gpu ...
-    devices: int = 1  # Lightning devices
+    devices: int = 1  # Lightning devices; > 1 trains one run with DDP (see strategy)
+    strategy: str = "auto"  # auto (ddp_spawn when devices > 1) | ddp_spawn | ddp_fork | ddp | ...
     val_every: int = 250  # validate every this many steps (and always at the last step)
     log_every: int = 25  # log training metrics every this many steps
     num_workers: int = 0  # DataLoader workers for the training stream
@@ -210,6 +214,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     choice("train.precision", t.precision, PRECISIONS)
+    choice("train.strategy", t.strategy, STRATEGIES)
     for key in ("val_every", "log_every", "devices"):
         check(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
     check(t.num_workers >= 0, "train.num_workers", f"must be >= 0, got {t.num_workers}")

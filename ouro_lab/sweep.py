@@ -13,6 +13,7 @@ re-enqueued with the same params; finished trials are kept and never repeated.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,13 @@ class PruningCallback(L.Callback):
 
     NOTE: optuna_integration's PyTorchLightningPruningCallback reports at step=current_epoch,
     which repeats for step-based training (and Optuna drops repeated steps silently).
+    Under DDP it follows that callback's documented protocol: only rank 0 reports and asks the
+    pruner, the decision is broadcast and stops every rank, rank 0 records it (and the values
+    it reported) in the trial's system attrs in the shared storage, and `check_pruned()`,
+    called after `fit` in the process that owns the trial, replays them and raises TrialPruned.
     """
+
+    PRUNED, REPORTED = "ouro:ddp_pruned", "ouro:ddp_reported"
 
     def __init__(self, trial: optuna.Trial, metric: str, offset: int = 0):
         self.trial, self.metric, self.offset = trial, metric, offset
@@ -58,9 +66,38 @@ class PruningCallback(L.Callback):
         step = self.offset + trainer.global_step
         if not math.isfinite(value):
             return  # a NaN objective fails the trial in training_step, with its reason
-        self.trial.report(value, step)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {trainer.global_step} with {self.metric}={value:.4f}")
+        if trainer.world_size == 1:
+            self.trial.report(value, step)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(self._message(trainer.global_step, value))
+            return
+        storage, trial_id = self.trial.study._storage, self.trial._trial_id
+        prune = False
+        if trainer.is_global_zero:
+            self.trial.report(value, step)
+            prune = self.trial.should_prune()
+            reported = storage.get_trial_system_attrs(trial_id).get(self.REPORTED, {})
+            storage.set_trial_system_attr(trial_id, self.REPORTED, reported | {str(step): value})
+        prune = trainer.strategy.broadcast(prune, src=0)
+        if prune:
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                storage.set_trial_system_attr(trial_id, self.PRUNED, self._message(trainer.global_step, value))
+
+    def check_pruned(self) -> None:
+        """In the trial's own process after `fit`: replay what the ranks reported, and raise
+        TrialPruned if rank 0 decided to prune. A no-op for single-process training."""
+        storage, trial_id = self.trial.study._storage, self.trial._trial_id
+        attrs = storage.get_trial_system_attrs(trial_id)
+        known = storage.get_trial(trial_id).intermediate_values
+        for step, value in attrs.get(self.REPORTED, {}).items():
+            if int(step) not in known:
+                self.trial.report(value, int(step))
+        if attrs.get(self.PRUNED):
+            raise optuna.TrialPruned(attrs[self.PRUNED])
+
+    def _message(self, step: int, value: float) -> str:
+        return f"pruned at step {step} with {self.metric}={value:.4f}"
 
 
 @dataclass
@@ -95,24 +132,59 @@ def canonical_hash(cfg: ExperimentConfig) -> str:
 
 
 class GridSampler(optuna.samplers.GridSampler):
-    """NOTE: Optuna 5.0's GridSampler.after_trial raises KeyError('grid_id') for an enqueued
-    trial (our retry of an interrupted one) when one grid point is left. Stopping is decided by
-    our own budget loop, so that lookup can be skipped for such trials."""
+    """Optuna's GridSampler, with what several workers and retries need.
+
+    NOTE: every worker must use the same seed: a grid id means the same point only under the
+    same shuffle. Optuna 5.0's after_trial raises KeyError('grid_id') for an enqueued trial (our
+    retry of an interrupted one) when one point is left; stopping is decided by our own budget
+    loop, so that lookup is skipped for such trials. A point counts as visited only if a trial
+    holds it: not a discarded trial, nor an interrupted one (its retry, which carries params
+    but no grid id, holds it instead)."""
+
+    def __init__(self, search_space, seed: int | None = None, retries: int = 0):
+        super().__init__(search_space, seed=seed)
+        self.retries = retries
+        self._ids = {tuple(grid): i for i, grid in enumerate(self._all_grids)}
 
     def after_trial(self, study, trial, state, values) -> None:
         if "grid_id" in study._storage.get_trial_system_attrs(trial._trial_id):
             super().after_trial(study, trial, state, values)
 
+    def grid_id(self, t: optuna.trial.FrozenTrial) -> int | None:
+        if "grid_id" in t.system_attrs:
+            return t.system_attrs["grid_id"]
+        params = t.params or t.system_attrs.get("fixed_params", {})  # an enqueued retry: its fixed params
+        try:
+            return self._ids.get(tuple(params[name] for name in self._param_names))
+        except KeyError:
+            return None
 
-def make_sampler(sweep: SweepConfig, n_existing: int = 0) -> optuna.samplers.BaseSampler:
-    """The grid's order depends on the seed alone (it skips visited points). The others draw
-    from a fresh random state per process: NOTE a resumed study must not replay the first
-    process's draws, so their seed is moved on by the number of trials already in the study."""
+    def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
+        trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+        retried = _retried(trials)
+        held, running = set(), set()
+        for t in trials:
+            gid = self.grid_id(t)
+            if gid is None:
+                continue
+            if t.state in (TrialState.RUNNING, TrialState.WAITING):
+                running.add(gid)
+            elif t.state != TrialState.FAIL or _counts_toward_budget(t, self.retries, retried):
+                held.add(gid)
+        everything = set(range(self._n_min_trials))
+        return list(everything - held - running) or list(everything - held)
+
+
+def make_sampler(sweep: SweepConfig, n_existing: int = 0, salt: int = 0) -> optuna.samplers.BaseSampler:
+    """The grid's order depends on the seed alone (it skips visited points), the same in every
+    worker. The others draw from a fresh random state per process: NOTE a resumed study must not
+    replay the first process's draws, so their seed is moved on by the number of trials already
+    in the study, and concurrent workers must not draw in lockstep, so each adds its own `salt`."""
     s = sweep.sampler
     if s.name == "grid":
         space = {key: grid_values(spec) for key, spec in sweep.params.items()}
-        return GridSampler(space, seed=s.seed)
-    seed = s.seed + 1_000_003 * n_existing
+        return GridSampler(space, seed=s.seed, retries=sweep.retries)
+    seed = (s.seed + 1_000_003 * n_existing + 7_919 * salt) % 2**32
     if s.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s.name == "cmaes":
@@ -140,7 +212,7 @@ def make_storage(sweep: SweepConfig, study_dir: Path) -> optuna.storages.BaseSto
             # is failed by the next worker that looks (our callback queues its retry)
             return optuna.storages.RDBStorage(sweep.storage, heartbeat_interval=sweep.heartbeat_interval,
                                               grace_period=sweep.grace_period,
-                                              failed_trial_callback=_retry_stale_trial(sweep.retries))
+                                              heartbeat_stale_trial_callback=RetryStaleTrial(sweep.retries))
         return sweep.storage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
@@ -149,7 +221,7 @@ def make_storage(sweep: SweepConfig, study_dir: Path) -> optuna.storages.BaseSto
     return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
 
 
-def open_study(sweep: SweepConfig, base: Path) -> Study:
+def open_study(sweep: SweepConfig, base: Path, worker: str | None = None) -> Study:
     """Create or load the Optuna study, the MLflow experiment and the study's parent run."""
     study_dir = Path(sweep.study_dir or Path("studies") / sweep.name).resolve()
     storage = make_storage(sweep, study_dir)
@@ -164,7 +236,11 @@ def open_study(sweep: SweepConfig, base: Path) -> Study:
             f"(params, overrides, objective, seeds or the base config changed). Resuming would mix "
             f"incomparable trials: give the new study its own name (e.g. name={sweep.name}-v2) or "
             f"delete the old study")
-    study.sampler = make_sampler(sweep, len(study.get_trials(deepcopy=False)))
+    trials = study.get_trials(deepcopy=False)
+    # a worker, or a process joining a study others are running (another host): its own draws
+    if worker is None and any(t.state == TrialState.RUNNING for t in trials):
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+    study.sampler = make_sampler(sweep, len(trials), zlib.crc32(worker.encode()) if worker else 0)
     study.set_user_attr("definition_hash", definition)
     uri = tracking.resolve_tracking_uri(sweep.tracking_uri or base_cfg.tracking.uri)
     client, experiment_id = tracking.open_experiment(uri, sweep.name)
@@ -186,10 +262,13 @@ def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:
     from omegaconf import OmegaConf
 
     d = OmegaConf.to_container(OmegaConf.structured(sweep))
-    for key in ("trials", "timeout", "retries", "storage", "study_dir", "tracking_uri", "pruner"):
+    for key in ("trials", "timeout", "retries", "storage", "heartbeat_interval", "grace_period", "study_dir",
+                "tracking_uri", "pruner"):
         d.pop(key)
     d["base_config"] = to_dict(base_cfg)
     d["base_config"].pop("tracking")
+    if d["base_config"]["train"].get("strategy") == "auto":  # NOTE: a later key; studies made before it resume
+        d["base_config"]["train"].pop("strategy")
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -401,7 +480,7 @@ def _counts_toward_budget(t: optuna.trial.FrozenTrial, retries: int, retried: se
     if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
     if t.state == TrialState.FAIL:
-        if t.user_attrs.get("discarded") or t.number in retried:
+        if t.user_attrs.get("discarded") or t.number in retried or not t.params:  # never trained
             return False
         return not _interrupted(t) or t.user_attrs.get("retry_depth", 0) >= retries
     return False
@@ -418,17 +497,17 @@ def recover_interrupted(s: Study, verbose: bool) -> None:
     storage, which has no heartbeat) a worker process on this host that no longer exists."""
     host = socket.gethostname()
     storage = s.study._storage
-    from optuna.storages._heartbeat import is_heartbeat_enabled  # NOTE: not exported by Optuna 5
-
-    heartbeat = is_heartbeat_enabled(storage)
-    if heartbeat:
+    if _has_heartbeat(s.study):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(s.study)
-    for t in [] if heartbeat else s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    now = datetime.datetime.now()
+    for t in s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
         w_host, _, w_pid = worker.rpartition(":")
-        if w_host == host and not _pid_alive(int(w_pid or 0)):
+        # a worker names itself right after asking for the trial; silent for a minute = died in between
+        unnamed = not worker and t.datetime_start is not None and (now - t.datetime_start).total_seconds() > 60
+        if unnamed or (w_host == host and not _pid_alive(int(w_pid or 0))):
             if not t.user_attrs.get("interrupted"):
                 storage.set_trial_user_attr(t._trial_id, "interrupted", "worker process died")
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -448,7 +527,7 @@ def recover_interrupted(s: Study, verbose: bool) -> None:
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for t in trials:
         depth = t.user_attrs.get("retry_depth", 0)
-        if _interrupted(t) and t.number not in retried and depth < s.sweep.retries:
+        if _interrupted(t) and t.params and t.number not in retried and depth < s.sweep.retries:
             s.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "retry_depth": depth + 1},
                                   skip_if_exists=False)
             if verbose:
@@ -456,20 +535,29 @@ def recover_interrupted(s: Study, verbose: bool) -> None:
                       f"(retry {depth + 1}/{s.sweep.retries})", flush=True)
 
 
-def _retry_stale_trial(retries: int):
-    """Optuna's failed-trial callback (RDB heartbeat): a trial whose worker stopped beating has
-    just been set FAIL; queue its retry (the retry_of link keeps the failed one off the budget).
-    NOTE: a finished trial's attrs cannot be changed any more, so the reason goes on the retry."""
+def _has_heartbeat(study: optuna.Study) -> bool:
+    from optuna.storages._heartbeat import is_heartbeat_enabled  # NOTE: not exported by Optuna 5
 
-    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    return is_heartbeat_enabled(study._storage)
+
+
+class RetryStaleTrial:
+    """Optuna's callback for a trial whose heartbeat stopped (RDB storage): it has just been
+    set FAIL; queue its retry (the retry_of link keeps the failed one off the budget).
+    NOTE: a finished trial's attrs cannot be changed any more, so the reason goes on the retry;
+    a class, not a closure, because a DDP rank gets the storage (and this) pickled."""
+
+    def __init__(self, retries: int):
+        self.retries = retries
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         depth = trial.user_attrs.get("retry_depth", 0)
+        again = depth < self.retries and bool(trial.params)  # no params: it never started, nothing to retry
         print(f"[sweep {study.study_name}] trial {trial.number} lost its worker (no heartbeat): marked FAIL"
-              + (f", re-queued (retry {depth + 1}/{retries})" if depth < retries else ""), flush=True)
-        if depth < retries:
+              + (f", re-queued (retry {depth + 1}/{self.retries})" if again else ""), flush=True)
+        if again:
             study.enqueue_trial(trial.params, skip_if_exists=False, user_attrs={
                 "retry_of": trial.number, "retry_depth": depth + 1, "retry_reason": "no heartbeat: its worker died"})
-
-    return callback
 
 
 def _pid_alive(pid: int) -> bool:
@@ -521,6 +609,13 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ver
     from ouro_lab.sweep_config import load_sweep
 
     sweep, base = load_sweep(path, overrides)
+    cfg = load_config(base, sweep.overrides)
+    if cfg.train.strategy == "ddp":
+        raise ConfigError("train.strategy=ddp re-runs the whole command in every rank, this sweep included: "
+                          "use ddp_spawn (the default for train.devices > 1)")
+    if cfg.train.devices > 1 and (workers > 1 or gpus):
+        raise ConfigError(f"train.devices={cfg.train.devices} (DDP trials) with --workers/--gpus: each worker is "
+                          "pinned to one GPU; run DDP trials with one worker per host")
     s = open_study(sweep, base)  # the store, experiment, parent run and study exist before any worker
     recover_interrupted(s, verbose)
     total, start = budget(sweep), time.perf_counter()
@@ -528,14 +623,16 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ver
     if verbose:
         print(f"[sweep {sweep.name}] study in {storage_desc}; runs in {s.tracking_uri} "
               f"(experiment {sweep.name!r}); budget {total} trials x {sweep.seeds} seed(s)"
-              + (f"; {max(workers, len(gpus))} workers" if workers > 1 or gpus else ""), flush=True)
+              + (f"; {len(gpus) or workers} workers" if workers > 1 or gpus else ""), flush=True)
     try:
         if workers > 1 or gpus:
             run_workers(path, overrides, workers, gpus, verbose)
             # a worker that died late may have left its trial for nobody: finish the budget here
             work(s, total, start, sweep.name, verbose, wait=True)
         else:
-            work(s, total, start, sweep.name, verbose)
+            # RDB: a trial left RUNNING by a dead process elsewhere is failed once its heartbeat
+            # lapses; wait for that rather than end the study short
+            work(s, total, start, sweep.name, verbose, wait=_has_heartbeat(s.study))
     except (KeyboardInterrupt, SystemExit):
         s.client.set_terminated(s.parent_run_id, "KILLED")
         print(f"\n[sweep {sweep.name}] interrupted; finished trials are saved. Rerun the same command to resume.",
@@ -564,7 +661,7 @@ def run_worker(path: str | Path, overrides: list[str] | tuple[str, ...], index: 
 
         torch.set_num_threads(threads)
     sweep, base = load_sweep(path, overrides)
-    s = open_study(sweep, base)
+    s = open_study(sweep, base, worker=f"{socket.gethostname()}:{index}")
     work(s, budget(sweep), time.perf_counter(), f"{sweep.name} w{index}", verbose)
 
 
@@ -574,10 +671,10 @@ def run_workers(path: str | Path, overrides: Sequence[str], workers: int, gpus: 
     dies leaves its trial to the others: they mark it failed and retry it."""
     import torch
 
-    if not gpus and torch.cuda.is_available() and torch.cuda.device_count() >= workers:
-        gpus = [str(i) for i in range(workers)]
+    if not gpus and torch.cuda.is_available():  # K workers over the visible GPUs, round robin
+        gpus = [str(i % torch.cuda.device_count()) for i in range(workers)]
     n = len(gpus) or workers
-    threads = max(1, (os.cpu_count() or 1) // n)
+    threads = max(1, len(os.sched_getaffinity(0)) // n)
     procs = []
     for i in range(n):
         env = os.environ | {"OURO_WORKER_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),

@@ -78,7 +78,13 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
-    return client.create_experiment(name)
+    try:
+        return client.create_experiment(name)
+    except Exception:  # NOTE: another host created it first (a shared server; no file lock there)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def create_run(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str],

@@ -65,6 +65,15 @@ def resolve_precision(cfg: ExperimentConfig) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
+def resolve_strategy(cfg: ExperimentConfig) -> str:
+    """auto: one process, or ddp_spawn for devices > 1. NOTE: Lightning's default for several
+    devices ("ddp", a subprocess launcher) re-runs the command line in every rank, which would
+    run a whole sweep (and create MLflow runs) K times; ddp_spawn starts the ranks from here."""
+    if cfg.train.strategy != "auto":
+        return cfg.train.strategy
+    return "ddp_spawn" if cfg.train.devices > 1 else "auto"
+
+
 def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks: Sequence[Callback] = (),
           extra_tags: dict[str, str] | None = None, verbose: bool = True, run_id: str | None = None) -> TrainResult:
     """Train one model from `cfg`, log it to MLflow, evaluate every loop step; return the result.
@@ -133,6 +142,7 @@ def _train(cfg: ExperimentConfig, parent_run_id: str | None, callbacks: Sequence
             precision=resolve_precision(cfg),
             accelerator=cfg.train.accelerator,
             devices=cfg.train.devices,
+            strategy=resolve_strategy(cfg),
             logger=logger,
             callbacks=[checkpoint, LearningRateMonitor("step"), *callbacks],
             log_every_n_steps=cfg.train.log_every,
@@ -140,6 +150,9 @@ def _train(cfg: ExperimentConfig, parent_run_id: str | None, callbacks: Sequence
             enable_model_summary=verbose,
         )
         trainer.fit(module, datamodule=datamodule)
+        for callback in callbacks:  # e.g. a pruning decision taken in a DDP rank (Optuna's check_pruned)
+            if hasattr(callback, "check_pruned"):
+                callback.check_pruned()
         if trainer.interrupted:
             raise KeyboardInterrupt("training interrupted")
         if trainer.global_step % min(cfg.train.val_every, cfg.train.max_steps):

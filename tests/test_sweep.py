@@ -1,5 +1,6 @@
 """Sweeps: schema validation, real tiny studies end to end, pruning, failures, resume."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -328,7 +329,8 @@ def test_two_cpu_workers_share_one_study(tmp_path, stores):
     out = subprocess.run([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path), "--workers", "2"],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "worker 0 pid" in out.stdout and "worker 1 pid" in out.stdout and "CPU, 1 thread(s)" in out.stdout
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores split between the workers
+    assert "worker 0 pid" in out.stdout and "worker 1 pid" in out.stdout and f"CPU, {threads} thread(s)" in out.stdout
     trials = [t for t in load_study(tmp_path, "w", storage).get_trials() if not t.user_attrs.get("discarded")]
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
     assert sorted(t.params["model.loops"] for t in trials) == [1, 2, 3, 4, 5]
@@ -360,15 +362,17 @@ def test_claim_discards_a_trial_another_worker_made_redundant():
 
 
 def test_a_killed_worker_trial_is_failed_and_retried_by_the_other(tmp_path, stores):
-    """SIGKILL one of two workers mid-trial: its trial ends FAIL (journal: its pid is gone;
-    PostgreSQL: Optuna's heartbeat lapses) and is retried; the study completes its budget."""
+    """One of two workers dies mid-trial: its trial ends FAIL and is retried, and the study
+    completes its budget. Journal: SIGKILL, a surviving worker sees the pid gone. PostgreSQL:
+    the worker is frozen (SIGSTOP: alive but silent, as a hung or cut-off host), so only
+    Optuna's heartbeat can tell; then it is killed to let the sweep end."""
     lines, storage, uri = stores
     path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2, 3, 4]}}\nsampler: {name: grid, seed: 0}\n"
                        + lines, name="k", extra=("train.max_steps=200", "train.val_every=50"), tracking_uri=uri)
     proc = subprocess.Popen([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path), "--workers", "2"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, victim = time.time() + 240, None
-    while victim is None:  # SIGKILL the worker of the first trial seen running
+    while victim is None:  # stop the worker of the first trial seen running
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.5)
         try:
@@ -378,7 +382,15 @@ def test_a_killed_worker_trial_is_failed_and_retried_by_the_other(tmp_path, stor
         if running and "worker" in running[0].user_attrs:
             victim = running[0]
     time.sleep(1)
-    subprocess.run(["kill", "-9", victim.user_attrs["worker"].rpartition(":")[2]], check=True)
+    pid = int(victim.user_attrs["worker"].rpartition(":")[2])
+    if storage is None:
+        os.kill(pid, signal.SIGKILL)
+    else:
+        os.kill(pid, signal.SIGSTOP)
+        while sum(t.state == TrialState.COMPLETE for t in load_study(tmp_path, "k", storage).get_trials()) < 4:
+            assert time.time() < deadline + 200, "the budget was not completed without the frozen worker"
+            time.sleep(1)
+        os.kill(pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
     assert "ended with status -9" in out
@@ -391,7 +403,72 @@ def test_a_killed_worker_trial_is_failed_and_retried_by_the_other(tmp_path, stor
     assert retry.params == killed.params
     if storage is None:  # journal: a surviving worker saw the pid gone
         assert killed.user_attrs["interrupted"] == "worker process died"
-    else:  # PostgreSQL: Optuna's heartbeat lapsed; our failed-trial callback queued the retry
+    else:  # PostgreSQL: Optuna's heartbeat lapsed; our stale-trial callback queued the retry
         assert retry.user_attrs["retry_reason"] == "no heartbeat: its worker died"
     runs = _trial_runs(uri, "k", victim.number)
     assert [(r.info.status, r.data.tags["optuna.state"]) for r in runs] == [("KILLED", "FAIL")]
+
+
+def test_ddp_trial_is_pruned_on_every_rank(tmp_path):
+    """One trial trained by 2 CPU processes (Lightning ddp_spawn, gloo): rank 0 reports and asks
+    the pruner, the decision stops both ranks (else the next collective would hang), and the
+    trial's own process raises TrialPruned (check_pruned); MLflow gets one run per trial."""
+    path = write_sweep(tmp_path, """\
+        params:
+          train.lr: {choices: [0.01, 1.0e-9]}
+        objective: {metric: val/loss_final, direction: minimize}
+        sampler: {name: grid, seed: 1}
+        pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 15}
+        """, "ddp", extra=("train.devices=2", "train.accelerator=cpu"))
+    summary = run_sweep(path, verbose=False)
+    assert summary.counts == {"COMPLETE": 1, "PRUNED": 1}
+    complete, pruned = load_study(tmp_path, "ddp").get_trials()  # grid seed 1 runs lr=0.01 first
+    assert complete.params["train.lr"] == 0.01 and pruned.params["train.lr"] == 1e-9
+    assert sorted(pruned.intermediate_values) == [10, 20]  # stopped at step 20 of 30 on both ranks
+    assert "ouro:ddp_reported" in pruned.system_attrs  # reported from the DDP rank 0, replayed here
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id],
+                              filter_string="tags.`ouro.role` = 'trial'")
+    assert len(runs) == 2  # logged once per trial, not once per rank
+    by_state = {r.data.tags["optuna.state"]: r for r in runs}
+    assert by_state["PRUNED"].info.status == "KILLED" and "pruned at step 20" in by_state["PRUNED"].data.tags["pruned"]
+    assert "val/acc_final" in by_state["COMPLETE"].data.metrics
+
+
+def test_workers_draw_apart_but_share_one_grid(tmp_path):
+    """Concurrent TPE/random workers must not sample in lockstep; grid workers must agree on
+    what a grid id means, and a point held only by a discarded trial is still to be run."""
+    from ouro_lab.sweep import make_sampler
+
+    path = write_sweep(tmp_path, "params: {train.lr: {low: 0.0001, high: 0.1, log: true}}\ntrials: 4\n"
+                                 "sampler: {name: random, seed: 0}\n")
+    sweep, _ = load_sweep(path)
+    draws = []
+    for salt in (0, 1):
+        study = optuna.create_study(sampler=make_sampler(sweep, 0, salt))
+        draws.append(study.ask().suggest_float("train.lr", 1e-4, 0.1, log=True))
+    assert draws[0] != draws[1]
+    grid = load_sweep(write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2, 3]}}\nsampler: {name: grid}\n",
+                                  name="g"))[0]
+    a, b = make_sampler(grid, 0, 0), make_sampler(grid, 5, 12345)
+    assert a._all_grids == b._all_grids  # the same shuffle whatever the salt
+    study = optuna.create_study(sampler=a)
+    held = study.ask()
+    study._storage.set_trial_system_attr(held._trial_id, "grid_id", 0)
+    study.tell(held, 1.0)
+    dropped = study.ask()
+    study._storage.set_trial_system_attr(dropped._trial_id, "grid_id", 1)
+    study._storage.set_trial_user_attr(dropped._trial_id, "discarded", "budget")
+    study.tell(dropped, state=TrialState.FAIL)
+    study.enqueue_trial({"model.loops": a._all_grids[2][0]}, user_attrs={"retry_of": 7})  # a retry holds point 2
+    assert sorted(a._get_unvisited_grid_ids(study)) == [1]
+
+
+@pytest.mark.parametrize("extra, flags, message", [
+    (("train.strategy=ddp",), [], "train.strategy=ddp re-runs the whole command in every rank"),
+    (("train.devices=2",), ["--workers", "2"], "train.devices=2 (DDP trials) with --workers/--gpus"),
+])
+def test_sweep_refuses_unsafe_parallel_settings(tmp_path, capsys, extra, flags, message):
+    path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2]}}\nsampler: {name: grid}\n", extra=extra)
+    assert main(["sweep", str(path), *flags]) == 2
+    assert message in capsys.readouterr().err
