@@ -163,9 +163,13 @@ class _LMModule(L.LightningModule):
         self._log_metrics("test", self.test_metrics)
 
     def _log_metrics(self, prefix: str, metrics: LoopStepMetrics) -> None:
-        values = metrics.compute()
-        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()})
-        self.log(f"{prefix}/acc", values["acc_final"], prog_bar=True)
+        values = metrics.compute()  # already reduced over DDP ranks (the Metric syncs its sums)
+        # NOTE: every rank holds the same values, so sync_dist (a mean of equal numbers) changes
+        # nothing; it only spares Lightning's warning per key under DDP. Not rank_zero_only: every
+        # rank needs the objective for the pruning callback's collective.
+        sync = self.trainer.world_size > 1
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, sync_dist=sync)
+        self.log(f"{prefix}/acc", values["acc_final"], prog_bar=True, sync_dist=sync)
         metrics.reset()
 
 
