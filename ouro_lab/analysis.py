@@ -75,6 +75,7 @@ class StudyData:
     experiment_id: str
     parent_run_id: str | None
     sweep: dict[str, Any]
+    distributions: dict[str, optuna.distributions.BaseDistribution]  # swept param -> how it was sampled
     runs: pd.DataFrame
     steps: pd.DataFrame
     exits: pd.DataFrame
@@ -170,8 +171,8 @@ def load_study(study: str, store: str | None = None) -> StudyData:
     keys = list((sweep.get("params") or {}).keys())
     sampled = {r.info.run_id: {k: r.data.params[k] for k in keys if k in r.data.params}
                for r in runs if r.info.run_id in with_seeds}
-    continuous = [k for k, spec in (sweep.get("params") or {}).items()
-                  if spec.get("choices") is None and (sweep.get("sampler") or {}).get("name") != "grid"]
+    distributions = _sweep_distributions(sweep)
+    continuous = [k for k, d in distributions.items() if not isinstance(d, optuna.distributions.CategoricalDistribution)]
     run_frame, group_keys, averaged = _runs_frame(done, sampled, continuous)
     kept = set(run_frame["run_id"])
     steps, exits = _tidy_metrics([r for r in done if r.info.run_id in kept], run_frame)
@@ -179,10 +180,18 @@ def load_study(study: str, store: str | None = None) -> StudyData:
     task = run_frame["task"].iloc[0]
     return StudyData(
         name=experiment.name, tracking_uri=uri, experiment_id=experiment.experiment_id,
-        parent_run_id=parent.info.run_id if parent else None, sweep=sweep, runs=run_frame, steps=steps,
+        parent_run_id=parent.info.run_id if parent else None, sweep=sweep, distributions=distributions, runs=run_frame, steps=steps,
         exits=exits, trials=_trials_frame(runs, sweep), group_keys=group_keys, averaged_keys=averaged,
         counts=counts, difficulty_name=_difficulty_name(task),
         objective_metric=objective.get("metric", "val/acc_final"), direction=objective.get("direction", "maximize"))
+
+
+def _sweep_distributions(sweep: Mapping[str, Any]) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The Optuna distribution of each swept param, as the sweep sampled it."""
+    from ouro_lab.sweep_config import ParamSpec, SamplerSpec, distribution
+
+    sampler = (sweep.get("sampler") or {}).get("name", SamplerSpec.name)
+    return {k: distribution(ParamSpec(**spec), sampler) for k, spec in (sweep.get("params") or {}).items()}
 
 
 def _search_all(client: MlflowClient, experiment_id: str) -> list:
@@ -695,13 +704,9 @@ def plot_exit(data: StudyData, split: str | None = None):
 def optuna_study(data: StudyData) -> optuna.Study | None:
     """The sweep's trials as an in-memory Optuna study rebuilt from MLflow (values, states,
     sampled params with the sweep's distributions), for Optuna's own importance and history."""
-    params = data.sweep.get("params") or {}
-    if data.trials.empty or not params:
+    dists = data.distributions
+    if data.trials.empty or not dists:
         return None
-    from ouro_lab.sweep_config import ParamSpec, distribution
-
-    sampler = (data.sweep.get("sampler") or {}).get("name", "tpe")
-    dists = {k: distribution(ParamSpec(**spec), sampler) for k, spec in params.items()}
     study = optuna.create_study(direction=data.direction, study_name=data.name)
     for _, row in data.trials.iterrows():
         state = optuna.trial.TrialState[row["state"]] if row["state"] in optuna.trial.TrialState.__members__ else None

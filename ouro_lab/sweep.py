@@ -23,8 +23,8 @@ import statistics
 import subprocess
 import sys
 import time
-import zlib
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -239,7 +239,7 @@ def open_study(sweep: SweepConfig, base: Path, worker: str | None = None) -> Stu
     trials = study.get_trials(deepcopy=False)
     # a worker, or a process joining a study others are running (another host): its own draws
     if worker is None and any(t.state == TrialState.RUNNING for t in trials):
-        worker = f"{socket.gethostname()}:{os.getpid()}"
+        worker = _this_process()
     study.sampler = make_sampler(sweep, len(trials), zlib.crc32(worker.encode()) if worker else 0)
     study.set_user_attr("definition_hash", definition)
     uri = tracking.resolve_tracking_uri(sweep.tracking_uri or base_cfg.tracking.uri)
@@ -333,7 +333,7 @@ def claim(s: Study, trial: optuna.Trial, total: int) -> None:
 
 def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = None) -> float:
     sweep = s.sweep
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr("worker", _this_process())
     if total is not None:
         claim(s, trial, total)
     sampled = suggest(trial, sweep)
@@ -486,6 +486,11 @@ def _counts_toward_budget(t: optuna.trial.FrozenTrial, retries: int, retried: se
     return False
 
 
+def _budget_used(trials: Sequence[optuna.trial.FrozenTrial], retries: int) -> int:
+    retried = _retried(trials)
+    return sum(_counts_toward_budget(t, retries, retried) for t in trials)
+
+
 def _claims_budget(t: optuna.trial.FrozenTrial, retries: int, retried: set[int]) -> bool:
     """Uses the budget, or will: running, or queued (a retry)."""
     return _counts_toward_budget(t, retries, retried) or t.state in (TrialState.RUNNING, TrialState.WAITING)
@@ -524,7 +529,7 @@ def recover_interrupted(s: Study, verbose: bool) -> None:
             s.client.set_tag(run.info.run_id, "error", "interrupted: the sweep process was killed")
             s.client.set_terminated(run.info.run_id, "KILLED")
     trials = list(states.values())
-    retried = {t.user_attrs.get("retry_of") for t in trials}
+    retried = _retried(trials)
     for t in trials:
         depth = t.user_attrs.get("retry_depth", 0)
         if _interrupted(t) and t.params and t.number not in retried and depth < s.sweep.retries:
@@ -558,6 +563,11 @@ class RetryStaleTrial:
         if again:
             study.enqueue_trial(trial.params, skip_if_exists=False, user_attrs={
                 "retry_of": trial.number, "retry_depth": depth + 1, "retry_reason": "no heartbeat: its worker died"})
+
+
+def _this_process() -> str:
+    """How a worker names itself on its trials (`worker` user attr): host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -617,7 +627,6 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ver
         raise ConfigError(f"train.devices={cfg.train.devices} (DDP trials) with --workers/--gpus: each worker is "
                           "pinned to one GPU; run DDP trials with one worker per host")
     s = open_study(sweep, base)  # the store, experiment, parent run and study exist before any worker
-    recover_interrupted(s, verbose)
     total, start = budget(sweep), time.perf_counter()
     storage_desc = sweep.storage or str(s.study_dir / "optuna.journal")
     if verbose:
@@ -730,9 +739,7 @@ def work(s: Study, total: int, start: float, label: str, verbose: bool, wait: bo
         if t.user_attrs.get("discarded"):
             print(f"[sweep {label}] trial {t.number} not run: {t.user_attrs['discarded']}", flush=True)
             return
-        trials = study.get_trials(deepcopy=False)
-        retried = _retried(trials)
-        done = sum(_counts_toward_budget(x, sweep.retries, retried) for x in trials)
+        done = _budget_used(study.get_trials(deepcopy=False), sweep.retries)
         try:
             best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
         except ValueError:
@@ -745,11 +752,10 @@ def work(s: Study, total: int, start: float, label: str, verbose: bool, wait: bo
 
     try:
         while True:
-            recover_interrupted(s, verbose)  # another worker on this host may have died
+            recover_interrupted(s, verbose)  # trials of a dead process: an earlier killed run, another worker
             trials = s.study.get_trials(deepcopy=False)
             # queued retries are work left: only what ran or is running fills the budget
-            retried = _retried(trials)
-            done = sum(_counts_toward_budget(t, sweep.retries, retried) for t in trials)
+            done = _budget_used(trials, sweep.retries)
             running = sum(t.state == TrialState.RUNNING for t in trials)
             waiting = any(t.state == TrialState.WAITING for t in trials)  # a queued retry: always pop it
             if not waiting and (done >= total or (done + running >= total and not wait)):
@@ -763,7 +769,7 @@ def work(s: Study, total: int, start: float, label: str, verbose: bool, wait: bo
                 continue
             s.study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[report])
     except (KeyboardInterrupt, SystemExit):
-        me = f"{socket.gethostname()}:{os.getpid()}"
+        me = _this_process()
         for t in s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get("worker") == me:  # Optuna leaves it RUNNING on a BaseException
                 s.study._storage.set_trial_user_attr(t._trial_id, "interrupted", "Ctrl-C")
