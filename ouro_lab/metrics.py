@@ -3,10 +3,13 @@ so accumulation across batches and DDP ranks is torchmetrics' job).
 
 Names follow DESIGN.md: loss_step{t}, acc_step{t}, acc_step{t}_d{k}, loss_final,
 acc_final, acc_final_d{k}, exit_expected_step, exit_entropy, exit_mass_step{t} ...
+Byte-level tasks also get bits per byte, bpb_* = loss_* / ln 2 (one label = one byte).
 `final` is the trained loop count T; steps after T (extrapolation) are reported per step.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torchmetrics import Metric
@@ -21,9 +24,10 @@ class LoopStepMetrics(Metric):
 
     full_state_update = False
 
-    def __init__(self, n_steps: int, trained_steps: int, n_levels: int, has_gate: bool):
+    def __init__(self, n_steps: int, trained_steps: int, n_levels: int, has_gate: bool, bpb: bool = False):
         super().__init__()
         self.n_steps, self.trained_steps, self.n_levels, self.has_gate = n_steps, trained_steps, n_levels, has_gate
+        self.bpb = bpb
         self.add_state("loss_sum", torch.zeros(n_steps, n_levels, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("correct", torch.zeros(n_steps, n_levels, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(n_levels, dtype=torch.float64), dist_reduce_fx="sum")
@@ -65,7 +69,7 @@ class LoopStepMetrics(Metric):
                 out[f"acc_step{t + 1}_d{k + 1}"] = self.correct[t, k] / count[k]
         final = self.trained_steps
         for name in list(out):
-            prefix = f"{'loss' if name.startswith('loss') else 'acc'}_step{final}"
+            prefix = f"{name.split('_', 1)[0]}_step{final}"
             if name == prefix or name.startswith(prefix + "_"):
                 out[name.replace(f"_step{final}", "_final")] = out[name]
         if self.has_gate:
@@ -80,6 +84,8 @@ class LoopStepMetrics(Metric):
             for k in self._present_levels():
                 out[f"exit_expected_step_d{k + 1}"] = (self.exit_mass[:, k] * steps).sum() / count[k]
                 out[f"exit_entropy_d{k + 1}"] = self.exit_entropy[k] / count[k]
+        if self.bpb:
+            out |= {name.replace("loss", "bpb", 1): v / math.log(2) for name, v in out.items() if name.startswith("loss")}
         return {k: v.float() for k, v in out.items()}
 
     def _present_levels(self) -> list[int]:
@@ -89,17 +95,17 @@ class LoopStepMetrics(Metric):
 
 
 def metric_names(n_steps: int, trained_steps: int, levels: list[int], has_gate: bool,
-                 splits: tuple[str, ...] = ("val", "test")) -> set[str]:
+                 splits: tuple[str, ...] = ("val", "test"), bpb: bool = False) -> set[str]:
     """Every name a run logs through `LoopStepMetrics` (for checking a sweep's objective up
     front). Difficulty levels with no examples in a split are left out at run time."""
     names: set[str] = set()
     for t in [*range(1, n_steps + 1), "final"]:
         step = f"step{t}" if t != "final" else "final"
-        for kind in ("loss", "acc"):
+        for kind in ("loss", "acc", "bpb") if bpb else ("loss", "acc"):
             names.add(f"{kind}_{step}")
             names.update(f"{kind}_{step}_d{k}" for k in levels)
     if has_gate:
-        names.update({"exit_expected_step", "exit_entropy", "loss_exit", "acc_exit"})
+        names.update({"exit_expected_step", "exit_entropy", "loss_exit", "acc_exit"} | ({"bpb_exit"} if bpb else set()))
         names.update(f"exit_mass_step{t}" for t in range(1, trained_steps + 1))
         names.update(f"exit_{stat}_d{k}" for stat in ("expected_step", "entropy") for k in levels)
     return {f"{split}/{name}" for split in splits for name in names} | {f"{split}/acc" for split in splits}

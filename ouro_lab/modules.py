@@ -56,8 +56,9 @@ class _LMModule(L.LightningModule):
         self.spec = model_spec(self.cfg, self.task)
         self.model = self.build_model(self.spec)
         n_levels = len(self.task.difficulty_levels)
-        self.val_metrics = LoopStepMetrics(self.eval_steps, self.trained_steps, n_levels, self.has_gate)
-        self.test_metrics = LoopStepMetrics(self.eval_steps, self.trained_steps, n_levels, self.has_gate)
+        bpb = self.task.byte_level
+        self.val_metrics = LoopStepMetrics(self.eval_steps, self.trained_steps, n_levels, self.has_gate, bpb)
+        self.test_metrics = LoopStepMetrics(self.eval_steps, self.trained_steps, n_levels, self.has_gate, bpb)
 
     # --- what subclasses define -------------------------------------------------------
     has_gate = False

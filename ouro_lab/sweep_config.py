@@ -287,8 +287,8 @@ def _check_objective_exists(sweep: SweepConfig, base: Path, max_points: int = 25
         task = build_task(cfg)
         looped = cfg.model.arch == "looped"
         trained = cfg.model.loops if looped else 1
-        names = metric_names(trained + (cfg.eval.extra_loops if looped else 0), trained, task.difficulty_levels,
-                             looped, ("val", "test") if cfg.eval.test else ("val",))
+        names = metric_names(trained + (cfg.eval.extra_loops if looped else 0), trained, task.eval_difficulty_levels,
+                             looped, ("val", "test") if cfg.eval.test else ("val",), bpb=task.byte_level)
         if sweep.objective.metric not in names:
             where = " ".join(override_for(k, v) for k, v in zip(keys, point))
             return [f"objective.metric: {sweep.objective.metric!r} is not logged at {where} "

@@ -192,9 +192,10 @@ def where_to_look(tracking_uri: str, experiment_id: str, run_id: str | None = No
 
 def loop_step_figure(history: dict[str, list[tuple[int, float]]], final: dict[str, float],
                      trained_steps: int, eval_steps: int, levels: list[int], difficulty_name: str,
-                     title: str) -> plt.Figure:
+                     title: str, kind: str = "acc") -> plt.Figure:
     """Left: validation loss of each loop step over training. Right: final validation
-    accuracy vs loop step, per difficulty level (steps after the trained T extrapolate)."""
+    accuracy (or bits per byte, kind="bpb") vs loop step, per difficulty level (steps after the
+    trained T extrapolate)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     cmap = plt.get_cmap("viridis")
     for t in range(1, eval_steps + 1):
@@ -207,15 +208,19 @@ def loop_step_figure(history: dict[str, list[tuple[int, float]]], final: dict[st
     ax_loss.legend(fontsize=8, ncol=2)
     steps = list(range(1, eval_steps + 1))
     for i, k in enumerate(levels):
-        values = [final.get(f"val/acc_step{t}_d{k}", float("nan")) for t in steps]
+        values = [final.get(f"val/{kind}_step{t}_d{k}", float("nan")) for t in steps]
         ax_acc.plot(steps, values, marker="o", color=plt.get_cmap("plasma")(i / max(1, len(levels))),
                     label=f"{difficulty_name} {k}")
-    ax_acc.plot(steps, [final.get(f"val/acc_step{t}", float("nan")) for t in steps], "k--", marker="s", label="all")
+    ax_acc.plot(steps, [final.get(f"val/{kind}_step{t}", float("nan")) for t in steps], "k--", marker="s", label="all")
     if eval_steps > trained_steps:
         ax_acc.axvline(trained_steps + 0.5, color="grey", lw=1)
-        ax_acc.text(trained_steps + 0.6, 0.02, "extrapolation", color="grey", fontsize=8)
-    ax_acc.set(xlabel="loop step t", ylabel="validation accuracy", ylim=(0, 1.02), xticks=steps,
-               title="final val accuracy by loop step")
+        ax_acc.text(trained_steps + 0.6, 0.02, "extrapolation", color="grey", fontsize=8,
+                    transform=ax_acc.get_xaxis_transform())
+    if kind == "acc":
+        ax_acc.set(ylabel="validation accuracy", ylim=(0, 1.02), title="final val accuracy by loop step")
+    else:
+        ax_acc.set(ylabel=f"validation {kind}", title=f"final val {kind} by loop step")
+    ax_acc.set(xlabel="loop step t", xticks=steps)
     ax_acc.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

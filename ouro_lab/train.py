@@ -127,7 +127,7 @@ def _train(cfg: ExperimentConfig, parent_run_id: str | None, callbacks: Sequence
         print(f"[ouro-lab] {cfg.model.arch}: {summary['n_params']:,} params, depth {summary['effective_depth']}, "
               f"{summary['forward_flops_per_token']:,} forward FLOPs/token", flush=True)
     try:
-        _log_setup(client, run_id, cfg, summary)
+        _log_setup(client, run_id, cfg, summary | module.task.describe())
         logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_id=run_id)
         ckpt_dir = Path(cfg.tracking.output_dir) / cfg.tracking.experiment / run_id / "checkpoints"
         # NOTE: plain file name; Lightning's default "epoch=..-val_loss=.." is rejected by MLflow.
@@ -183,11 +183,12 @@ def _numbers(metrics: dict, prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
-def _log_setup(client: MlflowClient, run_id: str, cfg: ExperimentConfig, summary: dict[str, int]) -> None:
-    """Flattened config and derived facts as params, config YAML (+ git diff) as artifacts."""
+def _log_setup(client: MlflowClient, run_id: str, cfg: ExperimentConfig, summary: dict[str, object]) -> None:
+    """Flattened config and derived facts (model shape, the task's data) as params; the numbers
+    among them as metrics model/*; config YAML (+ git diff) as artifacts."""
     params = flatten(to_dict(cfg)) | {f"derived.{k}": v for k, v in summary.items()}
     tracking.log_params(client, run_id, params)
-    tracking.log_metrics(client, run_id, {f"model/{k}": v for k, v in summary.items()})
+    tracking.log_metrics(client, run_id, {f"model/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
     client.log_text(run_id, to_yaml(cfg), "config.yaml")
     diff = tracking.git_diff()
     if diff:
@@ -200,20 +201,23 @@ def _log_plot(client: MlflowClient, run_id: str, module, val: dict[str, float], 
         key = f"val/loss_step{t}"
         history[key] = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
     fig = tracking.loop_step_figure(history, val, module.trained_steps, module.eval_steps,
-                                    module.task.difficulty_levels, module.task.difficulty_name, title)
+                                    module.task.difficulty_levels, module.task.difficulty_name, title,
+                                    kind="bpb" if module.task.byte_level else "acc")
     client.log_figure(run_id, fig, "plots/loop_steps.png")
     plt.close(fig)
 
 
 def metrics_table(metrics: dict[str, float], split: str = "val") -> str:
-    """Loss and accuracy by loop step and difficulty, as a plain-text table."""
+    """Loss and accuracy (bits per byte for byte-level tasks) by loop step and difficulty, as a
+    plain-text table."""
     steps = sorted({int(k.split("step")[1].split("_")[0]) for k in metrics if k.startswith(f"{split}/acc_step")})
     levels = sorted({int(k.rsplit("_d", 1)[1]) for k in metrics if k.startswith(f"{split}/acc_step1_d")})
-    header = ["step", "loss", "acc", *[f"acc_d{k}" for k in levels]]
+    kind = "bpb" if f"{split}/bpb_step1" in metrics else "acc"
+    header = ["step", "loss", *(["acc", "bpb"] if kind == "bpb" else ["acc"]), *[f"{kind}_d{k}" for k in levels]]
     rows = [header]
     for t in steps:
-        row = [str(t), f"{metrics[f'{split}/loss_step{t}']:.3f}", f"{metrics[f'{split}/acc_step{t}']:.3f}"]
-        rows.append(row + [f"{metrics[f'{split}/acc_step{t}_d{k}']:.3f}" for k in levels])
+        row = [str(t), *(f"{metrics[f'{split}/{name}_step{t}']:.3f}" for name in header[1:len(header) - len(levels)])]
+        rows.append(row + [f"{metrics[f'{split}/{kind}_step{t}_d{k}']:.3f}" for k in levels])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     extra = []

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -41,3 +43,19 @@ def test_metric_names_match_what_a_run_logs():
              torch.full((1, 2, 2), 0.5))
     logged = {f"val/{k}" for k in m.compute()} | {"val/acc"}
     assert logged == metric_names(4, 2, [1, 2], True, ("val",))
+
+
+def test_bits_per_byte_is_loss_over_ln2_and_named_like_the_rest():
+    from ouro_lab.metrics import metric_names
+
+    m = LoopStepMetrics(n_steps=3, trained_steps=2, n_levels=2, has_gate=True, bpb=True)
+    losses = torch.rand(3, 2, 4)
+    m.update(losses, torch.ones(3, 2, 4, dtype=torch.bool), torch.tensor([[1, 1, 2, 2], [1, 1, 2, 2]]),
+             torch.full((2, 4, 2), 0.5))
+    out = m.compute()
+    for name in ("loss_step1", "loss_step3_d2", "loss_final", "loss_final_d1", "loss_exit"):
+        assert float(out[name.replace("loss", "bpb")]) == pytest.approx(float(out[name]) / math.log(2), rel=1e-6)
+    assert float(out["bpb_step2"]) == pytest.approx(float(losses[1].mean()) / math.log(2), rel=1e-5)
+    logged = {f"val/{k}" for k in out} | {"val/acc"}
+    assert logged == metric_names(3, 2, [1, 2], True, ("val",), bpb=True)
+    assert not any(k.startswith("bpb") for k in LoopStepMetrics(1, 1, 1, False).compute())

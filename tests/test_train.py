@@ -120,3 +120,36 @@ def test_cli_train_prints_where_results_went(tiny_config, tmp_path, tracking_uri
     assert "mlflow ui --backend-store-uri" in out and "#/experiments/" in out
     assert "val metrics by loop step" in out
     assert (tmp_path / "mlflow.db").is_file()
+
+
+@pytest.mark.parametrize("task", ["multihop", "text"])
+def test_multihop_and_text_log_per_step_per_difficulty_metrics(task, tiny_config, tracking_uri):
+    small = {"multihop": ["data.multihop.width=6", "data.multihop.depth=3", "data.multihop.hops=3",
+                          "data.multihop.relations=2", "data.multihop.query_tokens=12"],
+             "text": ["data.text.context=16"]}[task]  # text: the default corpus, the stdlib
+    cfg = tiny_config(*small, path=f"conf/{task}.yaml")
+    assert cfg.data.task == task
+    result = train(cfg, verbose=False)
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["ouro.task"] == task
+    metrics = run.data.metrics
+    # memorised multihop holds out compositions only (k >= 2); text buckets context positions
+    levels = {"multihop": [2, 3], "text": [1, 2, 3, 4]}[task]
+    for split in ("val", "test"):
+        for t in range(1, 5):  # T=2 plus eval.extra_loops=2
+            assert len(client.get_metric_history(result.run_id, f"{split}/acc_step{t}")) >= 1
+            for k in levels:
+                assert 0.0 <= metrics[f"{split}/acc_step{t}_d{k}"] <= 1.0
+        assert f"{split}/acc_step1_d1" in metrics if task == "text" else f"{split}/acc_step1_d1" not in metrics
+    if task == "text":
+        assert metrics["val/bpb_final"] == pytest.approx(metrics["val/loss_final"] / math.log(2), rel=1e-5)
+        assert metrics["val/bpb_step3_d4"] == pytest.approx(metrics["val/loss_step3_d4"] / math.log(2), rel=1e-5)
+        assert 0 < metrics["val/bpb_final"] < 8.5  # not worse than uniform over bytes by much
+        from ouro_lab.data.text import find_corpus
+
+        assert run.data.params["derived.corpus_files"] == str(len(find_corpus("stdlib").files))
+        assert len(run.data.params["derived.corpus_fingerprint"]) == 12
+    else:
+        assert "val/bpb_final" not in metrics
+    assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/loop_steps.png"]

@@ -48,6 +48,7 @@ class Task:
     name: ClassVar[str]
     Config: ClassVar[type]
     difficulty_name: ClassVar[str]  # what the difficulty level means, for plots and docs
+    byte_level: ClassVar[bool] = False  # labels are bytes: metrics add bits-per-byte (bpb_step{t} ...)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -56,6 +57,10 @@ class Task:
     def check_config(cls, cfg) -> list[tuple[str, str]]:
         """Problems with this task's config as (key under data.<task>, message); [] if valid."""
         return []
+
+    def describe(self) -> dict[str, object]:
+        """Facts about the task's data worth logging with every run (MLflow params derived.*)."""
+        return {}
 
     @property
     def vocab_size(self) -> int:
@@ -69,6 +74,11 @@ class Task:
     def difficulty_levels(self) -> list[int]:
         """The difficulty values that occur (metric suffixes `_d{k}`)."""
         raise NotImplementedError
+
+    @property
+    def eval_difficulty_levels(self) -> list[int]:
+        """The levels val/test score (all of them unless a task holds some out of evaluation)."""
+        return self.difficulty_levels
 
     def generate(self, rng: np.random.Generator, n: int, split: str, step: int = 0) -> Batch:
         """n raw examples (before the split filter). `step` is the training step, for curricula."""
@@ -93,16 +103,21 @@ class Task:
 
 def split_of(tokens: np.ndarray) -> np.ndarray:
     """Split index (0 train, 1 val, 2 test) of each row, from a hash of its tokens."""
+    return prefix_splits(tokens)[:, -1]
+
+
+def prefix_splits(tokens: np.ndarray) -> np.ndarray:
+    """(n, L) split index of every prefix of every row: column j is the split of tokens[:, :j+1]
+    (tasks whose questions are prefixes of a row, like `multihop`, split each question)."""
     h = np.zeros(len(tokens), dtype=np.uint64)
+    out = np.empty(tokens.shape, dtype=np.int64)
     with np.errstate(over="ignore"):
-        for column in tokens.T.astype(np.uint64):
+        for j, column in enumerate(tokens.T.astype(np.uint64)):
             h = (h ^ column) * np.uint64(0x100000001B3)  # FNV-1a, 64-bit
             h ^= h >> np.uint64(29)
-    bucket = (h % np.uint64(N_HASH_BUCKETS)).astype(np.int64)
-    split = np.zeros(len(tokens), dtype=np.int64)
-    split[bucket == HELD_OUT_BUCKETS["val"]] = 1
-    split[bucket == HELD_OUT_BUCKETS["test"]] = 2
-    return split
+            bucket = (h % np.uint64(N_HASH_BUCKETS)).astype(np.int64)
+            out[:, j] = np.where(bucket == HELD_OUT_BUCKETS["val"], 1, np.where(bucket == HELD_OUT_BUCKETS["test"], 2, 0))
+    return out
 
 
 TASKS: dict[str, type[Task]] = {}
@@ -119,4 +134,4 @@ def get_task(name: str) -> Callable:
     return TASKS[name]
 
 
-__all__ = ["Batch", "IGNORE_INDEX", "SPLITS", "TASKS", "Task", "get_task", "register_task", "split_of"]
+__all__ = ["Batch", "IGNORE_INDEX", "SPLITS", "TASKS", "Task", "get_task", "prefix_splits", "register_task", "split_of"]
