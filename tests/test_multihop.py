@@ -95,6 +95,8 @@ def test_memorised_mode_never_trains_on_a_held_out_question():
     test = labelled_questions(task, task.sample(np.random.default_rng(2), 300, "test"))
     assert not train & val and not train & test and not val & test
     assert min(len(q) for q in val | test) == 3  # compositions only (start + >= 2 relations)
+    # no held-out question extends a trained composition: it must be composed from facts
+    assert not {q[:j] for q in val | test for j in range(3, len(q) + 1)} & train
     # every fact (1-hop question) is trained on: the held-out questions compose known facts
     facts = {q for q in train if len(q) == 2}
     assert len(facts) == MEMORISED.depth * MEMORISED.width * MEMORISED.relations
