@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ouro_lab.data import TASKS
+from ouro_lab.models.transformer import CHECKPOINTING
 from ouro_lab.objectives import PRIORS
 
 ARCHS = ("looped", "param_matched", "depth_matched")
@@ -75,6 +76,9 @@ class TrainConfig:
     log_every: int = 25  # log training metrics every this many steps
     num_workers: int = 0  # DataLoader workers for the training stream
     progress_bar: bool = True  # Lightning's progress bar
+    compile: bool = False  # torch.compile each block (fullgraph); the loop over T stays in Python, so T can change
+    activation_checkpointing: str = "none"  # none | block | loop: recompute activations per block / per loop step in backward
+    ce_chunk_tokens: int = 0  # tokens per chunk of the fused LM head + cross-entropy; 0 = ~256 MiB of fp32 logits
 
 
 @dataclass
@@ -218,6 +222,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     for key in ("val_every", "log_every", "devices"):
         check(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
     check(t.num_workers >= 0, "train.num_workers", f"must be >= 0, got {t.num_workers}")
+    choice("train.activation_checkpointing", t.activation_checkpointing, CHECKPOINTING)
+    check(t.ce_chunk_tokens >= 0, "train.ce_chunk_tokens", f"must be >= 0 (0 = automatic), got {t.ce_chunk_tokens}")
     check(cfg.eval.extra_loops >= 0, "eval.extra_loops", f"must be >= 0, got {cfg.eval.extra_loops}")
     for key in ("batch_size", "eval_batch_size", "n_val", "n_test"):
         check(getattr(d, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(d, key)}")

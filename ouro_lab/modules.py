@@ -18,7 +18,7 @@ from ouro_lab.config import ExperimentConfig, merge, to_dict, validate
 from ouro_lab.data import Task, get_task
 from ouro_lab.metrics import LoopStepMetrics
 from ouro_lab.models import LMOutput, LoopedLM, ModelSpec, StandardLM
-from ouro_lab.objectives import IGNORE_INDEX, exit_distribution, loop_objective, per_step_token_losses
+from ouro_lab.objectives import IGNORE_INDEX, exit_distribution, loop_objective_from_hidden, per_step_token_losses
 
 
 def build_task(cfg: ExperimentConfig) -> Task:
@@ -55,6 +55,7 @@ class _LMModule(L.LightningModule):
         self.task = build_task(self.cfg)
         self.spec = model_spec(self.cfg, self.task)
         self.model = self.build_model(self.spec)
+        self.model.checkpointing = self.cfg.train.activation_checkpointing
         n_levels = len(self.task.difficulty_levels)
         bpb = self.task.byte_level
         self.val_metrics = LoopStepMetrics(self.eval_steps, self.trained_steps, n_levels, self.has_gate, bpb)
@@ -95,31 +96,42 @@ class _LMModule(L.LightningModule):
             "vocab_size": self.task.vocab_size,
         }
 
+    def configure_model(self) -> None:
+        """torch.compile each block (Lightning calls this in every process, after spawning).
+        NOTE: per block, not the model: the loop over T and the per-step head stay eager, so
+        evaluating at T + extra loops reuses the same compiled block."""
+        if self.cfg.train.compile and not getattr(self, "_compiled", False):
+            for block in self.model.blocks:
+                block.compile(fullgraph=True)
+            self._compiled = True
+
     # --- training -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         tokens, targets, _ = batch
         out = self.run(tokens)
-        step_losses = per_step_token_losses(out.logits, targets)  # (T, B, S)
         o = self.cfg.objective
-        result = loop_objective(
-            step_losses, out.gate_logits if self.has_gate else None, targets != IGNORE_INDEX,
+        result, step_losses = loop_objective_from_hidden(  # (T, B, S) detached step losses
+            out.hidden, self.model.lm_head.weight, targets, out.gate_logits if self.has_gate else None,
             prior=o.prior if self.has_gate else "none", entropy_weight=o.entropy_weight,
             prior_p=o.prior_p, detach_exit_probs=o.detach_exit_probs,
+            chunk_tokens=self.cfg.train.ce_chunk_tokens or None,
         )
-        if not torch.isfinite(result.loss):
-            raise FloatingPointError(
-                f"training loss became {result.loss.item()} at step {self.global_step} "
-                f"(lr {self.cfg.train.lr}); lower train.lr or raise train.warmup_steps"
-            )
-        self.log("train/loss", result.loss, prog_bar=True)
-        if (self.global_step + 1) % self.cfg.train.log_every == 0:  # the steps Lightning flushes
+        # NOTE: logged (and checked for NaN) only at the steps Lightning flushes: any read of the
+        # loss on the host is a device sync, which would stall a GPU every step.
+        if (self.global_step + 1) % self.cfg.train.log_every == 0:
+            if not torch.isfinite(result.loss):
+                raise FloatingPointError(
+                    f"training loss became {result.loss.item()} by step {self.global_step} (checked every "
+                    f"train.log_every={self.cfg.train.log_every} steps, lr {self.cfg.train.lr}); "
+                    "lower train.lr or raise train.warmup_steps")
             mask = (targets != IGNORE_INDEX).float()
             per_step = (step_losses * mask).sum((1, 2)) / mask.sum().clamp_min(1)
-            logs = {f"train/loss_step{t + 1}": v for t, v in enumerate(per_step.detach())}
+            logs = {f"train/loss_step{t + 1}": v for t, v in enumerate(per_step)}
             if self.has_gate:
                 logs |= {"train/expected_loss": result.expected_loss, "train/exit_entropy": result.entropy,
                          "train/exit_kl": result.kl}
             self.log_dict(logs)
+            self.log("train/loss", result.loss.detach(), prog_bar=True)
         return result.loss
 
     def configure_optimizers(self):
@@ -144,8 +156,12 @@ class _LMModule(L.LightningModule):
     def _eval_step(self, batch, metrics: LoopStepMetrics) -> None:
         tokens, targets, difficulty = batch
         out = self.run(tokens, loops=self.eval_steps)
-        step_losses = per_step_token_losses(out.logits, targets)  # (T', B, S)
-        correct = out.logits.argmax(-1) == targets  # (T', B, S)
+        step_losses, correct = [], []
+        for hidden in out.hidden:  # one step's (B, S, V) logits at a time
+            logits = out.head(hidden)
+            step_losses.append(per_step_token_losses(logits[None], targets)[0])
+            correct.append(logits.argmax(-1) == targets)
+        step_losses, correct = torch.stack(step_losses), torch.stack(correct)  # (T', B, S)
         exit_probs = None
         if self.has_gate:
             exit_probs = exit_distribution(out.gate_logits[..., : self.trained_steps])  # (B, S, T)

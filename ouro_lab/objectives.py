@@ -6,6 +6,7 @@ Plain functions over tensors; the LightningModules call them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -106,17 +107,113 @@ def loop_objective(
     detach_exit_probs: stop the gradient of sum_t p_t L_t into p (the paper does not say;
     the KL term always trains the gate).
     """
+    return _objective(lambda w: (w * step_losses).sum(), step_losses.shape[0], gate_logits, mask,
+                      prior, entropy_weight, prior_p, detach_exit_probs)
+
+
+def loop_objective_from_hidden(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    gate_logits: torch.Tensor | None,
+    prior: str = "uniform",
+    entropy_weight: float = 0.1,
+    prior_p: float = 0.5,
+    detach_exit_probs: bool = False,
+    chunk_tokens: int | None = None,
+) -> tuple[LoopLoss, torch.Tensor]:
+    """`loop_objective` on the per-step hidden states (T, B, S, D) and the LM head's weight
+    (V, D), with the head and cross-entropy fused (`linear_cross_entropy`): the (T, B, S, V)
+    logits are never held at once. Returns the objective and the detached per-step token
+    losses (T, B, S) for logging. Same value and gradients as the unfused path (tested)."""
+    losses = []
+
+    def weighted(w: torch.Tensor) -> torch.Tensor:
+        total, step_losses = linear_cross_entropy(hidden, head_weight, targets, w, chunk_tokens)
+        losses.append(step_losses)
+        return total
+
+    result = _objective(weighted, hidden.shape[0], gate_logits, targets != IGNORE_INDEX, prior, entropy_weight,
+                        prior_p, detach_exit_probs)
+    return result, losses[0]
+
+
+def _objective(weighted_loss: Callable[[torch.Tensor], torch.Tensor], loops: int, gate_logits: torch.Tensor | None,
+               mask: torch.Tensor, prior: str, entropy_weight: float, prior_p: float,
+               detach_exit_probs: bool) -> LoopLoss:
+    """The Stage-I objective given `weighted_loss(w) = sum_{t,b,s} w_tbs L_tbs` for token
+    weights w (T, B, S): the exit probabilities (or 1/T) over the counted tokens."""
     weights = mask.float()
     n_tokens = weights.sum().clamp_min(1.0)
-    token_losses = step_losses.permute(1, 2, 0)  # (B, S, T)
-    zero = step_losses.new_zeros(())
+    zero = weights.new_zeros(())
     if prior == "none" or gate_logits is None:
-        expected = (token_losses.mean(-1) * weights).sum() / n_tokens
+        expected = weighted_loss((weights / (n_tokens * loops)).expand(loops, *weights.shape))
         return LoopLoss(loss=expected, expected_loss=expected, kl=zero, entropy=zero)
     exit_probs = exit_distribution(gate_logits)  # (B, S, T)
-    loops = exit_probs.shape[-1]
     weighting = exit_probs.detach() if detach_exit_probs else exit_probs
-    expected = ((weighting * token_losses).sum(-1) * weights).sum() / n_tokens
+    expected = weighted_loss(weighting.permute(2, 0, 1) * (weights / n_tokens))
     kl = (kl_to_prior(exit_probs, exit_prior(prior, loops, prior_p, exit_probs.device)) * weights).sum() / n_tokens
     ent = (entropy(exit_probs) * weights).sum() / n_tokens
     return LoopLoss(loss=expected + entropy_weight * kl, expected_loss=expected, kl=kl, entropy=ent)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         token_weights: torch.Tensor, chunk_tokens: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_{t,b,s} token_weights * CE(hidden @ weight.T, targets), fused and chunked.
+
+    hidden (T, B, S, D); weight (V, D); targets (B, S) (IGNORE_INDEX: no loss); token_weights
+    (T, B, S), may carry gradient (the exit probabilities). Returns (weighted sum, detached
+    per-token CE (T, B, S) in fp32). NOTE: the logits of only `chunk_tokens` tokens exist at a
+    time, and the gradients for hidden and weight are computed in the forward pass, chunk by
+    chunk (softmax - onehot is known there), so backward only scales them: no recomputation.
+    Default chunk: about 256 MiB of fp32 logits.
+    """
+    T, B, S, D = hidden.shape
+    chunk = chunk_tokens or max(64, 2**26 // weight.shape[0])
+    total, losses = _LinearCrossEntropy.apply(hidden.reshape(T * B * S, D), weight,
+                                              targets.expand(T, B, S).reshape(-1), token_weights.reshape(-1), chunk)
+    return total, losses.view(T, B, S)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, token_weights, chunk):
+        n = hidden.shape[0]
+        device = hidden.device.type
+        # the matmul dtype: autocast's (bf16 under bf16-mixed) or the inputs' own
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else torch.promote_types(hidden.dtype, weight.dtype))
+        w_mat = weight.to(dtype)
+        losses = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        w = token_weights.detach().float()
+        for i in range(0, n, chunk):
+            h, y = hidden[i:i + chunk].to(dtype), targets[i:i + chunk]
+            logits = (h @ w_mat.T).float()  # (c, V), softmax statistics in fp32
+            valid = y != IGNORE_INDEX
+            y_safe = torch.where(valid, y, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            losses[i:i + chunk] = torch.where(valid, lse - logits.gather(1, y_safe[:, None]).squeeze(1), 0.0)
+            if need_grad:
+                grad_logits = torch.softmax(logits, dim=-1)  # d CE / d logits = softmax - onehot
+                grad_logits[torch.arange(len(y), device=y.device), y_safe] -= 1.0
+                grad_logits = (grad_logits * torch.where(valid, w[i:i + chunk], 0.0)[:, None]).to(dtype)
+                grad_hidden[i:i + chunk] = grad_logits @ w_mat
+                grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight, losses)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(losses)
+        return (losses * w).sum(), losses
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_losses):
+        grad_hidden, grad_weight, losses = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        return (grad_hidden * grad_total.to(grad_hidden.dtype) if needs[0] else None,
+                (grad_weight * grad_total).to(ctx.weight_dtype) if needs[1] else None,
+                None,
+                losses * grad_total if needs[3] else None,
+                None)

@@ -14,7 +14,7 @@ from typing import Sequence
 import lightning as L
 import matplotlib.pyplot as plt
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
 
@@ -106,10 +106,7 @@ def _train(cfg: ExperimentConfig, parent_run_id: str | None, callbacks: Sequence
     start = time.perf_counter()
     L.seed_everything(cfg.train.seed, verbose=False)  # NOTE: explicit per run; PL_GLOBAL_SEED leaks otherwise
     module = build_module(cfg)
-    datamodule = TaskDataModule(
-        module.task, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.n_val, cfg.data.n_test,
-        data_seed=cfg.data.seed, seed=cfg.train.seed, num_workers=cfg.train.num_workers,
-    )
+    datamodule = make_datamodule(cfg, module)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     client, experiment_id = tracking.open_experiment(uri, cfg.tracking.experiment)
     run_name = cfg.tracking.run_name or default_run_name(cfg)
@@ -133,22 +130,7 @@ def _train(cfg: ExperimentConfig, parent_run_id: str | None, callbacks: Sequence
         # NOTE: plain file name; Lightning's default "epoch=..-val_loss=.." is rejected by MLflow.
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", auto_insert_metric_name=False,
                                      enable_version_counter=False)
-        trainer = L.Trainer(
-            max_steps=cfg.train.max_steps,
-            val_check_interval=min(cfg.train.val_every, cfg.train.max_steps),
-            check_val_every_n_epoch=None,
-            num_sanity_val_steps=0,
-            gradient_clip_val=cfg.train.grad_clip or None,
-            precision=resolve_precision(cfg),
-            accelerator=cfg.train.accelerator,
-            devices=cfg.train.devices,
-            strategy=resolve_strategy(cfg),
-            logger=logger,
-            callbacks=[checkpoint, LearningRateMonitor("step"), *callbacks],
-            log_every_n_steps=cfg.train.log_every,
-            enable_progress_bar=cfg.train.progress_bar and verbose,
-            enable_model_summary=verbose,
-        )
+        trainer = make_trainer(cfg, logger, [checkpoint, *callbacks], verbose)
         trainer.fit(module, datamodule=datamodule)
         for callback in callbacks:  # e.g. a pruning decision taken in a DDP rank (Optuna's check_pruned)
             if hasattr(callback, "check_pruned"):
@@ -177,6 +159,37 @@ def _train(cfg: ExperimentConfig, parent_run_id: str | None, callbacks: Sequence
         print(f"[ouro-lab] done in {result.seconds:.0f} s. checkpoint: {result.checkpoint}")
         print(f"[ouro-lab] view: {tracking.where_to_look(uri, experiment_id, run_id)}")
     return result
+
+
+def make_datamodule(cfg: ExperimentConfig, module) -> TaskDataModule:
+    return TaskDataModule(
+        module.task, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.n_val, cfg.data.n_test,
+        data_seed=cfg.data.seed, seed=cfg.train.seed, num_workers=cfg.train.num_workers,
+    )
+
+
+def make_trainer(cfg: ExperimentConfig, logger, callbacks: Sequence[Callback], verbose: bool = True,
+                 **overrides) -> L.Trainer:
+    """The Trainer every run uses (the throughput benchmark times this same object)."""
+    refresh = cfg.train.log_every  # NOTE: a bar refresh reads the loss on the host (a device sync)
+    bar = [TQDMProgressBar(refresh_rate=refresh)] if cfg.train.progress_bar and verbose else []
+    kwargs = dict(
+        max_steps=cfg.train.max_steps,
+        val_check_interval=min(cfg.train.val_every, cfg.train.max_steps),
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        gradient_clip_val=cfg.train.grad_clip or None,
+        precision=resolve_precision(cfg),
+        accelerator=cfg.train.accelerator,
+        devices=cfg.train.devices,
+        strategy=resolve_strategy(cfg),
+        logger=logger,
+        callbacks=[LearningRateMonitor("step"), *bar, *callbacks],
+        log_every_n_steps=cfg.train.log_every,
+        enable_progress_bar=cfg.train.progress_bar and verbose,
+        enable_model_summary=verbose,
+    )
+    return L.Trainer(**(kwargs | overrides))
 
 
 def _numbers(metrics: dict, prefix: str) -> dict[str, float]:

@@ -106,3 +106,56 @@ def test_bad_shapes_raise():
         LoopedLM(spec(d_model=30, n_heads=4))
     with pytest.raises(ValueError, match="loop_state"):
         LoopedLM(spec(loop_state="sideways"))
+
+
+def _grads(model, x, **kwargs):
+    model.zero_grad()
+    out = model(x, **kwargs) if isinstance(model, LoopedLM) else model(x)
+    losses = per_step_token_losses(out.logits, x)
+    gates = out.gate_logits
+    loop_objective(losses, gates, torch.ones_like(x, dtype=torch.bool),
+                   prior="uniform" if gates is not None else "none").loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["block", "loop"])
+@pytest.mark.parametrize("cls", [LoopedLM, StandardLM])
+def test_activation_checkpointing_gives_the_same_gradients(mode, cls):
+    torch.manual_seed(0)
+    model = cls(spec())
+    x = tokens()
+    reference = _grads(model, x)
+    model.checkpointing = mode
+    checkpointed = _grads(model, x)
+    assert reference.keys() == checkpointed.keys()
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], msg=name)
+    with torch.no_grad():  # evaluation is unchanged (nothing to recompute without a backward)
+        checkpointed_logits = model(x).logits
+        model.checkpointing = "none"
+        torch.testing.assert_close(checkpointed_logits, model(x).logits)
+
+
+def test_compiled_blocks_match_eager_and_loops_change_without_recompiling():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = LoopedLM(spec())
+    compiled = LoopedLM(spec())
+    compiled.load_state_dict(eager.state_dict())
+    for block in compiled.blocks:
+        block.compile(fullgraph=True)
+    x = tokens()
+    torch.testing.assert_close(compiled(x).logits, eager(x).logits, rtol=1e-4, atol=1e-4)
+    reference, got = _grads(eager, x), _grads(compiled, x)
+    for name in reference:
+        torch.testing.assert_close(got[name], reference[name], rtol=1e-3, atol=1e-5, msg=name)
+    with torch.no_grad():  # grad mode is part of the graph's guards: one graph for evaluation
+        compiled(x)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for loops in (5, 1):  # a new T reuses the block's graphs
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, loops=loops).logits, eager(x, loops=loops).logits, rtol=1e-4, atol=1e-4)
+        _grads(compiled, x, loops=loops)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

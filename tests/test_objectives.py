@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from ouro_lab.objectives import (
+    IGNORE_INDEX,
     entropy,
     exit_distribution,
     exit_prior,
     kl_to_prior,
     loop_objective,
+    loop_objective_from_hidden,
     per_step_token_losses,
 )
 
@@ -153,3 +155,31 @@ def test_saturated_gates_give_finite_gradients():
             out = loop_objective(step_losses, gates, mask, prior=prior, entropy_weight=0.1)
             (grad,) = torch.autograd.grad(out.loss, gates)
             assert torch.isfinite(out.loss) and torch.isfinite(grad).all(), (value, prior, grad)
+
+
+@pytest.mark.parametrize("prior,detach,chunk", [("uniform", False, 7), ("geometric", False, 1), ("none", False, None),
+                                                ("uniform", True, 1000)])
+def test_fused_chunked_cross_entropy_equals_the_naive_path(prior, detach, chunk):
+    """Loss and gradients (hidden states, head weight, exit gate) of the fused, chunked head +
+    CE equal the reference: full logits, per_step_token_losses, loop_objective."""
+    torch.manual_seed(0)
+    T, B, S, D, V = 3, 2, 5, 8, 13
+    hidden = torch.randn(T, B, S, D, dtype=torch.float64)
+    weight = torch.randn(V, D, dtype=torch.float64)
+    gates = torch.randn(B, S, T, dtype=torch.float64)
+    targets = torch.randint(0, V, (B, S))
+    targets[0, :2] = IGNORE_INDEX
+    kwargs = dict(prior=prior, entropy_weight=0.1, prior_p=0.4, detach_exit_probs=detach)
+    results = []
+    for fused in (False, True):
+        h, w, g = (x.clone().requires_grad_(True) for x in (hidden, weight, gates))
+        if fused:
+            out, losses = loop_objective_from_hidden(h, w, targets, g, chunk_tokens=chunk, **kwargs)
+        else:
+            losses = per_step_token_losses(h @ w.T, targets)
+            out = loop_objective(losses, g, targets != IGNORE_INDEX, **kwargs)
+        out.loss.backward()
+        results.append((out.loss, losses, h.grad, w.grad, g.grad))
+    for reference, fused in zip(*results):
+        torch.testing.assert_close(fused, reference.to(fused.dtype) if reference is not None else None)
+    assert results[1][2].abs().sum() > 0 and results[1][3].abs().sum() > 0

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+CHECKPOINTING = ("none", "block", "loop")  # activation checkpointing: off | per block | per loop step
 
 
 @dataclass
@@ -103,12 +106,20 @@ class Block(nn.Module):
 class LMOutput:
     """What every model returns.
 
-    logits: (T, B, S, V), one slice per loop step (T=1 for standard models).
+    hidden: (T, B, S, D) final-normed states, one slice per loop step (T=1 for standard
+    models); the LM head reads them: `logits` = head(hidden), (T, B, S, V). NOTE: training
+    fuses head and cross-entropy on `hidden` (objectives.linear_cross_entropy) so the full
+    logits of all T steps never exist at once; `logits` is for evaluation and tests.
     gate_logits: (B, S, T) pre-sigmoid exit-gate outputs, or None without a gate.
     """
 
-    logits: torch.Tensor
+    hidden: torch.Tensor
     gate_logits: torch.Tensor | None
+    head: nn.Linear
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.head(self.hidden)
 
 
 class _DecoderLM(nn.Module):
@@ -130,6 +141,7 @@ class _DecoderLM(nn.Module):
             self.pos_emb = nn.Embedding(spec.max_seq_len, spec.d_model)
         else:
             raise ValueError(f"positions must be 'rope' or 'learned', got {spec.positions!r}")
+        self.checkpointing = "none"  # see CHECKPOINTING; set by the training module (an execution choice)
         self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
         self.blocks = nn.ModuleList(Block(spec, rope) for _ in range(spec.n_layers))
         self.final_norm = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
@@ -161,6 +173,17 @@ class _DecoderLM(nn.Module):
         return h
 
     def run_stack(self, h: torch.Tensor) -> torch.Tensor:
+        """One pass through the blocks; with activation checkpointing (training only) the
+        activations inside each block ('block') or the whole pass ('loop') are recomputed in
+        backward instead of kept."""
+        recompute = self.checkpointing != "none" and torch.is_grad_enabled()
+        if recompute and self.checkpointing == "loop":
+            return checkpoint(self._blocks, h, use_reentrant=False)
+        for block in self.blocks:
+            h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
+        return h
+
+    def _blocks(self, h: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             h = block(h)
         return h
@@ -187,7 +210,7 @@ class StandardLM(_DecoderLM):
 
     def forward(self, idx: torch.Tensor) -> LMOutput:
         h = self.final_norm(self.run_stack(self.embed(idx)))
-        return LMOutput(logits=self.lm_head(h).unsqueeze(0), gate_logits=None)
+        return LMOutput(hidden=h.unsqueeze(0), gate_logits=None, head=self.lm_head)
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token (training costs ~3x)."""
@@ -212,15 +235,16 @@ class LoopedLM(_DecoderLM):
         """Run `loops` steps (default: the trained T; more extrapolates)."""
         loops = self.spec.loops if loops is None else loops
         h = self.embed(idx)
-        step_logits, gate_logits = [], []
-        for _ in range(loops):
+        step_hidden = []
+        for _ in range(loops):  # NOTE: a Python loop around the (compiled) blocks: T can change freely
             h = self.run_stack(h)
             h_normed = self.final_norm(h)
             if self.spec.loop_state == "normed":
                 h = h_normed
-            step_logits.append(self.lm_head(h_normed))
-            gate_logits.append(self.exit_gate(h_normed).squeeze(-1))
-        return LMOutput(logits=torch.stack(step_logits), gate_logits=torch.stack(gate_logits, dim=-1))
+            step_hidden.append(h_normed)
+        hidden = torch.stack(step_hidden)  # (T, B, S, D)
+        gate_logits = self.exit_gate(hidden).squeeze(-1).permute(1, 2, 0)  # (B, S, T), one matmul for all steps
+        return LMOutput(hidden=hidden, gate_logits=gate_logits, head=self.lm_head)
 
     def flops_per_token(self, seq_len: int, loops: int | None = None) -> int:
         """Forward FLOPs per token for `loops` steps: the shared stack, the head and the gate
