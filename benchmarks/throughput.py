@@ -35,11 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("looped", "param_matched", "depth_matched")
 PATHS = ("lightning", "raw")
+DEFAULT_STEPS = {"cpu": (20, 5), "state": (300, 30), "gpu": (30, 10)}  # (timed, warmup): ~20 s timed on 2 cores
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 PRESETS = {
     # (config file, overrides): the same model shape for every arch; baselines derive their depth
     "cpu": ("conf/text.yaml", ["model.d_model=128", "model.n_heads=4", "model.n_layers=2", "model.loops=4",
-                               "data.text.context=128", "data.batch_size=16"]),
+                               "data.text.context=128", "data.batch_size=8"]),
     "state": ("conf/state.yaml", []),
     "gpu": (None, ["data.task=random", "data.random.vocab=32768", "data.random.length=1024", "data.batch_size=16",
                    "model.d_model=1024", "model.n_heads=16", "model.n_layers=4", "model.loops=4",
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--arch", default=",".join(ARCHS), help="comma-separated subset of " + ", ".join(ARCHS))
     p.add_argument("--path", default=",".join(PATHS), help="comma-separated subset of lightning, raw")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 40 on CPU, 30 on GPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 8 CPU, 10 GPU: compile)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: cpu 20, state 300, gpu 30)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: cpu 5, state 30, gpu 10)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     p.add_argument("--checkpointing", action="store_true",
                    help="instead: looped at model.loops=8, train.activation_checkpointing none|block|loop, lightning path")
@@ -63,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(measure(**json.loads(args.one))), flush=True)
         return 0
-    on_gpu = torch.cuda.is_available()
-    steps = args.steps or (30 if on_gpu else 40)
-    warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 8)
+    steps = args.steps or DEFAULT_STEPS[args.preset][0]
+    warmup = args.warmup if args.warmup is not None else DEFAULT_STEPS[args.preset][1]
     runs = []
     if args.checkpointing:
         for mode in ("none", "block", "loop"):

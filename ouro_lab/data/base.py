@@ -101,6 +101,29 @@ class Task:
         )
 
 
+class PositionBucketTask(Task):
+    """A task labelled at every position, difficulty = the position's bucket ceil(i * buckets / S)
+    (`state`, `text`, `random`): its config has `buckets`."""
+
+    difficulty_name = "position bucket"
+
+    @staticmethod
+    def bucket_problems(buckets: int, length: int, length_key: str) -> list[tuple[str, str]]:
+        if 1 <= buckets <= max(length, 1):
+            return []
+        return [("buckets", f"must be in [1, {length_key}={length}], got {buckets}")]
+
+    @property
+    def difficulty_levels(self) -> list[int]:
+        return list(range(1, self.cfg.buckets + 1))
+
+    def position_difficulty(self, n: int) -> np.ndarray:
+        """(n, S) the bucket of every position, 1..buckets."""
+        S = self.seq_len
+        buckets = np.ceil(np.arange(1, S + 1) * self.cfg.buckets / S).astype(np.int64)
+        return np.broadcast_to(buckets, (n, S)).copy()
+
+
 def split_of(tokens: np.ndarray) -> np.ndarray:
     """Split index (0 train, 1 val, 2 test) of each row, from a hash of its tokens."""
     return prefix_splits(tokens)[:, -1]
@@ -134,4 +157,4 @@ def get_task(name: str) -> Callable:
     return TASKS[name]
 
 
-__all__ = ["Batch", "IGNORE_INDEX", "SPLITS", "TASKS", "Task", "get_task", "prefix_splits", "register_task", "split_of"]
+__all__ = ["Batch", "IGNORE_INDEX", "PositionBucketTask", "SPLITS", "TASKS", "Task", "get_task", "prefix_splits", "register_task", "split_of"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ouro_lab.data.base import Batch, Task, register_task
+from ouro_lab.data.base import Batch, PositionBucketTask, register_task
 
 
 @dataclass
@@ -21,17 +21,14 @@ class RandomConfig:
 
 
 @register_task
-class RandomTokensTask(Task):
+class RandomTokensTask(PositionBucketTask):
     name = "random"
     Config = RandomConfig
-    difficulty_name = "position bucket"
 
     @classmethod
     def check_config(cls, cfg: RandomConfig) -> list[tuple[str, str]]:
         problems = [(key, f"must be >= 2, got {getattr(cfg, key)}") for key in ("vocab", "length") if getattr(cfg, key) < 2]
-        if not 1 <= cfg.buckets <= max(cfg.length, 1):
-            problems.append(("buckets", f"must be in [1, length={cfg.length}], got {cfg.buckets}"))
-        return problems
+        return problems + cls.bucket_problems(cfg.buckets, cfg.length, "length")
 
     @property
     def vocab_size(self) -> int:
@@ -41,12 +38,6 @@ class RandomTokensTask(Task):
     def seq_len(self) -> int:
         return self.cfg.length
 
-    @property
-    def difficulty_levels(self) -> list[int]:
-        return list(range(1, self.cfg.buckets + 1))
-
     def generate(self, rng: np.random.Generator, n: int, split: str, step: int = 0) -> Batch:
-        S = self.cfg.length
-        rows = rng.integers(0, self.cfg.vocab, size=(n, S + 1))
-        position = np.ceil(np.arange(1, S + 1) * self.cfg.buckets / S).astype(np.int64)
-        return Batch(rows[:, :-1], rows[:, 1:], np.broadcast_to(position, (n, S)).copy())
+        rows = rng.integers(0, self.cfg.vocab, size=(n, self.cfg.length + 1))
+        return Batch(rows[:, :-1], rows[:, 1:], self.position_difficulty(n))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ouro_lab.data.base import Batch, Task, register_task
+from ouro_lab.data.base import Batch, PositionBucketTask, register_task
 
 GROUP_PATTERN = re.compile(r"^(S|A|Z)(\d+)$")
 
@@ -54,16 +54,13 @@ def _is_even(perm: tuple[int, ...]) -> bool:
 
 
 @register_task
-class StateTask(Task):
+class StateTask(PositionBucketTask):
     name = "state"
     Config = StateConfig
-    difficulty_name = "position bucket"
 
     def __init__(self, cfg: StateConfig):
         super().__init__(cfg)
         self.table = group_table(cfg.group)
-        levels = np.arange(1, cfg.length + 1)
-        self.position_difficulty = np.ceil(levels * cfg.buckets / cfg.length).astype(np.int64)  # (L,)
 
     @classmethod
     def check_config(cls, cfg: StateConfig) -> list[tuple[str, str]]:
@@ -74,9 +71,7 @@ class StateTask(Task):
             problems.append(("group", str(err).split(": ", 1)[1]))
         if cfg.length < 1:
             problems.append(("length", f"must be >= 1, got {cfg.length}"))
-        if not 1 <= cfg.buckets <= max(cfg.length, 1):
-            problems.append(("buckets", f"must be in [1, length={cfg.length}], got {cfg.buckets}"))
-        return problems
+        return problems + cls.bucket_problems(cfg.buckets, cfg.length, "length")
 
     @property
     def vocab_size(self) -> int:
@@ -86,10 +81,6 @@ class StateTask(Task):
     def seq_len(self) -> int:
         return self.cfg.length
 
-    @property
-    def difficulty_levels(self) -> list[int]:
-        return list(range(1, self.cfg.buckets + 1))
-
     def generate(self, rng: np.random.Generator, n: int, split: str, step: int = 0) -> Batch:
         tokens = rng.integers(0, len(self.table), size=(n, self.cfg.length))
         targets = np.empty_like(tokens)
@@ -97,4 +88,4 @@ class StateTask(Task):
         for i in range(self.cfg.length):
             product = self.table[product, tokens[:, i]]
             targets[:, i] = product
-        return Batch(tokens, targets, np.broadcast_to(self.position_difficulty, tokens.shape).copy())
+        return Batch(tokens, targets, self.position_difficulty(n))

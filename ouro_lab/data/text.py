@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ouro_lab.data.base import SPLITS, Batch, Task, register_task
+from ouro_lab.data.base import SPLITS, Batch, PositionBucketTask, register_task
 
 STDLIB = "stdlib"
 STDLIB_EXCLUDED = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -116,7 +116,7 @@ def _not_text(path: Path) -> str | None:
 
 
 @register_task
-class TextTask(Task):
+class TextTask(PositionBucketTask):
     name = "text"
     Config = TextConfig
     difficulty_name = "context bucket"
@@ -124,8 +124,6 @@ class TextTask(Task):
 
     def __init__(self, cfg: TextConfig):
         super().__init__(cfg)
-        levels = np.arange(1, cfg.context + 1)
-        self.position_difficulty = np.ceil(levels * cfg.buckets / cfg.context).astype(np.int64)  # (context,)
         self._bytes: dict[str, np.ndarray] = {}
 
     @classmethod
@@ -133,8 +131,7 @@ class TextTask(Task):
         problems = []
         if cfg.context < 2:
             problems.append(("context", f"must be >= 2, got {cfg.context}"))
-        if not 1 <= cfg.buckets <= max(cfg.context, 1):
-            problems.append(("buckets", f"must be in [1, context={cfg.context}], got {cfg.buckets}"))
+        problems += cls.bucket_problems(cfg.buckets, cfg.context, "context")
         try:
             corpus = find_corpus(cfg.paths)
         except CorpusError as err:
@@ -162,10 +159,6 @@ class TextTask(Task):
     def seq_len(self) -> int:
         return self.cfg.context
 
-    @property
-    def difficulty_levels(self) -> list[int]:
-        return list(range(1, self.cfg.buckets + 1))
-
     def split_bytes(self, split: str) -> np.ndarray:
         """The split's files, concatenated (read once per process)."""
         if split not in self._bytes:
@@ -181,4 +174,4 @@ class TextTask(Task):
         S = self.cfg.context
         start = rng.integers(0, len(data) - S, size=n)
         windows = data[start[:, None] + np.arange(S + 1)].astype(np.int64)  # (n, S+1)
-        return Batch(windows[:, :-1], windows[:, 1:], np.broadcast_to(self.position_difficulty, (n, S)).copy())
+        return Batch(windows[:, :-1], windows[:, 1:], self.position_difficulty(n))
