@@ -858,11 +858,13 @@ def summary(data: StudyData, sat: pd.DataFrame, importances: Mapping[str, float]
         by = e[e["loops"] == t_max].set_index("difficulty")["exit_expected_step"]
         if t_max > 1 and len(by) > 1:
             lo, hi = difficulty_order(by.index)[0], difficulty_order(by.index)[-1]
-            trend = ("more" if by[hi] > by[lo] + EXIT_TREND else "fewer" if by[hi] < by[lo] - EXIT_TREND
-                     else "about as many")
+            trend = ("more loops at" if by[hi] > by[lo] + EXIT_TREND else "fewer loops at"
+                     if by[hi] < by[lo] - EXIT_TREND else "about as many loops at")
+            # NOTE: which end is harder is the task's business (more hops; but less context for text)
             lines.append(f"Exit gate at T={t_max} ({group}): expected exit step {by[lo]:.2f} at "
-                         f"{data.difficulty_name} {lo[1:]} vs {by[hi]:.2f} at {hi[1:]}: it spends {trend} loops "
-                         f"on harder inputs (a difference under {EXIT_TREND} steps counts as none).")
+                         f"{data.difficulty_name} {lo[1:]} vs {by[hi]:.2f} at {hi[1:]}: it spends {trend} "
+                         f"{data.difficulty_name} {hi[1:]} than at {lo[1:]} (a difference under {EXIT_TREND} "
+                         "steps counts as none).")
     if importances:
         lines.append("Parameter importance for the objective (fANOVA): "
                      + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()) + ".")
@@ -931,8 +933,9 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
 
 def _terminal_table(table: pd.DataFrame, sat: pd.DataFrame, kind: str, split: str, level: float) -> str:
     s = sat[sat["difficulty"].isin([ALL])][["group", "arch", "text"]].rename(columns={"text": "saturation (all positions)"})
+    saturation = s.to_string(index=False) if len(s) else "saturation: needs runs at two or more trained T per arch"
     return (f"{split} {kind} at the final step (all positions), mean ± {level:.0%} CI half-width over seeds:\n"
-            + table.to_string(index=False) + "\n\n" + s.to_string(index=False))
+            + table.to_string(index=False) + "\n\n" + saturation)
 
 
 def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, lines: list[str],
@@ -970,7 +973,8 @@ def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, li
             "bootstrap of a grid point is coarse: read a point interval such as [6, 6] as 'every resample "
             "agrees', not as certainty.", "",
             _markdown_table(sat[["group", "arch", "difficulty", "text", "p_saturated", "n_seeds", "paired"]]
-                            .rename(columns={"text": "saturation point [interval]"}), ".2f"), ""]
+                            .rename(columns={"text": "saturation point [interval]"}), ".2f")
+            if len(sat) else "No saturation point: every arch has runs at one trained T only.", ""]
     extra = extrapolation_table(data, kind, split)
     out += ["## Metric vs evaluation loop step t", "",
             "Each looped model evaluated at every step up to its trained T and beyond (extrapolation).", ""]

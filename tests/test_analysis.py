@@ -162,6 +162,11 @@ def test_plain_train_runs_are_a_study_too(tiny_config, tmp_path):
     assert data.parent_run_id is None and data.trials.empty and sorted(data.runs["loops"]) == [1, 2]
     report = analysis.write_report(data, tmp_path / "r", n_boot=50)
     assert "## The sweep" not in report.markdown and "1 seed: no interval" in report.markdown
+    # one trained T: no saturation point to find, said in words rather than an empty table
+    train(tiny_config("train.max_steps=5", "tracking.experiment=single"), verbose=False)
+    single = analysis.write_report(analysis.load_study("single", str(tmp_path / "mlflow.db")), tmp_path / "s", n_boot=50)
+    assert "No saturation point: every arch has runs at one trained T only." in single.markdown
+    assert "saturation: needs runs at two or more trained T per arch" in single.table
 
 
 def test_notebook_runs_top_to_bottom_with_no_edits(tiny_study):
