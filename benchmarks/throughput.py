@@ -13,9 +13,12 @@ Timing: `--warmup` steps, then `--steps` steps between two device synchronisatio
 generation is included, as in real training. FLOPs are counted by structure (a shared block
 run T times costs T times, the LM head once per loop step; training = 3x forward); MFU uses
 the device's dense bf16 peak (H100/H200 989, A100 312 TFLOP/s); on CPU it is null and
-`gflops_per_s` is the achieved rate. `peak_mem_bytes`: max allocated CUDA memory, or on CPU
-the process's peak RSS (which includes the Python/torch baseline); `activation_bytes` is the
-size of the tensors autograd saves for backward in one training step (exact on any device).
+`gflops_per_s` is the achieved rate. Memory: `step_peak_bytes` = peak bytes allocated during
+one training step (forward + backward) above what was allocated before it (parameters,
+optimizer state), from the CUDA allocator or, on CPU, torch's profiler; `peak_mem_bytes` =
+the CUDA allocator's peak over the whole run (parameters and optimizer state included), or
+on CPU `step_peak_bytes`; `peak_rss_bytes` = the process's peak RSS (mostly the Python /
+torch / Lightning baseline for small models).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("looped", "param_matched", "depth_matched")
 PATHS = ("lightning", "raw")
-DEFAULT_STEPS = {"cpu": (20, 5), "state": (300, 30), "gpu": (30, 10)}  # (timed, warmup): ~20 s timed on 2 cores
+DEFAULT_STEPS = {"cpu": (150, 10), "state": (300, 30), "gpu": (30, 10)}  # (timed, warmup): ~20 s timed on 2 cores
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 PRESETS = {
     # (config file, overrides): the same model shape for every arch; baselines derive their depth
@@ -53,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--arch", default=",".join(ARCHS), help="comma-separated subset of " + ", ".join(ARCHS))
     p.add_argument("--path", default=",".join(PATHS), help="comma-separated subset of lightning, raw")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default: cpu 20, state 300, gpu 30)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: cpu 5, state 30, gpu 10)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: cpu 150, state 300, gpu 30)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: cpu 10, state 30, gpu 10)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     p.add_argument("--checkpointing", action="store_true",
                    help="instead: looped at model.loops=8, train.activation_checkpointing none|block|loop, lightning path")
@@ -108,7 +111,7 @@ def summarize(results: list[dict], checkpointing: bool) -> dict:
             r = by.get(("looped", "lightning", mode))
             if base and r:
                 out[f"{mode}_peak_mem_cut"] = base["peak_mem_bytes"] / r["peak_mem_bytes"]
-                out[f"{mode}_activation_cut"] = base["activation_bytes"] / max(1, r["activation_bytes"])
+                out[f"{mode}_step_peak_cut"] = base["step_peak_bytes"] / max(1, r["step_peak_bytes"])
                 out[f"{mode}_slowdown"] = r["step_ms"] / base["step_ms"]
         return {k: round(v, 3) for k, v in out.items()}
     for arch in ARCHS:
@@ -152,6 +155,7 @@ def measure(preset: str, arch: str, path: str, steps: int, warmup: int, override
     else:
         raw_loop(module, datamodule, cfg, device, precision, warmup + steps, timer)
     seconds = timer.elapsed()
+    step_peak = step_peak_bytes(module, datamodule, device, precision)
     flops_per_step = module.summary()["train_flops_per_token"] * tokens_per_step
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None) \
         if device.type == "cuda" else None
@@ -162,9 +166,9 @@ def measure(preset: str, arch: str, path: str, steps: int, warmup: int, override
         "step_ms": round(1000 * seconds / steps, 3),
         "mfu": round(steps * flops_per_step / seconds / peak_flops, 4) if peak_flops else None,
         "gflops_per_s": round(steps * flops_per_step / seconds / 1e9, 2),
-        "peak_mem_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "activation_bytes": activation_bytes(module, datamodule, device, precision),
+        "peak_mem_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else step_peak,
+        "step_peak_bytes": step_peak,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "loops": module.spec.loops, "n_layers": module.spec.n_layers, "d_model": cfg.model.d_model,
         "seq_len": module.task.seq_len, "batch_size": cfg.data.batch_size, "vocab": module.task.vocab_size,
         "precision": precision, "compile": cfg.train.compile,
@@ -214,23 +218,16 @@ class _LightningTimer:
 def raw_loop(module, datamodule, cfg, device, precision: str, max_steps: int, timer: _Timer) -> None:
     """The minimal hand-written loop: same model object, data stream, objective, optimizer,
     schedule and gradient clipping as the Lightning path; nothing else."""
-    from ouro_lab.objectives import loop_objective_from_hidden
-
     module.configure_model()  # torch.compile per block when train.compile
-    model = module.model.to(device).train()
+    model = module.to(device).model.train()
     opt_conf = module.configure_optimizers()
     optimizer, scheduler = opt_conf["optimizer"], opt_conf["lr_scheduler"]["scheduler"]
-    o = cfg.objective
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
     loader = iter(datamodule.train_dataloader())
     for step in range(1, max_steps + 1):
         tokens, targets, _ = (x.to(device, non_blocking=True) for x in next(loader))
         with autocast:
-            out = module.run(tokens)
-            result, _ = loop_objective_from_hidden(
-                out.hidden, model.lm_head.weight, targets, out.gate_logits if module.has_gate else None,
-                prior=o.prior if module.has_gate else "none", entropy_weight=o.entropy_weight, prior_p=o.prior_p,
-                detach_exit_probs=o.detach_exit_probs, chunk_tokens=cfg.train.ce_chunk_tokens or None)
+            result, _ = module.objective(tokens, targets)
         result.loss.backward()
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -241,29 +238,36 @@ def raw_loop(module, datamodule, cfg, device, precision: str, max_steps: int, ti
     timer.finish()
 
 
-def activation_bytes(module, datamodule, device, precision: str) -> int:
-    """Bytes of the tensors autograd saves for backward in one training forward (parameters
-    excluded): what activation checkpointing trades for recomputation."""
-    from ouro_lab.objectives import loop_objective_from_hidden
-
-    params = {p.data_ptr() for p in module.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        if t.data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
+def step_peak_bytes(module, datamodule, device, precision: str) -> int:
+    """Peak bytes allocated during one training step (forward + backward) above what was
+    allocated before it (parameters, optimizer state): the activations and temporaries that
+    activation checkpointing trades for recomputation. CUDA: the allocator's peak counter; CPU:
+    the running sum of the allocations and frees torch's profiler records, in order."""
     tokens, targets, _ = (x.to(device) for x in next(iter(datamodule.train_dataloader())))
-    module.model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
-        out = module.run(tokens)
-        result, _ = loop_objective_from_hidden(out.hidden, module.model.lm_head.weight, targets,
-                                               out.gate_logits if module.has_gate else None,
-                                               prior="uniform" if module.has_gate else "none")
-    del result, out
-    return sum(seen.values())
+    module.to(device).train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with autocast:
+            result, _ = module.objective(tokens, targets)
+        result.loss.backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with autocast:
+                result, _ = module.objective(tokens, targets)
+            result.loss.backward()
+        total = peak = 0
+        for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+            total += event.self_cpu_memory_usage
+            peak = max(peak, total)
+    module.zero_grad(set_to_none=True)
+    return int(peak)
 
 
 if __name__ == "__main__":

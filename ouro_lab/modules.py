@@ -18,7 +18,8 @@ from ouro_lab.config import ExperimentConfig, merge, to_dict, validate
 from ouro_lab.data import Task, get_task
 from ouro_lab.metrics import LoopStepMetrics
 from ouro_lab.models import LMOutput, LoopedLM, ModelSpec, StandardLM
-from ouro_lab.objectives import IGNORE_INDEX, exit_distribution, loop_objective_from_hidden, per_step_token_losses
+from ouro_lab.objectives import (IGNORE_INDEX, LoopLoss, exit_distribution, loop_objective_from_hidden,
+                                 per_step_token_losses)
 
 
 def build_task(cfg: ExperimentConfig) -> Task:
@@ -106,16 +107,20 @@ class _LMModule(L.LightningModule):
             self._compiled = True
 
     # --- training -------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx):
-        tokens, targets, _ = batch
+    def objective(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[LoopLoss, torch.Tensor]:
+        """Forward pass and the training objective; also the (T, B, S) detached step losses."""
         out = self.run(tokens)
         o = self.cfg.objective
-        result, step_losses = loop_objective_from_hidden(  # (T, B, S) detached step losses
+        return loop_objective_from_hidden(
             out.hidden, self.model.lm_head.weight, targets, out.gate_logits if self.has_gate else None,
             prior=o.prior if self.has_gate else "none", entropy_weight=o.entropy_weight,
             prior_p=o.prior_p, detach_exit_probs=o.detach_exit_probs,
             chunk_tokens=self.cfg.train.ce_chunk_tokens or None,
         )
+
+    def training_step(self, batch, batch_idx):
+        tokens, targets, _ = batch
+        result, step_losses = self.objective(tokens, targets)
         # NOTE: logged (and checked for NaN) only at the steps Lightning flushes: any read of the
         # loss on the host is a device sync, which would stall a GPU every step.
         if (self.global_step + 1) % self.cfg.train.log_every == 0:

@@ -183,3 +183,24 @@ def test_fused_chunked_cross_entropy_equals_the_naive_path(prior, detach, chunk)
     for reference, fused in zip(*results):
         torch.testing.assert_close(fused, reference.to(fused.dtype) if reference is not None else None)
     assert results[1][2].abs().sum() > 0 and results[1][3].abs().sum() > 0
+
+
+def test_fused_cross_entropy_under_bf16_autocast_matches_the_naive_path():
+    """The GPU path (bf16-mixed) run on CPU autocast: matmuls in bf16, softmax statistics in fp32."""
+    torch.manual_seed(0)
+    T, B, S, D, V = 2, 2, 4, 16, 37
+    hidden, weight = torch.randn(T, B, S, D), torch.randn(V, D) * 0.2
+    gates, targets = torch.randn(B, S, T), torch.randint(0, V, (B, S))
+    results = []
+    for fused in (False, True):
+        h, w, g = (x.clone().requires_grad_(True) for x in (hidden, weight, gates))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                out, _ = loop_objective_from_hidden(h, w, targets, g, chunk_tokens=5)
+            else:
+                out = loop_objective(per_step_token_losses(h @ w.T, targets), g, targets != IGNORE_INDEX)
+        out.loss.backward()
+        results.append((out.loss, h.grad, w.grad, g.grad))
+    for reference, got in zip(*results):
+        assert got.dtype == reference.dtype
+        torch.testing.assert_close(got, reference, rtol=2e-2, atol=2e-3)
