@@ -162,3 +162,34 @@ def test_compiled_training_matches_eager(tiny_config):
     compiled = train(tiny_config(*base, "train.compile=true"), verbose=False)
     for key in ("val/loss_step1", "val/loss_step3", "val/loss_final"):
         assert compiled.val[key] == pytest.approx(eager.val[key], rel=1e-3), key
+
+
+def test_no_host_reads_of_tensors_between_log_steps(tiny_config, monkeypatch):
+    """Reading a tensor on the host (.item(), bool(), float(), .tolist()) is a device sync on a
+    GPU. Between the steps Lightning flushes logs, neither our module nor Lightning does one."""
+    import sys
+
+    reads = []
+    window = {"open": False}
+
+    def spy(name, original):
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if window["open"] and ("ouro_lab" in caller or "lightning" in caller):
+                reads.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+
+    class Window(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            window["open"] = (trainer.global_step + 1) % 5 != 0  # tiny_config: train.log_every=5
+
+        def on_train_batch_end(self, trainer, *args):
+            window["open"] = False
+
+    train(tiny_config("train.max_steps=12", "train.val_every=12", "eval.test=false"), callbacks=[Window()],
+          verbose=False)
+    assert reads == []
