@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also append the JSON lines to this file")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one measurement (JSON spec) and print it
     args = p.parse_args(argv)
+    if (args.warmup is not None and args.warmup < 1) or (args.steps is not None and args.steps < 1):
+        p.error("--warmup and --steps must be >= 1 (the clock starts after the first warmup step)")
     if args.one:
         print(json.dumps(measure(**json.loads(args.one))), flush=True)
         return 0
@@ -143,6 +145,8 @@ def measure(preset: str, arch: str, path: str, steps: int, warmup: int, override
     datamodule = make_datamodule(cfg, module)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.accelerator in ("auto", "gpu", "cuda") else "cpu")
     precision = resolve_precision(cfg)
+    if precision not in ("32-true", "bf16-mixed"):  # what the raw loop mirrors (no GradScaler, no cast weights)
+        raise SystemExit(f"throughput: train.precision={precision} is not benchmarked; use 32-true or bf16-mixed")
     tokens_per_step = cfg.data.batch_size * module.task.seq_len
     timer = _Timer(warmup, device)
     if path == "lightning":
@@ -155,6 +159,7 @@ def measure(preset: str, arch: str, path: str, steps: int, warmup: int, override
     else:
         raw_loop(module, datamodule, cfg, device, precision, warmup + steps, timer)
     seconds = timer.elapsed()
+    run_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None  # before step_peak resets it
     step_peak = step_peak_bytes(module, datamodule, device, precision)
     flops_per_step = module.summary()["train_flops_per_token"] * tokens_per_step
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None) \
@@ -166,7 +171,7 @@ def measure(preset: str, arch: str, path: str, steps: int, warmup: int, override
         "step_ms": round(1000 * seconds / steps, 3),
         "mfu": round(steps * flops_per_step / seconds / peak_flops, 4) if peak_flops else None,
         "gflops_per_s": round(steps * flops_per_step / seconds / 1e9, 2),
-        "peak_mem_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else step_peak,
+        "peak_mem_bytes": run_peak if device.type == "cuda" else step_peak,
         "step_peak_bytes": step_peak,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "loops": module.spec.loops, "n_layers": module.spec.n_layers, "d_model": cfg.model.d_model,

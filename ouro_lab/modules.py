@@ -121,14 +121,15 @@ class _LMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         tokens, targets, _ = batch
         result, step_losses = self.objective(tokens, targets)
-        # NOTE: logged (and checked for NaN) only at the steps Lightning flushes: any read of the
-        # loss on the host is a device sync, which would stall a GPU every step.
-        if (self.global_step + 1) % self.cfg.train.log_every == 0:
-            if not torch.isfinite(result.loss):
-                raise FloatingPointError(
-                    f"training loss became {result.loss.item()} by step {self.global_step} (checked every "
-                    f"train.log_every={self.cfg.train.log_every} steps, lr {self.cfg.train.lr}); "
-                    "lower train.lr or raise train.warmup_steps")
+        # NOTE: logged (and checked for NaN) only at the steps Lightning flushes and the last one:
+        # any read of the loss on the host is a device sync, which would stall a GPU every step.
+        log_step = (self.global_step + 1) % self.cfg.train.log_every == 0
+        if (log_step or self.global_step + 1 >= self.cfg.train.max_steps) and not torch.isfinite(result.loss):
+            raise FloatingPointError(
+                f"training loss became {result.loss.item()} by step {self.global_step} (checked every "
+                f"train.log_every={self.cfg.train.log_every} steps and at the last, lr {self.cfg.train.lr}); "
+                "lower train.lr or raise train.warmup_steps")
+        if log_step:
             mask = (targets != IGNORE_INDEX).float()
             per_step = (step_losses * mask).sum((1, 2)) / mask.sum().clamp_min(1)
             logs = {f"train/loss_step{t + 1}": v for t, v in enumerate(per_step)}

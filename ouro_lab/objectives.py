@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 PRIORS = ("uniform", "geometric", "none")
 IGNORE_INDEX = -100
@@ -172,27 +173,31 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     T, B, S, D = hidden.shape
     chunk = chunk_tokens or max(64, 2**26 // weight.shape[0])
     total, losses = _LinearCrossEntropy.apply(hidden.reshape(T * B * S, D), weight,
-                                              targets.expand(T, B, S).reshape(-1), token_weights.reshape(-1), chunk)
+                                              targets.expand(T, B, S).reshape(-1), token_weights.reshape(-1), chunk,
+                                              torch.is_grad_enabled())
     return total, losses.view(T, B, S)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, chunk):
+    def forward(ctx, hidden, weight, targets, token_weights, chunk, grad_enabled):
         n = hidden.shape[0]
         device = hidden.device.type
-        # the matmul dtype: autocast's (bf16 under bf16-mixed) or the inputs' own
+        # the logits' matmul dtype: autocast's (bf16 under bf16-mixed) or the inputs' own
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else torch.promote_types(hidden.dtype, weight.dtype))
-        w_mat = weight.to(dtype)
+        # NOTE: the gradients are made here, before a 16-mixed GradScaler scales the loss: with
+        # per-token weights ~ p_t / n_tokens, fp16 would underflow them. fp32 then; bf16 has the range.
+        grad_dtype = torch.float32 if dtype == torch.float16 else dtype
+        w_mat, w_grad = weight.to(dtype), weight.to(grad_dtype)
         losses = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
         w = token_weights.detach().float()
         for i in range(0, n, chunk):
-            h, y = hidden[i:i + chunk].to(dtype), targets[i:i + chunk]
-            logits = (h @ w_mat.T).float()  # (c, V), softmax statistics in fp32
+            h, y = hidden[i:i + chunk], targets[i:i + chunk]
+            logits = (h.to(dtype) @ w_mat.T).float()  # (c, V), softmax statistics in fp32
             valid = y != IGNORE_INDEX
             y_safe = torch.where(valid, y, 0)
             lse = torch.logsumexp(logits, dim=-1)
@@ -200,15 +205,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_grad:
                 grad_logits = torch.softmax(logits, dim=-1)  # d CE / d logits = softmax - onehot
                 grad_logits[torch.arange(len(y), device=y.device), y_safe] -= 1.0
-                grad_logits = (grad_logits * torch.where(valid, w[i:i + chunk], 0.0)[:, None]).to(dtype)
-                grad_hidden[i:i + chunk] = grad_logits @ w_mat
-                grad_weight += (grad_logits.T @ h).float()
+                grad_logits = (grad_logits * torch.where(valid, w[i:i + chunk], 0.0)[:, None]).to(grad_dtype)
+                with torch.autocast(device, enabled=False):  # the dtypes above, not autocast's
+                    grad_hidden[i:i + chunk] = grad_logits @ w_grad
+                    grad_weight += (grad_logits.T @ h.to(grad_dtype)).float()
         ctx.save_for_backward(grad_hidden, grad_weight, losses)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(losses)
         return (losses * w).sum(), losses
 
     @staticmethod
+    @once_differentiable  # the CE's own second derivative is not computed: refuse create_graph
     def backward(ctx, grad_total, _grad_losses):
         grad_hidden, grad_weight, losses = ctx.saved_tensors
         needs = ctx.needs_input_grad
@@ -216,4 +223,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 (grad_weight * grad_total).to(ctx.weight_dtype) if needs[1] else None,
                 None,
                 losses * grad_total if needs[3] else None,
-                None)
+                None, None)

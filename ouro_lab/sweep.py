@@ -65,7 +65,7 @@ class PruningCallback(L.Callback):
         value = float(trainer.callback_metrics[self.metric])
         step = self.offset + trainer.global_step
         if not math.isfinite(value):
-            return  # a NaN objective fails the trial in training_step, with its reason
+            return  # NaN weights fail the trial in training_step (checked at log steps and the last), with its reason
         if trainer.world_size == 1:
             self.trial.report(value, step)
             if self.trial.should_prune():

@@ -126,3 +126,12 @@ def test_bad_multihop_config_names_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config("conf/multihop.yaml", [override])
     assert message in str(err.value)
+
+
+def test_graph_too_small_to_hold_out_is_refused():
+    with pytest.raises(ConfigError, match="data.multihop.width: the graph has 3 two-hop questions and none falls in"):
+        load_config("conf/multihop.yaml", ["data.multihop.width=3", "data.multihop.depth=2", "data.multihop.hops=2",
+                                           "data.multihop.relations=1"])
+    small = MultihopTask(MultihopConfig(mode="memorised", width=3, depth=2, hops=2, relations=1))
+    with pytest.raises(RuntimeError, match="no val questions"):
+        small.sample(np.random.default_rng(0), 4, "val")

@@ -204,3 +204,28 @@ def test_fused_cross_entropy_under_bf16_autocast_matches_the_naive_path():
     for reference, got in zip(*results):
         assert got.dtype == reference.dtype
         torch.testing.assert_close(got, reference, rtol=2e-2, atol=2e-3)
+
+
+def test_fused_cross_entropy_gradients_survive_fp16_and_refuse_double_backward():
+    """16-mixed: the fused CE makes its gradients before the GradScaler scales the loss, so they
+    must not be rounded to fp16 (tiny per-token weights p_t / n underflow). And its backward is
+    once-differentiable: create_graph must raise, not silently drop the CE's Hessian."""
+    torch.manual_seed(0)
+    T, B, S, D, V = 4, 4, 128, 32, 4096
+    hidden, weight = torch.randn(T, B, S, D), torch.randn(V, D) * 0.1
+    gates, targets = torch.randn(B, S, T), torch.randint(0, V, (B, S))
+    grads = []
+    for fp16 in (False, True):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            out, _ = loop_objective_from_hidden(h, w, targets, gates)
+        (out.loss * 65536.0).backward()  # what a GradScaler does
+        grads.append((h.grad / 65536.0, w.grad / 65536.0))
+    for reference, got in zip(*grads):
+        assert ((got - reference).norm() / reference.norm()).item() < 1e-2
+        assert (got == 0).float().mean().item() < 1e-3  # no underflow to exact zeros
+    h = hidden.clone().requires_grad_(True)
+    out, _ = loop_objective_from_hidden(h, weight, targets, gates)
+    (grad,) = torch.autograd.grad(out.loss, h, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()

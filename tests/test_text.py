@@ -82,3 +82,20 @@ def test_latin1_file_is_not_text_and_short_splits_are_refused(tmp_path):
     (tmp_path / "1.txt").write_text("short")
     with pytest.raises(ConfigError, match=r"data.text.paths: the (val|test) split .* shorter than one window"):
         load_config("conf/text.yaml", [f"data.text.paths={tmp_path}/*.txt", "data.text.context=64"])
+
+
+def test_symlinks_out_of_the_root_and_duplicates(tmp_path):
+    """A link to a file outside the corpus folder (Debian's stdlib has one) keeps its name; a file
+    reached twice (a link inside the folder) counts once."""
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("outside text\n" * 20)
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(4):
+        (root / f"{i}.txt").write_text(f"file {i}\n" * 20)
+    (root / "link_out.txt").symlink_to(outside)
+    (root / "link_in.txt").symlink_to(root / "0.txt")
+    corpus = find_corpus(str(root / "*.txt"))
+    names = sorted(f.name for f in corpus.files)
+    assert names == ["0.txt", "1.txt", "2.txt", "3.txt", "link_out.txt"]
+    assert sum(len(s) for s in corpus.splits) == 5

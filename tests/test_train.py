@@ -92,7 +92,7 @@ class _PoisonWeights(L.Callback):
 
 def test_nan_loss_fails_the_run_with_a_clear_reason(tiny_config, tracking_uri):
     cfg = tiny_config()
-    with pytest.raises(FloatingPointError, match="training loss became nan by step 4 \(checked every train.log_every=5 steps"):
+    with pytest.raises(FloatingPointError, match="training loss became nan by step 4 \(checked every train.log_every=5 steps and at the last"):
         train(cfg, callbacks=[_PoisonWeights()], verbose=False)
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
@@ -185,7 +185,8 @@ def test_no_host_reads_of_tensors_between_log_steps(tiny_config, monkeypatch):
 
     class Window(L.Callback):
         def on_train_batch_start(self, trainer, *args):
-            window["open"] = (trainer.global_step + 1) % 5 != 0  # tiny_config: train.log_every=5
+            step = trainer.global_step + 1  # tiny_config: train.log_every=5; the last step is checked too
+            window["open"] = step % 5 != 0 and step < 12
 
         def on_train_batch_end(self, trainer, *args):
             window["open"] = False
@@ -193,3 +194,14 @@ def test_no_host_reads_of_tensors_between_log_steps(tiny_config, monkeypatch):
     train(tiny_config("train.max_steps=12", "train.val_every=12", "eval.test=false"), callbacks=[Window()],
           verbose=False)
     assert reads == []
+
+
+def test_nan_after_the_last_log_step_is_still_caught(tiny_config):
+    class PoisonLate(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == 11:  # after the log step at 10, before the last step (12)
+                with torch.no_grad():
+                    module.model.tok_emb.weight.fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError, match="training loss became nan by step 11"):
+        train(tiny_config("train.max_steps=12", "train.val_every=12"), callbacks=[PoisonLate()], verbose=False)

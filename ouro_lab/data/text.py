@@ -72,8 +72,12 @@ def find_corpus(paths: str) -> Corpus:
         root = Path(_glob_root(pattern))
     if not files:
         raise CorpusError(f"{paths!r} matches no files")
-    files = sorted(f.resolve() for f in files)
-    root = root.resolve()
+    # NOTE: names stay as found (absolute, symlinks not resolved: a link may point outside the
+    # root, e.g. Debian's stdlib sitecustomize.py -> /etc); a file reached twice counts once.
+    root, unique = root.absolute(), {}
+    for f in sorted(f.absolute() for f in files):
+        unique.setdefault(f.resolve(), f)
+    files = sorted(unique.values())
     if len(files) < 3:
         raise CorpusError(f"{paths!r} matches {len(files)} file(s); the train/val/test split is by file "
                           "and needs at least 3")
