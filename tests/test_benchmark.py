@@ -51,29 +51,3 @@ def test_gpu_preset_runs_and_reports_mfu(tmp_path):
         assert r["peak_mem_bytes"] >= r["step_peak_bytes"] > 0
         if any(name in r["device"] for name in bench.PEAK_BF16_FLOPS):
             assert 0 < r["mfu"] < 1
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (run: pytest -m gpu)")
-def test_fused_cross_entropy_on_cuda_bf16_matches_the_naive_path():
-    import torch
-
-    from ouro_lab.objectives import IGNORE_INDEX, loop_objective, loop_objective_from_hidden, per_step_token_losses
-
-    torch.manual_seed(0)
-    T, B, S, D, V = 3, 2, 64, 128, 32768
-    hidden = torch.randn(T, B, S, D, device="cuda")
-    weight = torch.randn(V, D, device="cuda") * 0.05
-    gates, targets = torch.randn(B, S, T, device="cuda"), torch.randint(0, V, (B, S), device="cuda")
-    results = []
-    for fused in (False, True):
-        h, w, g = (x.clone().requires_grad_(True) for x in (hidden, weight, gates))
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if fused:
-                out, _ = loop_objective_from_hidden(h, w, targets, g, chunk_tokens=100)
-            else:
-                out = loop_objective(per_step_token_losses(h @ w.T, targets), g, targets != IGNORE_INDEX)
-        out.loss.backward()
-        results.append((out.loss, h.grad, w.grad, g.grad))
-    for reference, got in zip(*results):
-        torch.testing.assert_close(got, reference, rtol=2e-2, atol=2e-3)

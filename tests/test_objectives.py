@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -157,51 +158,53 @@ def test_saturated_gates_give_finite_gradients():
             assert torch.isfinite(out.loss) and torch.isfinite(grad).all(), (value, prior, grad)
 
 
+def fused_and_naive(hidden, weight, gates, targets, autocast=None, chunk=None, **kwargs):
+    """(naive, fused): each (loss, per-token step losses, grad hidden, grad weight, grad gates)
+    of the fused, chunked head + CE and of the reference (full logits, per_step_token_losses,
+    loop_objective), optionally under an autocast context."""
+    results = []
+    for fused in (False, True):
+        h, w, g = (x.clone().requires_grad_(True) for x in (hidden, weight, gates))
+        with autocast or contextlib.nullcontext():
+            if fused:
+                out, losses = loop_objective_from_hidden(h, w, targets, g, chunk_tokens=chunk, **kwargs)
+            else:
+                losses = per_step_token_losses(h @ w.T, targets)
+                out = loop_objective(losses, g, targets != IGNORE_INDEX, **kwargs)
+        out.loss.backward()
+        results.append((out.loss, losses.detach(), h.grad, w.grad, g.grad))
+    return results
+
+
 @pytest.mark.parametrize("prior,detach,chunk", [("uniform", False, 7), ("geometric", False, 1), ("none", False, None),
                                                 ("uniform", True, 1000)])
 def test_fused_chunked_cross_entropy_equals_the_naive_path(prior, detach, chunk):
     """Loss and gradients (hidden states, head weight, exit gate) of the fused, chunked head +
-    CE equal the reference: full logits, per_step_token_losses, loop_objective."""
+    CE equal the reference, in float64 (chunks of 1, 7 and all tokens; ignored targets)."""
     torch.manual_seed(0)
     T, B, S, D, V = 3, 2, 5, 8, 13
-    hidden = torch.randn(T, B, S, D, dtype=torch.float64)
-    weight = torch.randn(V, D, dtype=torch.float64)
-    gates = torch.randn(B, S, T, dtype=torch.float64)
-    targets = torch.randint(0, V, (B, S))
+    hidden, weight = torch.randn(T, B, S, D, dtype=torch.float64), torch.randn(V, D, dtype=torch.float64)
+    gates, targets = torch.randn(B, S, T, dtype=torch.float64), torch.randint(0, V, (B, S))
     targets[0, :2] = IGNORE_INDEX
-    kwargs = dict(prior=prior, entropy_weight=0.1, prior_p=0.4, detach_exit_probs=detach)
-    results = []
-    for fused in (False, True):
-        h, w, g = (x.clone().requires_grad_(True) for x in (hidden, weight, gates))
-        if fused:
-            out, losses = loop_objective_from_hidden(h, w, targets, g, chunk_tokens=chunk, **kwargs)
-        else:
-            losses = per_step_token_losses(h @ w.T, targets)
-            out = loop_objective(losses, g, targets != IGNORE_INDEX, **kwargs)
-        out.loss.backward()
-        results.append((out.loss, losses, h.grad, w.grad, g.grad))
-    for reference, fused in zip(*results):
-        torch.testing.assert_close(fused, reference.to(fused.dtype) if reference is not None else None)
-    assert results[1][2].abs().sum() > 0 and results[1][3].abs().sum() > 0
+    naive, fused = fused_and_naive(hidden, weight, gates, targets, chunk=chunk, prior=prior, entropy_weight=0.1,
+                                   prior_p=0.4, detach_exit_probs=detach)
+    for reference, got in zip(naive, fused):
+        torch.testing.assert_close(got, reference.to(got.dtype) if reference is not None else None)
+    assert fused[2].abs().sum() > 0 and fused[3].abs().sum() > 0
 
 
-def test_fused_cross_entropy_under_bf16_autocast_matches_the_naive_path():
-    """The GPU path (bf16-mixed) run on CPU autocast: matmuls in bf16, softmax statistics in fp32."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pytest -m gpu)")])])
+def test_fused_cross_entropy_under_bf16_autocast_matches_the_naive_path(device):
+    """bf16-mixed (the GPU path; on CPU through CPU autocast): matmuls in bf16, softmax
+    statistics in fp32. On CUDA at the GPU preset's vocabulary (32768)."""
     torch.manual_seed(0)
-    T, B, S, D, V = 2, 2, 4, 16, 37
-    hidden, weight = torch.randn(T, B, S, D), torch.randn(V, D) * 0.2
-    gates, targets = torch.randn(B, S, T), torch.randint(0, V, (B, S))
-    results = []
-    for fused in (False, True):
-        h, w, g = (x.clone().requires_grad_(True) for x in (hidden, weight, gates))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            if fused:
-                out, _ = loop_objective_from_hidden(h, w, targets, g, chunk_tokens=5)
-            else:
-                out = loop_objective(per_step_token_losses(h @ w.T, targets), g, targets != IGNORE_INDEX)
-        out.loss.backward()
-        results.append((out.loss, h.grad, w.grad, g.grad))
-    for reference, got in zip(*results):
+    T, B, S, D, V = (2, 2, 4, 16, 37) if device == "cpu" else (3, 2, 64, 128, 32768)
+    hidden, weight = torch.randn(T, B, S, D, device=device), torch.randn(V, D, device=device) * 0.05
+    gates, targets = torch.randn(B, S, T, device=device), torch.randint(0, V, (B, S), device=device)
+    naive, fused = fused_and_naive(hidden, weight, gates, targets, torch.autocast(device, dtype=torch.bfloat16),
+                                   chunk=5 if device == "cpu" else 100)
+    for reference, got in zip(naive, fused):
         assert got.dtype == reference.dtype
         torch.testing.assert_close(got, reference, rtol=2e-2, atol=2e-3)
 
