@@ -126,21 +126,25 @@ class PositionBucketTask(Task):
 
 def split_of(tokens: np.ndarray) -> np.ndarray:
     """Split index (0 train, 1 val, 2 test) of each row, from a hash of its tokens."""
-    return prefix_splits(tokens)[:, -1]
+    return _split_of_hash(prefix_hashes(tokens)[:, -1])
 
 
-def prefix_splits(tokens: np.ndarray) -> np.ndarray:
-    """(n, L) split index of every prefix of every row: column j is the split of tokens[:, :j+1]
-    (tasks whose questions are prefixes of a row, like `multihop`, split each question)."""
-    h = np.zeros(len(tokens), dtype=np.uint64)
-    out = np.empty(tokens.shape, dtype=np.int64)
+def prefix_hashes(tokens: np.ndarray, start: int = 0, salt: int = 0, shift: int = 29) -> np.ndarray:
+    """(n, L) uint64 hash of every prefix of every row (FNV-1a style, 64-bit); `start`, `salt`
+    and `shift` give independent hash families over the same tokens."""
+    h = np.full(len(tokens), start, dtype=np.uint64)
+    out = np.empty(tokens.shape, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for j, column in enumerate(tokens.T.astype(np.uint64)):
-            h = (h ^ column) * np.uint64(0x100000001B3)  # FNV-1a, 64-bit
-            h ^= h >> np.uint64(29)
-            bucket = (h % np.uint64(N_HASH_BUCKETS)).astype(np.int64)
-            out[:, j] = np.where(bucket == HELD_OUT_BUCKETS["val"], 1, np.where(bucket == HELD_OUT_BUCKETS["test"], 2, 0))
+            h = (h ^ (column + np.uint64(salt))) * np.uint64(0x100000001B3)
+            h ^= h >> np.uint64(shift)
+            out[:, j] = h
     return out
+
+
+def _split_of_hash(h: np.ndarray) -> np.ndarray:
+    bucket = (h % np.uint64(N_HASH_BUCKETS)).astype(np.int64)
+    return np.where(bucket == HELD_OUT_BUCKETS["val"], 1, np.where(bucket == HELD_OUT_BUCKETS["test"], 2, 0))
 
 
 TASKS: dict[str, type[Task]] = {}
@@ -157,4 +161,4 @@ def get_task(name: str) -> Callable:
     return TASKS[name]
 
 
-__all__ = ["Batch", "IGNORE_INDEX", "PositionBucketTask", "SPLITS", "TASKS", "Task", "get_task", "prefix_splits", "register_task", "split_of"]
+__all__ = ["Batch", "IGNORE_INDEX", "PositionBucketTask", "SPLITS", "TASKS", "Task", "get_task", "prefix_hashes", "register_task", "split_of"]

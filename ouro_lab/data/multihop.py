@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ouro_lab.data.base import IGNORE_INDEX, SPLITS, Batch, Task, prefix_splits, register_task
+from ouro_lab.data.base import IGNORE_INDEX, SPLITS, Batch, Task, prefix_hashes, register_task, split_of
 
 MODES = ("context", "memorised")
 
@@ -91,7 +91,7 @@ class MultihopTask(Task):
         layer, index, r1, r2 = (a.ravel() for a in np.meshgrid(
             np.arange(c.depth - 1), np.arange(c.width), np.arange(c.relations), np.arange(c.relations), indexing="ij"))
         questions = np.stack([self.entity(layer, index), r1 + self.relation_base, r2 + self.relation_base], 1)
-        return prefix_splits(questions)[:, 2]
+        return _two_hop_split(questions)
 
     @property
     def vocab_size(self) -> int:
@@ -150,9 +150,7 @@ class MultihopTask(Task):
             for _ in range(10_000):
                 k, x, rel, answers = self._queries(rng, draw, self.graph[None])
                 question = np.concatenate([x[:, None], rel], 1)  # (Q, 1+K) start token, relation tokens
-                # NOTE: split by the first two hops, so a held-out question has no trained prefix
-                # longer than a fact: its answer cannot be a memorised (k-1)-hop answer + one hop.
-                q_split = prefix_splits(question[:, :3])[:, 2:]  # (Q, 1), the same for every k >= 2
+                q_split = _two_hop_split(question)[:, None]  # (Q, 1), the same for every k >= 2
                 hops = np.arange(1, self.cfg.hops + 1)
                 if split == "train":
                     keep = (q_split == want) & ((hops == 1) | (_fraction_hash(question) < self.cfg.train_fraction))
@@ -224,14 +222,13 @@ class MultihopTask(Task):
         return tokens, np.full_like(tokens, IGNORE_INDEX), np.zeros_like(tokens)
 
 
+def _two_hop_split(question: np.ndarray) -> np.ndarray:
+    """(Q,) split of questions (start, r1, r2, ...) by their first two hops. NOTE: then no
+    held-out question extends a trained composition (its suffix may be one; module docstring)."""
+    return split_of(question[:, :3])
+
+
 def _fraction_hash(question: np.ndarray) -> np.ndarray:
     """(Q, K) a uniform number in [0, 1) per question prefix, independent of the split hash."""
-    h = np.full(len(question), 0x9E3779B97F4A7C15, dtype=np.uint64)
-    out = np.empty((len(question), question.shape[1] - 1))
-    with np.errstate(over="ignore"):
-        for j, column in enumerate(question.T.astype(np.uint64)):
-            h = (h ^ (column + np.uint64(0x51))) * np.uint64(0x100000001B3)
-            h ^= h >> np.uint64(31)
-            if j:
-                out[:, j - 1] = (h % np.uint64(1 << 20)).astype(np.float64) / (1 << 20)
-    return out
+    h = prefix_hashes(question, start=0x9E3779B97F4A7C15, salt=0x51, shift=31)[:, 1:]
+    return (h % np.uint64(1 << 20)).astype(np.float64) / (1 << 20)
