@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -36,7 +35,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHS = ("looped", "param_matched", "depth_matched")
+sys.path.insert(0, str(ROOT))
+from ouro_lab.config import ARCHS  # noqa: E402
+
 PATHS = ("lightning", "raw")
 DEFAULT_STEPS = {"cpu": (150, 10), "state": (300, 30), "gpu": (30, 10)}  # (timed, warmup): ~20 s timed on 2 cores
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -129,7 +130,6 @@ def summarize(results: list[dict], checkpointing: bool) -> dict:
 
 # --- one measurement (in its own process) -----------------------------------------------------
 def measure(preset: str, arch: str, path: str, steps: int, warmup: int, overrides: list[str]) -> dict:
-    sys.path.insert(0, str(ROOT))
     from ouro_lab.config import load_config
     from ouro_lab.modules import build_module
     from ouro_lab.train import make_datamodule, make_trainer, resolve_precision
@@ -142,7 +142,7 @@ def measure(preset: str, arch: str, path: str, steps: int, warmup: int, override
         *(["train.compile=false"] if not torch.cuda.is_available() and preset != "gpu" else []), *overrides])
     torch.manual_seed(cfg.train.seed)
     module = build_module(cfg)
-    datamodule = make_datamodule(cfg, module)
+    datamodule = make_datamodule(cfg, module.task)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.accelerator in ("auto", "gpu", "cuda") else "cpu")
     precision = resolve_precision(cfg)
     if precision not in ("32-true", "bf16-mixed"):  # what the raw loop mirrors (no GradScaler, no cast weights)
@@ -174,7 +174,7 @@ def measure(preset: str, arch: str, path: str, steps: int, warmup: int, override
         "peak_mem_bytes": run_peak if device.type == "cuda" else step_peak,
         "step_peak_bytes": step_peak,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "loops": module.spec.loops, "n_layers": module.spec.n_layers, "d_model": cfg.model.d_model,
+        "loops": cfg.model.trained_loops, "n_layers": cfg.model.distinct_layers, "d_model": cfg.model.d_model,
         "seq_len": module.task.seq_len, "batch_size": cfg.data.batch_size, "vocab": module.task.vocab_size,
         "precision": precision, "compile": cfg.train.compile,
         "activation_checkpointing": cfg.train.activation_checkpointing,

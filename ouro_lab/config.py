@@ -11,7 +11,7 @@ combination raises `ConfigError` naming the key, the bad value and the valid cho
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ouro_lab.data import TASKS
+from ouro_lab.data.arith import ArithConfig
+from ouro_lab.data.multihop import MultihopConfig
+from ouro_lab.data.random_tokens import RandomConfig
+from ouro_lab.data.state import StateConfig
+from ouro_lab.data.text import TextConfig
 from ouro_lab.models.transformer import CHECKPOINTING
 from ouro_lab.objectives import PRIORS
 
@@ -47,6 +52,26 @@ class ModelConfig:
     embed_init_std: float = 0.02  # init std of token/position embeddings when untied (tied: 0.02, the head's)
     positions: str = "rope"  # rope | learned (absolute, learned embeddings)
     loop_state: str = "normed"  # normed: final_norm(h_t) feeds loop t+1 (Ouro) | residual: raw h_t does
+
+    # --- derived, in one place (litgpt's Config): every caller asks these ---------------------
+    @property
+    def distinct_layers(self) -> int:
+        """Distinct blocks: N (looped, param_matched) or N*T (depth_matched)."""
+        return self.n_layers * self.loops if self.arch == "depth_matched" else self.n_layers
+
+    @property
+    def trained_loops(self) -> int:
+        """Times the stack runs in training, and the step scored as `final`: T looped, 1 baselines."""
+        return self.loops if self.arch == "looped" else 1
+
+    @property
+    def effective_depth(self) -> int:
+        """Blocks a token passes through: distinct_layers x trained_loops."""
+        return self.distinct_layers * self.trained_loops
+
+    @property
+    def has_exit_gate(self) -> bool:
+        return self.arch == "looped"
 
 
 @dataclass
@@ -95,23 +120,24 @@ class TrackingConfig:
     output_dir: str = "outputs"  # checkpoints go to {output_dir}/{experiment}/{run_id}/checkpoints
 
 
-def _data_config_class() -> type:
-    """DataConfig: common knobs plus one sub-config per registered task (data.<task>.*)."""
-    common = [
-        ("task", str, field(default="state")),  # which registered task to train on
-        ("batch_size", int, field(default=64)),  # training sequences per step
-        ("eval_batch_size", int, field(default=512)),
-        ("n_val", int, field(default=2048)),  # validation examples (fixed by data.seed)
-        ("n_test", int, field(default=2048)),  # test examples (fixed by data.seed)
-        ("seed", int, field(default=0)),  # fixes val/test sets; the train stream also uses train.seed
-    ]
-    per_task = [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in sorted(TASKS.items())]
-    cls = make_dataclass("DataConfig", common + per_task)
-    cls.__module__ = __name__  # so it pickles as ouro_lab.config.DataConfig
-    return cls
+@dataclass
+class DataConfig:
+    task: str = "state"  # which registered task to train on (its section below is the one used)
+    batch_size: int = 64  # training sequences per step
+    eval_batch_size: int = 512
+    n_val: int = 2048  # validation examples (fixed by data.seed)
+    n_test: int = 2048  # test examples (fixed by data.seed)
+    seed: int = 0  # fixes val/test sets; the train stream also uses train.seed
+    # one section per registered task (data.<task>.*); only data.task's is read
+    arith: ArithConfig = field(default_factory=ArithConfig)
+    multihop: MultihopConfig = field(default_factory=MultihopConfig)
+    random: RandomConfig = field(default_factory=RandomConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
 
-DataConfig = _data_config_class()
+# NOTE: a task registered without its section here could not be configured
+assert {f.name for f in dataclasses.fields(DataConfig)} >= set(TASKS), "DataConfig lacks a section for a task"
 
 
 @dataclass
@@ -123,20 +149,39 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    @property
+    def eval_loops(self) -> int:
+        """Loop steps scored at evaluation: T + eval.extra_loops for looped models (t > T
+        extrapolates), 1 for the baselines."""
+        return self.model.trained_loops + (self.eval.extra_loops if self.model.arch == "looped" else 0)
 
-def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
-    """A YAML file with its `defaults:` list merged in first (paths relative to the file)."""
+    def default_run_name(self) -> str:
+        """'{task}-looped-N2xT4-s0', '{task}-depth_matched-L8-s0'."""
+        m = self.model
+        shape = f"N{m.n_layers}xT{m.loops}" if m.arch == "looped" else f"L{m.distinct_layers}"
+        return f"{self.data.task}-{m.arch}-{shape}-s{self.train.seed}"
+
+
+def read_yaml(path: str | Path, what: str = "config") -> DictConfig:
+    """One YAML file whose top level is a mapping (experiment configs and sweep files alike)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    if path.resolve() in _seen:
-        raise ConfigError(f"{path}: 'defaults' includes itself (cycle through {[str(p) for p in _seen]})")
+        raise ConfigError(f"{what} file not found: {path}")
     try:
         raw = OmegaConf.load(path)
     except Exception as err:  # yaml errors come in several types
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, DictConfig):
-        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        raise ConfigError(f"{path}: expected a mapping of {what} keys at the top level")
+    return raw
+
+
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
+    """A YAML file with its `defaults:` list merged in first (paths relative to the file)."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'defaults' includes itself (cycle through {[str(p) for p in _seen]})")
+    raw = read_yaml(path)
     defaults = raw.pop("defaults", [])
     if isinstance(defaults, str):
         defaults = [defaults]
@@ -144,10 +189,16 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(*parts, raw) if parts else raw
 
 
+def override_key(item: str, example: str = "model.loops=4") -> str:
+    """The key of a `key=value` override; ConfigError if it is not of that form."""
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r} is not of the form key=value, e.g. {example}")
+    return item.split("=", 1)[0]
+
+
 def parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override {item!r} is not of the form key=value, e.g. model.loops=4")
+        override_key(item)
     return OmegaConf.from_dotlist(list(overrides))
 
 
@@ -243,12 +294,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return validate(OmegaConf.to_object(merged))
 
 
+def from_dict(config: dict, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """A config saved as a plain dict (a checkpoint's hyperparameters) back as a validated object."""
+    return validate(OmegaConf.to_object(merge(config, parse_overrides(list(overrides)))))
+
+
 def to_dict(cfg: ExperimentConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def used_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The flattened config a run logs as MLflow params: one name per key (`model.loops`), and
+    of the task sections only the one `data.task` uses (the full config is the run's
+    config.yaml artifact)."""
+    d = to_dict(cfg)
+    for task in TASKS:
+        if task != cfg.data.task:
+            d["data"].pop(task, None)
+    return flatten(d)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

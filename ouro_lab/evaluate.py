@@ -5,14 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
-from omegaconf import OmegaConf
 
-from ouro_lab.config import ConfigError, merge, parse_overrides, to_dict, validate
-from ouro_lab.data import TaskDataModule
+from ouro_lab.config import ConfigError, from_dict
 from ouro_lab.modules import build_module
-from ouro_lab.train import metrics_table
+from ouro_lab.train import make_datamodule, make_trainer
+from ouro_lab.views import metrics_table
 
 # Only evaluation and data-size keys may change on reload; anything else is a different model.
 EVAL_OVERRIDABLE = ("eval.", "data.eval_batch_size", "data.n_val", "data.n_test", "train.accelerator", "train.precision")
@@ -38,15 +36,13 @@ def evaluate_checkpoint(path: Path, overrides: list[str] = (), split: str = "tes
     config = ckpt.get("hyper_parameters", {}).get("config")
     if config is None:
         raise ConfigError(f"{path} has no ouro-lab config in its hyper_parameters; was it written by `ouro-lab train`?")
-    cfg = validate(OmegaConf.to_object(merge(config, parse_overrides(list(overrides)))))
-    module = build_module(to_dict(cfg))
+    cfg = from_dict(config, overrides)  # validated once, here
+    module = build_module(cfg)
     module.load_state_dict(ckpt["state_dict"])
-    d = cfg.data
-    datamodule = TaskDataModule(module.task, d.batch_size, d.eval_batch_size, d.n_val, d.n_test,
-                                data_seed=d.seed, seed=cfg.train.seed)
-    trainer = L.Trainer(logger=False, accelerator=cfg.train.accelerator, devices=1, enable_progress_bar=False,
-                        enable_model_summary=False)
+    # the training run's own builders; one device, nothing logged
+    cfg.train.devices = 1
+    trainer = make_trainer(cfg, logger=False, callbacks=[], verbose=False)
     run = trainer.test if split == "test" else trainer.validate
-    run(module, datamodule=datamodule, verbose=False)
+    run(module, datamodule=make_datamodule(cfg, module.task), verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}
     return EvalResult(metrics=metrics, split=split)

@@ -2,8 +2,11 @@
 
 `LoopedLMModule` trains `LoopedLM` with the Stage-I exit objective; `StandardLMModule`
 trains the baselines. `build_module(cfg)` picks one from `model.arch`, and the baselines
-take their depth from the looped config (param_matched: N layers; depth_matched: N*T),
-so a sweep over `arch` is fair by construction.
+take their depth from the looped config (param_matched: N layers; depth_matched: N*T,
+`ModelConfig.distinct_layers`), so a sweep over `arch` is fair by construction.
+
+A module takes the validated `ExperimentConfig` as it is (no second merge or validation);
+its checkpoint keeps the config as a plain dict, and `config.from_dict` rebuilds it.
 """
 
 from __future__ import annotations
@@ -12,31 +15,25 @@ import math
 
 import lightning as L
 import torch
-from omegaconf import OmegaConf
 
-from ouro_lab.config import ExperimentConfig, merge, to_dict, validate
-from ouro_lab.data import Task, get_task
+from ouro_lab import metric_names as names
+from ouro_lab.config import ExperimentConfig, to_dict
+from ouro_lab.data import IGNORE_INDEX, Task, build_task
 from ouro_lab.metrics import LoopStepMetrics
 from ouro_lab.models import LMOutput, LoopedLM, ModelSpec, StandardLM
-from ouro_lab.objectives import (IGNORE_INDEX, LoopLoss, exit_distribution, loop_objective_from_hidden,
-                                 per_step_token_losses)
-
-
-def build_task(cfg: ExperimentConfig) -> Task:
-    return get_task(cfg.data.task)(getattr(cfg.data, cfg.data.task))
+from ouro_lab.objectives import LoopLoss, exit_distribution, loop_objective_from_hidden, per_step_token_losses
 
 
 def model_spec(cfg: ExperimentConfig, task: Task) -> ModelSpec:
-    """The one place where model shapes are derived from the experiment config."""
+    """The network `cfg` describes, sized for `task`'s vocabulary and sequence length."""
     m = cfg.model
-    n_layers = {"looped": m.n_layers, "param_matched": m.n_layers, "depth_matched": m.n_layers * m.loops}[m.arch]
     return ModelSpec(
         vocab_size=task.vocab_size,
         max_seq_len=task.seq_len,
         d_model=m.d_model,
         n_heads=m.n_heads,
-        n_layers=n_layers,
-        loops=m.loops if m.arch == "looped" else 1,
+        n_layers=m.distinct_layers,
+        loops=m.trained_loops,
         d_ff=m.d_ff or 4 * m.d_model,
         tie_embeddings=m.tie_embeddings,
         embed_init_std=m.embed_init_std,
@@ -48,35 +45,27 @@ def model_spec(cfg: ExperimentConfig, task: Task) -> ModelSpec:
 class _LMModule(L.LightningModule):
     """Shared training/eval logic; subclasses build the model and say how many steps to score."""
 
-    def __init__(self, config: dict):
+    def __init__(self, cfg: ExperimentConfig):
         super().__init__()
-        # Plain dict so checkpoints reload without this package's classes being pickled.
-        self.save_hyperparameters({"config": config})
-        self.cfg: ExperimentConfig = validate(OmegaConf.to_object(merge(config)))
-        self.task = build_task(self.cfg)
-        self.spec = model_spec(self.cfg, self.task)
+        # NOTE: saved as a plain dict, so checkpoints reload without this package's classes
+        # being pickled (config.from_dict rebuilds the object); Lightning's logging of these
+        # hyperparameters is switched off (train.py): the run logs its config once, itself.
+        self.save_hyperparameters({"config": to_dict(cfg)})
+        self.cfg = cfg
+        self.task = build_task(cfg.data)
+        self.spec = model_spec(cfg, self.task)
         self.model = self.build_model(self.spec)
-        self.model.checkpointing = self.cfg.train.activation_checkpointing
+        self.model.checkpointing = cfg.train.activation_checkpointing
+        self.trained_loops, self.eval_loops = cfg.model.trained_loops, cfg.eval_loops
+        self.has_gate = cfg.model.has_exit_gate
         n_levels = len(self.task.difficulty_levels)
         bpb = self.task.byte_level
-        self.val_metrics = LoopStepMetrics(self.eval_steps, self.trained_steps, n_levels, self.has_gate, bpb)
-        self.test_metrics = LoopStepMetrics(self.eval_steps, self.trained_steps, n_levels, self.has_gate, bpb)
+        self.val_metrics = LoopStepMetrics(self.eval_loops, self.trained_loops, n_levels, self.has_gate, bpb)
+        self.test_metrics = LoopStepMetrics(self.eval_loops, self.trained_loops, n_levels, self.has_gate, bpb)
 
     # --- what subclasses define -------------------------------------------------------
-    has_gate = False
-
     def build_model(self, spec: ModelSpec) -> torch.nn.Module:
         raise NotImplementedError
-
-    @property
-    def trained_steps(self) -> int:
-        """Loop steps the model is trained with (T for looped, 1 for standard)."""
-        return 1
-
-    @property
-    def eval_steps(self) -> int:
-        """Loop steps scored at evaluation (T + eval.extra_loops for looped models)."""
-        return 1
 
     def run(self, tokens: torch.Tensor, loops: int | None = None) -> LMOutput:
         return self.model(tokens)
@@ -89,8 +78,8 @@ class _LMModule(L.LightningModule):
     def summary(self) -> dict[str, int]:
         return {
             "n_params": self.model.num_params(),
-            "n_distinct_layers": self.spec.n_layers,
-            "effective_depth": self.spec.n_layers * self.spec.loops,
+            "n_distinct_layers": self.cfg.model.distinct_layers,
+            "effective_depth": self.cfg.model.effective_depth,
             "forward_flops_per_token": self.flops_per_token(),
             "train_flops_per_token": 3 * self.flops_per_token(),
             "seq_len": self.task.seq_len,
@@ -132,9 +121,9 @@ class _LMModule(L.LightningModule):
         if log_step:
             mask = (targets != IGNORE_INDEX).float()
             per_step = (step_losses * mask).sum((1, 2)) / mask.sum().clamp_min(1)
-            logs = {f"train/loss_step{t + 1}": v for t, v in enumerate(per_step)}
+            logs = {f"train/{names.step('loss', t + 1)}": v for t, v in enumerate(per_step)}
             if self.has_gate:
-                logs |= {"train/expected_loss": result.expected_loss, "train/exit_entropy": result.entropy,
+                logs |= {f"train/{names.under_exit('loss')}": result.loss_exit, "train/exit_entropy": result.entropy,
                          "train/exit_kl": result.kl}
             self.log_dict(logs)
             self.log("train/loss", result.loss.detach(), prog_bar=True)
@@ -161,7 +150,7 @@ class _LMModule(L.LightningModule):
     # --- evaluation -------------------------------------------------------------------------
     def _eval_step(self, batch, metrics: LoopStepMetrics) -> None:
         tokens, targets, difficulty = batch
-        out = self.run(tokens, loops=self.eval_steps)
+        out = self.run(tokens, loops=self.eval_loops)
         step_losses, correct = [], []
         for hidden in out.hidden:  # one step's (B, S, V) logits at a time
             logits = out.head(hidden)
@@ -170,7 +159,7 @@ class _LMModule(L.LightningModule):
         step_losses, correct = torch.stack(step_losses), torch.stack(correct)  # (T', B, S)
         exit_probs = None
         if self.has_gate:
-            exit_probs = exit_distribution(out.gate_logits[..., : self.trained_steps])  # (B, S, T)
+            exit_probs = exit_distribution(out.gate_logits[..., : self.trained_loops])  # (B, S, T)
         metrics.update(step_losses, correct, difficulty * (targets != IGNORE_INDEX), exit_probs)
 
     def validation_step(self, batch, batch_idx):
@@ -192,25 +181,15 @@ class _LMModule(L.LightningModule):
         # rank needs the objective for the pruning callback's collective.
         sync = self.trainer.world_size > 1
         self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, sync_dist=sync)
-        self.log(f"{prefix}/acc", values["acc_final"], prog_bar=True, sync_dist=sync)
+        self.log(f"{prefix}/acc", values[names.final("acc")], prog_bar=True, sync_dist=sync)
         metrics.reset()
 
 
 class LoopedLMModule(_LMModule):
     """Ouro: N shared blocks x T loops, per-step head, exit gate, Stage-I objective."""
 
-    has_gate = True
-
     def build_model(self, spec: ModelSpec) -> LoopedLM:
         return LoopedLM(spec)
-
-    @property
-    def trained_steps(self) -> int:
-        return self.spec.loops
-
-    @property
-    def eval_steps(self) -> int:
-        return self.spec.loops + self.cfg.eval.extra_loops
 
     def run(self, tokens: torch.Tensor, loops: int | None = None) -> LMOutput:
         return self.model(tokens, loops=loops)
@@ -223,9 +202,7 @@ class StandardLMModule(_LMModule):
         return StandardLM(spec)
 
 
-def build_module(cfg: ExperimentConfig | dict) -> _LMModule:
-    """The LightningModule for `model.arch` (a config object, or its dict from a checkpoint)."""
-    if isinstance(cfg, dict):
-        cfg = validate(OmegaConf.to_object(merge(cfg)))
+def build_module(cfg: ExperimentConfig) -> _LMModule:
+    """The LightningModule for `model.arch`."""
     cls = LoopedLMModule if cfg.model.arch == "looped" else StandardLMModule
-    return cls(to_dict(cfg))
+    return cls(cfg)

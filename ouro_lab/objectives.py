@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ouro_lab.data.base import IGNORE_INDEX
+
 PRIORS = ("uniform", "geometric", "none")
-IGNORE_INDEX = -100
 
 
 def exit_distribution(gate_logits: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,7 @@ class LoopLoss:
     """The scalar to optimise and its parts (means over counted tokens)."""
 
     loss: torch.Tensor
-    expected_loss: torch.Tensor  # sum_t p_t L_t (plain mean over steps for prior 'none')
+    loss_exit: torch.Tensor  # sum_t p_t L_t (plain mean over steps for prior 'none')
     kl: torch.Tensor  # KL(p || prior); 0 for prior 'none'
     entropy: torch.Tensor  # H(p); 0 for prior 'none'
 
@@ -149,13 +150,13 @@ def _objective(weighted_loss: Callable[[torch.Tensor], torch.Tensor], loops: int
     zero = weights.new_zeros(())
     if prior == "none" or gate_logits is None:
         expected = weighted_loss((weights / (n_tokens * loops)).expand(loops, *weights.shape))
-        return LoopLoss(loss=expected, expected_loss=expected, kl=zero, entropy=zero)
+        return LoopLoss(loss=expected, loss_exit=expected, kl=zero, entropy=zero)
     exit_probs = exit_distribution(gate_logits)  # (B, S, T)
     weighting = exit_probs.detach() if detach_exit_probs else exit_probs
     expected = weighted_loss(weighting.permute(2, 0, 1) * (weights / n_tokens))
     kl = (kl_to_prior(exit_probs, exit_prior(prior, loops, prior_p, exit_probs.device)) * weights).sum() / n_tokens
     ent = (entropy(exit_probs) * weights).sum() / n_tokens
-    return LoopLoss(loss=expected + entropy_weight * kl, expected_loss=expected, kl=kl, entropy=ent)
+    return LoopLoss(loss=expected + entropy_weight * kl, loss_exit=expected, kl=kl, entropy=ent)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -1,8 +1,13 @@
-"""MLflow helpers: where the store is, runs (optionally nested), reproducibility tags, plots.
+"""MLflow, owned in one place: where the store is, the experiment, and one `Run` handle per
+run that creates, logs to, tags and ends it (train, the sweep and the analysis's report all
+go through it); plus reproducibility tags and telling the user where to look.
 
-Lightning's `MLFlowLogger` does the metric logging; this module covers what it does not:
-creating the run up front (so a sweep can nest it under a parent), the config artifact,
-git and package versions, the per-loop-step plot, and telling the user where to look.
+    experiment = Experiment.open(resolve_tracking_uri(cfg.tracking.uri), "loops")
+    with experiment.create_run("trial-3", tags, parent=study_run.id) as run:
+        train(cfg, run=run)            # logs config and metrics into `run`; the `with` ends it
+
+Lightning's `MLFlowLogger` logs the training metrics into the run (train.py hands it the run
+id); it neither logs the config nor ends the run: the handle does (one owner per run).
 """
 
 from __future__ import annotations
@@ -13,14 +18,10 @@ import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import matplotlib
 from filelock import FileLock
-
-matplotlib.use("Agg")  # headless: plots are files and MLflow artifacts
-import matplotlib.pyplot as plt  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.tracking import MlflowClient
 
 PACKAGES = ("torch", "lightning", "mlflow", "optuna", "omegaconf", "torchmetrics")
 
@@ -65,82 +66,159 @@ def preserve_tracking_env():
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-def open_experiment(uri: str, name: str) -> tuple[MlflowClient, str]:
-    """A client on `uri` and the id of experiment `name` (created if missing), race-free."""
-    with store_lock(uri):
-        client = MlflowClient(uri)
-        return client, get_or_create_experiment(client, name)
+class Experiment:
+    """An MLflow experiment on one store: opens (creates) it race-free, makes and finds runs.
+
+    The only way ouro-lab code reaches the MLflow client: train, the sweep and the analysis
+    ask this and `Run` for everything they write."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, client: MlflowClient | None = None):
+        self.tracking_uri, self.id = tracking_uri, experiment_id
+        self.client = client or MlflowClient(tracking_uri)
+
+    @classmethod
+    def open(cls, tracking_uri: str, name: str) -> Experiment:
+        """Experiment `name` on the store (created if missing; a deleted one is restored)."""
+        with store_lock(tracking_uri):
+            client = MlflowClient(tracking_uri)
+            experiment = client.get_experiment_by_name(name)
+            if experiment is not None:
+                if experiment.lifecycle_stage == "deleted":
+                    client.restore_experiment(experiment.experiment_id)
+                return cls(tracking_uri, experiment.experiment_id, client)
+            try:
+                return cls(tracking_uri, client.create_experiment(name), client)
+            except Exception:  # NOTE: another host created it first (a shared server; no file lock there)
+                experiment = client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+                return cls(tracking_uri, experiment.experiment_id, client)
+
+    def create_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> Run:
+        """A new RUNNING run, nested under run id `parent` when given (MLFlowLogger never nests by itself)."""
+        tags = dict(tags) | ({"mlflow.parentRunId": parent} if parent else {})
+        return Run(self, self.client.create_run(self.id, run_name=name, tags=tags).info.run_id)
+
+    def run(self, run_id: str) -> Run:
+        """A handle on an existing run of this experiment."""
+        return Run(self, run_id)
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether the run exists here and is not deleted."""
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage != "deleted"
+        except Exception:  # MLflow raises for an unknown id
+            return False
+
+    def find_runs(self, filter_string: str = "", max_results: int | None = None) -> list:
+        """MLflow `Run` entities matching an MLflow search filter (all pages unless max_results)."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.id], filter_string=filter_string, page_token=token,
+                                           max_results=min(max_results or 1000, 1000))
+            runs.extend(page)
+            token = page.token
+            if not token or (max_results and len(runs) >= max_results):
+                return runs[:max_results] if max_results else runs
+
+    def where_to_look(self, run_id: str | None = None) -> str:
+        return where_to_look(self.tracking_uri, self.id, run_id)
 
 
-def get_or_create_experiment(client: MlflowClient, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # NOTE: another host created it first (a shared server; no file lock there)
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
-
-
-def create_run(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str],
-               parent_run_id: str | None = None) -> str:
-    """A RUNNING run; nested under parent_run_id when given (MLFlowLogger never nests by itself)."""
-    tags = dict(tags)
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    return run.info.run_id
-
-
-def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
-    """All params, in the batches of 100 MLflow accepts."""
-    from mlflow.entities import Param
-
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i : i + 100])
-
-
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    """Final values in batches of 1000 (MLflow's limit)."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-    for i in range(0, len(items), 1000):
-        client.log_batch(run_id, metrics=items[i : i + 1000])
-
-
-def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
-    """All tags in one request."""
-    from mlflow.entities import RunTag
-
-    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-
-def end_run(client: MlflowClient, run_id: str, err: BaseException | None) -> str:
-    """End a run by how its work ended; return the MLflow status.
-
-    FINISHED; KILLED for an interruption (Ctrl-C, SystemExit) or an Optuna prune (tag
-    `pruned`); FAILED otherwise, with the reason in tag `error`.
-    """
-    import optuna
-
+def ended_by(err: BaseException | None) -> tuple[str, dict[str, str]]:
+    """How a run ends when its work raised `err` (None: it did not): FINISHED; KILLED for an
+    interruption (Ctrl-C, SystemExit); FAILED otherwise; with the reason in tag `error`."""
     if err is None:
-        status = "FINISHED"
-    elif isinstance(err, optuna.TrialPruned):
-        status = "KILLED"
-        client.set_tag(run_id, "pruned", str(err))
-    else:
-        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
-        client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
-    client.set_terminated(run_id, status)
-    return status
+        return "FINISHED", {}
+    status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+    return status, {"error": f"{type(err).__name__}: {err}"[:5000]}
+
+
+class Run:
+    """One MLflow run, owned: what creates it (`Experiment.create_run`) logs to it through this
+    handle and ends it, once, with the status its work ended in.
+
+        with experiment.create_run("trial-3", tags) as run:   # ends FINISHED, or by `ended_by`
+            run.log_params({...}); train(cfg, run=run)
+
+    `ending`: err -> (status, tags), called when the run ends; a caller with its own states
+    (the sweep's `optuna.state`) supplies its own, so its tags are set before the run ends."""
+
+    def __init__(self, experiment: Experiment, run_id: str):
+        self.experiment, self.id = experiment, run_id
+        self.ending: Callable[[BaseException | None], tuple[str, dict[str, str]]] = ended_by
+        self.status: str | None = None  # set once this handle has ended the run
+
+    @property
+    def client(self) -> MlflowClient:
+        return self.experiment.client
+
+    def fetch(self):
+        """The run as the store has it now (MLflow `Run`: .info.status, .data.metrics/params/tags)."""
+        return self.client.get_run(self.id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """All params, in the batches of 100 MLflow accepts."""
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Values in batches of 1000 (MLflow's limit)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.id, metrics=items[i : i + 1000])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """All tags in one request."""
+        from mlflow.entities import RunTag
+
+        if tags:
+            self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.id, text, path)
+
+    def log_figure(self, figure, path: str) -> None:
+        self.client.log_figure(self.id, figure, path)
+
+    def log_artifacts(self, paths, folder: str) -> None:
+        for path in paths:
+            self.client.log_artifact(self.id, str(path), folder)
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.id, key)]
+
+    def reopen(self) -> None:
+        """Mark an ended run RUNNING again (a resumed study's parent run)."""
+        self.client.update_run(self.id, status="RUNNING")
+        self.status = None
+
+    def end(self, err: BaseException | None = None, *, status: str | None = None,
+            tags: dict[str, str] | None = None) -> str:
+        """End the run: with `status` as given, else by `self.ending(err)`; `tags` are set first.
+        Returns the status. A second call does nothing."""
+        if self.status is not None:
+            return self.status
+        extra: dict[str, str] = {}
+        if status is None:
+            status, extra = self.ending(err)
+        self.set_tags(extra | (tags or {}))
+        self.client.set_terminated(self.id, status)
+        self.status = status
+        return status
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.end(exc)
+        return False
 
 
 def reproducibility_tags() -> dict[str, str]:
@@ -188,40 +266,3 @@ def where_to_look(tracking_uri: str, experiment_id: str, run_id: str | None = No
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {runs_url(experiment_id, run_id, host=tracking_uri.rstrip('/'))}"
     return f"mlflow ui --backend-store-uri {tracking_uri}  then open {runs_url(experiment_id, run_id)}"
-
-
-def loop_step_figure(history: dict[str, list[tuple[int, float]]], final: dict[str, float],
-                     trained_steps: int, eval_steps: int, levels: list[int], difficulty_name: str,
-                     title: str, kind: str = "acc") -> plt.Figure:
-    """Left: validation loss of each loop step over training. Right: final validation
-    accuracy (or bits per byte, kind="bpb") vs loop step, per difficulty level (steps after the
-    trained T extrapolate)."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
-    cmap = plt.get_cmap("viridis")
-    for t in range(1, eval_steps + 1):
-        points = history.get(f"val/loss_step{t}", [])
-        if points:
-            steps, values = zip(*points)
-            style = "-" if t <= trained_steps else ":"
-            ax_loss.plot(steps, values, style, marker=".", color=cmap(t / (eval_steps + 1)), label=f"step {t}")
-    ax_loss.set(xlabel="training step", ylabel="validation loss (nats/token)", title="val loss per loop step")
-    ax_loss.legend(fontsize=8, ncol=2)
-    steps = list(range(1, eval_steps + 1))
-    for i, k in enumerate(levels):
-        values = [final.get(f"val/{kind}_step{t}_d{k}", float("nan")) for t in steps]
-        ax_acc.plot(steps, values, marker="o", color=plt.get_cmap("plasma")(i / max(1, len(levels))),
-                    label=f"{difficulty_name} {k}")
-    ax_acc.plot(steps, [final.get(f"val/{kind}_step{t}", float("nan")) for t in steps], "k--", marker="s", label="all")
-    if eval_steps > trained_steps:
-        ax_acc.axvline(trained_steps + 0.5, color="grey", lw=1)
-        ax_acc.text(trained_steps + 0.6, 0.02, "extrapolation", color="grey", fontsize=8,
-                    transform=ax_acc.get_xaxis_transform())
-    if kind == "acc":
-        ax_acc.set(ylabel="validation accuracy", ylim=(0, 1.02), title="final val accuracy by loop step")
-    else:
-        ax_acc.set(ylabel=f"validation {kind}", title=f"final val {kind} by loop step")
-    ax_acc.set(xlabel="loop step t", xticks=steps)
-    ax_acc.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig

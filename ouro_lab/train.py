@@ -12,16 +12,17 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning as L
-import matplotlib.pyplot as plt
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
-from mlflow.tracking import MlflowClient
 
+from ouro_lab import metric_names as names
 from ouro_lab import tracking
-from ouro_lab.config import ExperimentConfig, flatten, to_dict, to_yaml
-from ouro_lab.data import TaskDataModule
+from ouro_lab.config import ExperimentConfig, to_yaml, used_params
+from ouro_lab.data import Task
+from ouro_lab.data.datamodule import TaskDataModule
 from ouro_lab.modules import build_module
+from ouro_lab.views import loop_step_figure, metrics_table, plt
 
 
 class _DropAdverts(logging.Filter):
@@ -51,12 +52,6 @@ class TrainResult:
         return metrics_table(self.val if split == "val" else self.test, split)
 
 
-def default_run_name(cfg: ExperimentConfig) -> str:
-    m = cfg.model
-    shape = f"N{m.n_layers}xT{m.loops}" if m.arch == "looped" else f"L{m.n_layers * (m.loops if m.arch == 'depth_matched' else 1)}"
-    return f"{cfg.data.task}-{m.arch}-{shape}-s{cfg.train.seed}"
-
-
 def resolve_precision(cfg: ExperimentConfig) -> str:
     """auto: fp32 on CPU (bf16 autocast on these CPUs is ~15x slower), bf16-mixed on GPU."""
     if cfg.train.precision != "auto":
@@ -74,16 +69,53 @@ def resolve_strategy(cfg: ExperimentConfig) -> str:
     return "ddp_spawn" if cfg.train.devices > 1 else "auto"
 
 
-def train(cfg: ExperimentConfig, *, parent_run_id: str | None = None, callbacks: Sequence[Callback] = (),
-          extra_tags: dict[str, str] | None = None, verbose: bool = True, run_id: str | None = None) -> TrainResult:
+def train(cfg: ExperimentConfig, *, run: tracking.Run | None = None, callbacks: Sequence[Callback] = (),
+          verbose: bool = True) -> TrainResult:
     """Train one model from `cfg`, log it to MLflow, evaluate every loop step; return the result.
 
-    The MLflow run is created before training (nested under `parent_run_id` if given; or
-    `run_id`, an existing RUNNING run, is used) and ends FINISHED, or FAILED with an `error`
-    tag if training raises, or KILLED if interrupted or pruned (`pruned` tag).
+    `run`: the MLflow run to log into, owned (and ended) by the caller, e.g. a sweep's trial
+    run. Without it, train makes its own run in `tracking.experiment` and ends it: FINISHED, or
+    FAILED with an `error` tag if training raises, or KILLED if interrupted.
     """
     with tracking.preserve_tracking_env(), _lightning_log_level(logging.INFO if verbose else logging.WARNING):
-        return _train(cfg, parent_run_id, callbacks, extra_tags, verbose, run_id)
+        if run is not None:
+            return _train(cfg, run, callbacks, verbose)
+        experiment = tracking.Experiment.open(tracking.resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
+        own = experiment.create_run(cfg.tracking.run_name or cfg.default_run_name(), run_tags(cfg))
+        try:
+            result = _train(cfg, own, callbacks, verbose)
+        except BaseException as err:
+            status = own.end(err)
+            if verbose:
+                print(f"[ouro-lab] run {own.id} {status}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            raise
+        own.end()
+        if verbose:
+            print(result.table("val"))
+            print(f"[ouro-lab] done in {result.seconds:.0f} s. checkpoint: {result.checkpoint}")
+            print(f"[ouro-lab] view: {experiment.where_to_look(own.id)}")
+        return result
+
+
+def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """What every training run is tagged with: git commit and package versions, and the run's
+    task, arch, loop count and seed (for the MLflow UI's search)."""
+    return tracking.reproducibility_tags() | {
+        "ouro.task": cfg.data.task, "ouro.arch": cfg.model.arch, "ouro.loops": str(cfg.model.loops),
+        "ouro.seed": str(cfg.train.seed)}
+
+
+class _MetricsLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger for the metrics only. NOTE: its `log_hyperparams` would log the
+    module's saved config a second time under other names (`config/model/loops` beside our
+    `model.loops`), and its `finalize` would end the run at the end of `fit`, before the final
+    validation and test: the run's `tracking.Run` handle does both, once."""
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def finalize(self, status: str = "success") -> None:
+        pass
 
 
 @contextmanager
@@ -101,69 +133,48 @@ def _lightning_log_level(level: int):
             lg.setLevel(old)
 
 
-def _train(cfg: ExperimentConfig, parent_run_id: str | None, callbacks: Sequence[Callback],
-           extra_tags: dict[str, str] | None, verbose: bool, run_id: str | None) -> TrainResult:
+def _train(cfg: ExperimentConfig, run: tracking.Run, callbacks: Sequence[Callback], verbose: bool) -> TrainResult:
     start = time.perf_counter()
     L.seed_everything(cfg.train.seed, verbose=False)  # NOTE: explicit per run; PL_GLOBAL_SEED leaks otherwise
     module = build_module(cfg)
-    datamodule = make_datamodule(cfg, module)
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    client, experiment_id = tracking.open_experiment(uri, cfg.tracking.experiment)
-    run_name = cfg.tracking.run_name or default_run_name(cfg)
-    tags = tracking.reproducibility_tags() | {
-        "ouro.task": cfg.data.task, "ouro.arch": cfg.model.arch, "ouro.loops": str(cfg.model.loops),
-        "ouro.seed": str(cfg.train.seed),
-    } | (extra_tags or {})
-    if run_id is None:
-        run_id = tracking.create_run(client, experiment_id, run_name, tags, parent_run_id)
-    else:
-        tracking.set_tags(client, run_id, tags | {"mlflow.runName": run_name})
+    datamodule = make_datamodule(cfg, module.task)
+    experiment = run.experiment
+    run.set_tags(run_tags(cfg))
     summary = module.summary()
     if verbose:
-        print(f"[ouro-lab] run {run_name} ({run_id}) -> {uri}", flush=True)
+        print(f"[ouro-lab] run {cfg.tracking.run_name or cfg.default_run_name()} ({run.id}) -> {experiment.tracking_uri}",
+              flush=True)
         print(f"[ouro-lab] {cfg.model.arch}: {summary['n_params']:,} params, depth {summary['effective_depth']}, "
               f"{summary['forward_flops_per_token']:,} forward FLOPs/token", flush=True)
-    try:
-        _log_setup(client, run_id, cfg, summary | module.task.describe())
-        logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_id=run_id)
-        ckpt_dir = Path(cfg.tracking.output_dir) / cfg.tracking.experiment / run_id / "checkpoints"
-        # NOTE: plain file name; Lightning's default "epoch=..-val_loss=.." is rejected by MLflow.
-        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", auto_insert_metric_name=False,
-                                     enable_version_counter=False)
-        trainer = make_trainer(cfg, logger, [checkpoint, *callbacks], verbose)
-        trainer.fit(module, datamodule=datamodule)
-        for callback in callbacks:  # e.g. a pruning decision taken in a DDP rank (Optuna's check_pruned)
-            if hasattr(callback, "check_pruned"):
-                callback.check_pruned()
-        if trainer.interrupted:
-            raise KeyboardInterrupt("training interrupted")
-        if trainer.global_step % min(cfg.train.val_every, cfg.train.max_steps):
-            trainer.validate(module, datamodule=datamodule, verbose=False)  # always score the final weights
-        val = _numbers(trainer.callback_metrics, "val/")
-        test: dict[str, float] = {}
-        if cfg.eval.test:
-            trainer.test(module, datamodule=datamodule, verbose=False)
-            test = _numbers(trainer.callback_metrics, "test/")
-        _log_plot(client, run_id, module, val, run_name)
-    except BaseException as err:
-        status = tracking.end_run(client, run_id, err)
-        if verbose:
-            print(f"[ouro-lab] run {run_id} {status}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        raise
-    tracking.end_run(client, run_id, None)
-    result = TrainResult(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri,
-                         checkpoint=checkpoint.last_model_path or checkpoint.best_model_path or None,
-                         seconds=time.perf_counter() - start, val=val, test=test, summary=summary)
-    if verbose:
-        print(result.table("val"))
-        print(f"[ouro-lab] done in {result.seconds:.0f} s. checkpoint: {result.checkpoint}")
-        print(f"[ouro-lab] view: {tracking.where_to_look(uri, experiment_id, run_id)}")
-    return result
+    _log_setup(run, cfg, summary | module.task.describe())
+    logger = _MetricsLogger(experiment_name=cfg.tracking.experiment, tracking_uri=experiment.tracking_uri, run_id=run.id)
+    ckpt_dir = Path(cfg.tracking.output_dir) / cfg.tracking.experiment / run.id / "checkpoints"
+    # NOTE: plain file name; Lightning's default "epoch=..-val_loss=.." is rejected by MLflow.
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", auto_insert_metric_name=False,
+                                 enable_version_counter=False)
+    trainer = make_trainer(cfg, logger, [checkpoint, *callbacks], verbose)
+    trainer.fit(module, datamodule=datamodule)
+    for callback in callbacks:  # e.g. a pruning decision taken in a DDP rank (Optuna's check_pruned)
+        if hasattr(callback, "check_pruned"):
+            callback.check_pruned()
+    if trainer.interrupted:
+        raise KeyboardInterrupt("training interrupted")
+    if trainer.global_step % min(cfg.train.val_every, cfg.train.max_steps):
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # always score the final weights
+    val = _numbers(trainer.callback_metrics, "val/")
+    test: dict[str, float] = {}
+    if cfg.eval.test:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        test = _numbers(trainer.callback_metrics, "test/")
+    _log_plot(run, module, val, cfg.tracking.run_name or cfg.default_run_name())
+    return TrainResult(run_id=run.id, experiment_id=experiment.id, tracking_uri=experiment.tracking_uri,
+                       checkpoint=checkpoint.last_model_path or checkpoint.best_model_path or None,
+                       seconds=time.perf_counter() - start, val=val, test=test, summary=summary)
 
 
-def make_datamodule(cfg: ExperimentConfig, module) -> TaskDataModule:
+def make_datamodule(cfg: ExperimentConfig, task: Task) -> TaskDataModule:
     return TaskDataModule(
-        module.task, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.n_val, cfg.data.n_test,
+        task, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.n_val, cfg.data.n_test,
         data_seed=cfg.data.seed, seed=cfg.train.seed, num_workers=cfg.train.num_workers,
     )
 
@@ -184,7 +195,7 @@ def make_trainer(cfg: ExperimentConfig, logger, callbacks: Sequence[Callback], v
         devices=cfg.train.devices,
         strategy=resolve_strategy(cfg),
         logger=logger,
-        callbacks=[LearningRateMonitor("step"), *bar, *callbacks],
+        callbacks=[*([LearningRateMonitor("step")] if logger else []), *bar, *callbacks],
         log_every_n_steps=cfg.train.log_every,
         enable_progress_bar=cfg.train.progress_bar and verbose,
         enable_model_summary=verbose,
@@ -196,46 +207,22 @@ def _numbers(metrics: dict, prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
-def _log_setup(client: MlflowClient, run_id: str, cfg: ExperimentConfig, summary: dict[str, object]) -> None:
-    """Flattened config and derived facts (model shape, the task's data) as params; the numbers
-    among them as metrics model/*; config YAML (+ git diff) as artifacts."""
-    params = flatten(to_dict(cfg)) | {f"derived.{k}": v for k, v in summary.items()}
-    tracking.log_params(client, run_id, params)
-    tracking.log_metrics(client, run_id, {f"model/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-    client.log_text(run_id, to_yaml(cfg), "config.yaml")
+def _log_setup(run: tracking.Run, cfg: ExperimentConfig, summary: dict[str, object]) -> None:
+    """The config (one name per key, only the sections this run uses) and derived facts (model
+    shape, the task's data) as params; the numbers among them as metrics model/*; the full
+    config YAML (+ git diff) as artifacts."""
+    run.log_params(used_params(cfg) | {f"derived.{k}": v for k, v in summary.items()})
+    run.log_metrics({f"model/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+    run.log_text(to_yaml(cfg), "config.yaml")
     diff = tracking.git_diff()
     if diff:
-        client.log_text(run_id, diff, "git_diff.patch")
+        run.log_text(diff, "git_diff.patch")
 
 
-def _log_plot(client: MlflowClient, run_id: str, module, val: dict[str, float], title: str) -> None:
-    history = {}
-    for t in range(1, module.eval_steps + 1):
-        key = f"val/loss_step{t}"
-        history[key] = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-    fig = tracking.loop_step_figure(history, val, module.trained_steps, module.eval_steps,
-                                    module.task.difficulty_levels, module.task.difficulty_name, title,
-                                    kind="bpb" if module.task.byte_level else "acc")
-    client.log_figure(run_id, fig, "plots/loop_steps.png")
+def _log_plot(run: tracking.Run, module, val: dict[str, float], title: str) -> None:
+    history = {f"val/{names.step('loss', t)}": run.metric_history(f"val/{names.step('loss', t)}")
+               for t in range(1, module.eval_loops + 1)}
+    fig = loop_step_figure(history, val, module.trained_loops, module.eval_loops, module.task.difficulty_levels,
+                           module.task.difficulty_name, title, kind="bpb" if module.task.byte_level else "acc")
+    run.log_figure(fig, "plots/loop_steps.png")
     plt.close(fig)
-
-
-def metrics_table(metrics: dict[str, float], split: str = "val") -> str:
-    """Loss and accuracy (bits per byte for byte-level tasks) by loop step and difficulty, as a
-    plain-text table."""
-    steps = sorted({int(k.split("step")[1].split("_")[0]) for k in metrics if k.startswith(f"{split}/acc_step")})
-    levels = sorted({int(k.rsplit("_d", 1)[1]) for k in metrics if k.startswith(f"{split}/acc_step1_d")})
-    kind = "bpb" if f"{split}/bpb_step1" in metrics else "acc"
-    header = ["step", "loss", *(["acc", "bpb"] if kind == "bpb" else ["acc"]), *[f"{kind}_d{k}" for k in levels]]
-    rows = [header]
-    for t in steps:
-        row = [str(t), *(f"{metrics[f'{split}/{name}_step{t}']:.3f}" for name in header[1:len(header) - len(levels)])]
-        rows.append(row + [f"{metrics[f'{split}/{kind}_step{t}_d{k}']:.3f}" for k in levels])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    extra = []
-    if f"{split}/exit_expected_step" in metrics:
-        extra.append(f"exit: expected step {metrics[f'{split}/exit_expected_step']:.2f}, "
-                     f"entropy {metrics[f'{split}/exit_entropy']:.3f} nats, acc under exit dist "
-                     f"{metrics[f'{split}/acc_exit']:.3f}")
-    return f"{split} metrics by loop step (d = difficulty level):\n" + "\n".join(lines + extra)

@@ -185,7 +185,7 @@ def test_notebook_runs_top_to_bottom_with_no_edits(tiny_study):
 
 def test_logged_params_map_back_to_the_sweep_distributions():
     cat = optuna.distributions.CategoricalDistribution([0, 0.1, 1])
-    assert analysis._param_value(cat, "0.0") == 0 and analysis._param_value(cat, "0.1") == 0.1  # float key logs 0.0
-    assert analysis._param_value(optuna.distributions.IntDistribution(1, 8), "4.0") == 4
+    assert analysis.param_value(cat, "0.0") == 0 and analysis.param_value(cat, "0.1") == 0.1  # float key logs 0.0
+    assert analysis.param_value(optuna.distributions.IntDistribution(1, 8), "4.0") == 4
     with pytest.raises(ValueError, match="not among the sweep's choices"):
-        analysis._param_value(cat, "0.5")
+        analysis.param_value(cat, "0.5")

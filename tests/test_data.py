@@ -6,7 +6,7 @@ import pytest
 from ouro_lab.data import TASKS, get_task, split_of
 from ouro_lab.data.arith import ArithConfig, ArithTask
 from ouro_lab.data.state import StateConfig, StateTask, group_table
-from ouro_lab.objectives import IGNORE_INDEX
+from ouro_lab.data import IGNORE_INDEX
 
 
 def rows(batch):

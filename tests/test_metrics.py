@@ -7,7 +7,7 @@ from ouro_lab.metrics import LoopStepMetrics
 
 
 def test_per_step_per_level_accuracy_loss_and_exit_stats():
-    m = LoopStepMetrics(n_steps=3, trained_steps=2, n_levels=2, has_gate=True)
+    m = LoopStepMetrics(eval_loops=3, trained_loops=2, n_levels=2, has_gate=True)
     # one sequence, 3 positions: levels 1, 2 and 0 (not scored)
     difficulty = torch.tensor([[1, 2, 0]])
     correct = torch.tensor([[[1, 0, 1]], [[1, 1, 1]], [[0, 1, 1]]], dtype=torch.bool)  # (3 steps, B, S)
@@ -28,7 +28,7 @@ def test_per_step_per_level_accuracy_loss_and_exit_stats():
 
 
 def test_levels_without_examples_are_left_out_not_zero():
-    m = LoopStepMetrics(n_steps=1, trained_steps=1, n_levels=3, has_gate=False)
+    m = LoopStepMetrics(eval_loops=1, trained_loops=1, n_levels=3, has_gate=False)
     m.update(torch.ones(1, 1, 2), torch.ones(1, 1, 2, dtype=torch.bool), torch.tensor([[3, 3]]))
     out = m.compute()
     assert out["acc_step1_d3"] == 1.0
@@ -36,9 +36,9 @@ def test_levels_without_examples_are_left_out_not_zero():
 
 
 def test_metric_names_match_what_a_run_logs():
-    from ouro_lab.metrics import metric_names
+    from ouro_lab.metric_names import metric_names
 
-    m = LoopStepMetrics(n_steps=4, trained_steps=2, n_levels=2, has_gate=True)
+    m = LoopStepMetrics(eval_loops=4, trained_loops=2, n_levels=2, has_gate=True)
     m.update(torch.ones(4, 1, 2), torch.ones(4, 1, 2, dtype=torch.bool), torch.tensor([[1, 2]]),
              torch.full((1, 2, 2), 0.5))
     logged = {f"val/{k}" for k in m.compute()} | {"val/acc"}
@@ -46,9 +46,9 @@ def test_metric_names_match_what_a_run_logs():
 
 
 def test_bits_per_byte_is_loss_over_ln2_and_named_like_the_rest():
-    from ouro_lab.metrics import metric_names
+    from ouro_lab.metric_names import metric_names
 
-    m = LoopStepMetrics(n_steps=3, trained_steps=2, n_levels=2, has_gate=True, bpb=True)
+    m = LoopStepMetrics(eval_loops=3, trained_loops=2, n_levels=2, has_gate=True, bpb=True)
     losses = torch.rand(3, 2, 4)
     m.update(losses, torch.ones(3, 2, 4, dtype=torch.bool), torch.tensor([[1, 1, 2, 2], [1, 1, 2, 2]]),
              torch.full((2, 4, 2), 0.5))

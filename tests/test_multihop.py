@@ -6,7 +6,7 @@ import pytest
 from ouro_lab.config import ConfigError, load_config
 from ouro_lab.data import SPLITS, split_of
 from ouro_lab.data.multihop import MultihopConfig, MultihopTask
-from ouro_lab.objectives import IGNORE_INDEX
+from ouro_lab.data import IGNORE_INDEX
 
 CONTEXT = MultihopConfig(mode="context", width=4, depth=4, relations=2, hops=3, query_tokens=20)
 MEMORISED = MultihopConfig(mode="memorised", width=6, depth=4, relations=3, hops=4, query_tokens=20)

@@ -91,7 +91,7 @@ def test_uniform_objective_hand_computed():
     expected = 0.2 * 2.0 + 0.4 * 1.0 + 0.4 * 0.5  # 1.0
     h = -(0.2 * math.log(0.2) + 2 * 0.4 * math.log(0.4))
     kl = math.log(3) - h
-    assert out.expected_loss.item() == pytest.approx(expected, rel=1e-5)
+    assert out.loss_exit.item() == pytest.approx(expected, rel=1e-5)
     assert out.entropy.item() == pytest.approx(h, rel=1e-5)
     assert out.kl.item() == pytest.approx(kl, rel=1e-5)
     assert out.loss.item() == pytest.approx(expected + 0.1 * kl, rel=1e-5)

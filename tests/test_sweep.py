@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from ouro_lab.cli import main
 from ouro_lab.config import ConfigError
 from ouro_lab.sweep import run_sweep
-from ouro_lab.sweep_config import load_sweep
+from ouro_lab.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -9,6 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from ouro_lab import tracking
 from ouro_lab.cli import main
 from ouro_lab.evaluate import evaluate_checkpoint
 from ouro_lab.config import ConfigError
@@ -105,8 +106,22 @@ def test_nested_run_under_parent(tiny_config, tracking_uri):
     cfg = tiny_config("train.max_steps=5", "train.val_every=5", "eval.test=false")
     exp = client.create_experiment("test")
     parent = client.create_run(exp, run_name="study").info.run_id
-    result = train(cfg, parent_run_id=parent, verbose=False)
+    with tracking.Experiment(tracking_uri, exp).create_run("trial", {}, parent=parent) as run:
+        result = train(cfg, run=run, verbose=False)
+        # the caller owns the run: train logs into it and leaves it open (Lightning does not end it)
+        assert client.get_run(result.run_id).info.status == "RUNNING"
     assert client.get_run(result.run_id).data.tags["mlflow.parentRunId"] == parent
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_a_run_logs_its_config_once_and_only_the_sections_it_uses(tiny_config, tracking_uri):
+    result = train(tiny_config("train.max_steps=5", "train.val_every=5", "eval.test=false"), verbose=False)
+    run = MlflowClient(tracking_uri).get_run(result.run_id)
+    params = run.data.params
+    assert not [k for k in params if k.startswith("config/")]  # Lightning's second copy of the config
+    assert params["data.task"] == "state" and "data.state.length" in params
+    assert not [k for k in params if k.startswith(("data.arith.", "data.multihop.", "data.text.", "data.random."))]
+    assert "train/loss_exit" in run.data.metrics and "train/expected_loss" not in run.data.metrics
 
 
 def test_cli_train_prints_where_results_went(tiny_config, tmp_path, tracking_uri, capsys, monkeypatch):

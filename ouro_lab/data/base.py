@@ -11,7 +11,8 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
-from ouro_lab.objectives import IGNORE_INDEX
+IGNORE_INDEX = -100  # target of a position with no loss (PyTorch cross-entropy's default ignore_index)
+
 
 SPLITS = ("train", "val", "test")
 # Share of the example space held out for val and for test, chosen by a hash of the input.
@@ -161,4 +162,9 @@ def get_task(name: str) -> Callable:
     return TASKS[name]
 
 
-__all__ = ["Batch", "IGNORE_INDEX", "PositionBucketTask", "SPLITS", "TASKS", "Task", "get_task", "prefix_hashes", "register_task", "split_of"]
+def build_task(data_config) -> Task:
+    """The task `data.task` names, built from its own section `data.<task>`."""
+    return get_task(data_config.task)(getattr(data_config, data_config.task))
+
+
+__all__ = ["Batch", "IGNORE_INDEX", "PositionBucketTask", "SPLITS", "TASKS", "Task", "build_task", "get_task", "prefix_hashes", "register_task", "split_of"]

@@ -22,14 +22,14 @@ CHECKPOINTING = ("none", "block", "loop")  # activation checkpointing: off | per
 
 @dataclass
 class ModelSpec:
-    """Resolved shape of one network (derived from the experiment config by `build_model`)."""
+    """Resolved shape of one network (derived from the experiment config by `modules.model_spec`)."""
 
     vocab_size: int
     max_seq_len: int
     d_model: int = 64
     n_heads: int = 4
     n_layers: int = 2  # distinct blocks in the stack
-    loops: int = 1  # times the stack is applied (1 for standard models)
+    loops: int = 1  # times this network applies its stack: ModelConfig.trained_loops (T looped, 1 standard)
     d_ff: int = 256  # SwiGLU hidden width
     tie_embeddings: bool = True
     positions: str = "rope"  # rope | learned

@@ -1,4 +1,5 @@
-"""Sweep YAML schema (`sweeps/*.yaml`): typed, documented, validated before any trial runs.
+"""Sweep YAML schema (`sweeps/*.yaml`): typed, documented, validated before any trial runs
+(without loading Lightning or touching any store).
 
     name: loops                      # study name (default: the file's stem)
     base: ../conf/state.yaml         # experiment config, relative to this file
@@ -19,7 +20,6 @@ distributions (`choices`, `low`/`high`, `log`, `step`).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from ouro_lab.config import ConfigError, load_config
+from ouro_lab import metric_names
+from ouro_lab.config import ConfigError, load_config, override_key, read_yaml
 
 if TYPE_CHECKING:
     import optuna
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 SAMPLERS = ("grid", "tpe", "random", "cmaes")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
 DIRECTIONS = ("maximize", "minimize")
-# Metrics the objective may name: val/<name> or test/<name>, e.g. val/acc_final, val/acc_step3_d4.
-METRIC_PATTERN = re.compile(r"^(val|test)/[a-z_]+(step\d+)?(_d\d+)?$")
 PRUNER_SETTINGS = {
     "none": set(),
     "median": {"n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"},
@@ -97,17 +96,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     any other `key=value` is added to the fixed experiment overrides (`train.max_steps=3000`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = read_yaml(path, "sweep")
     sweep_overrides, experiment_overrides = [], []
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value, e.g. trials=4 or train.max_steps=500")
-        key = item.split("=", 1)[0]
+        key = override_key(item, "trials=4 or train.max_steps=500")
         is_sweep_key = key in SWEEP_KEYS or key.startswith("pruner.")
         (sweep_overrides if is_sweep_key else experiment_overrides).append(item)
     _check_param_fields(raw, path)
@@ -154,7 +146,7 @@ def validate_sweep(sweep: SweepConfig, base: Path | None, path: Path) -> None:
         problems.append(f"base: {base} not found")
     if sweep.objective.direction not in DIRECTIONS:
         problems.append(f"objective.direction: {sweep.objective.direction!r} is not one of: {', '.join(DIRECTIONS)}")
-    if not METRIC_PATTERN.match(sweep.objective.metric):
+    if not metric_names.OBJECTIVE_METRIC.match(sweep.objective.metric):
         problems.append(f"objective.metric: {sweep.objective.metric!r} is not a metric name like val/acc_final, "
                         "val/loss_final, val/acc_step3 or val/acc_final_d4")
     if sweep.sampler.name not in SAMPLERS:
@@ -268,8 +260,7 @@ def _check_objective_exists(sweep: SweepConfig, base: Path, max_points: int = 25
     points, or each range's ends): e.g. baselines log no val/exit_*, loops=2 no val/acc_step6."""
     import itertools
 
-    from ouro_lab.metrics import metric_names
-    from ouro_lab.modules import build_task
+    from ouro_lab.data import build_task
 
     keys = list(sweep.params)
     axes = []
@@ -284,11 +275,10 @@ def _check_objective_exists(sweep: SweepConfig, base: Path, max_points: int = 25
             cfg = load_config(base, overrides)
         except ConfigError:
             continue  # reported per value by the caller
-        task = build_task(cfg)
-        looped = cfg.model.arch == "looped"
-        trained = cfg.model.loops if looped else 1
-        names = metric_names(trained + (cfg.eval.extra_loops if looped else 0), trained, task.eval_difficulty_levels,
-                             looped, ("val", "test") if cfg.eval.test else ("val",), bpb=task.byte_level)
+        task = build_task(cfg.data)
+        trained = cfg.model.trained_loops
+        names = metric_names.metric_names(cfg.eval_loops, trained, task.eval_difficulty_levels, cfg.model.has_exit_gate,
+                                          ("val", "test") if cfg.eval.test else ("val",), bpb=task.byte_level)
         if sweep.objective.metric not in names:
             where = " ".join(override_for(k, v) for k, v in zip(keys, point))
             return [f"objective.metric: {sweep.objective.metric!r} is not logged at {where} "

@@ -1,0 +1,33 @@
+"""Turn a study into the answer to "when do extra loops stop helping?".
+
+Data flows one way (STYLE.md): MLflow runs -> tidy DataFrames -> statistics -> plots -> report.
+
+    load.py         MLflow -> `StudyData` (runs, steps, exits, trials); the only module that
+                    talks to MLflow (it also attaches the report to the study run)
+    stats.py        seed means + t-intervals, saturation points + seed bootstrap, the tables
+    optuna_view.py  the trials as an in-memory Optuna study: fANOVA importance, history
+    plots.py        figures: metric vs T (with both baselines), vs loop step t, vs FLOPs, exit gate
+    report.py       report.md + PNGs + CSVs, and the summary sentences built from the tables
+
+`ouro-lab report`, notebooks/loop_saturation.ipynb and the tests call these same functions:
+
+    data = load_study("loops")                    # StudyData: runs, steps, exits, trials
+    sat = saturation_table(data)                  # saturation point per group x difficulty x arch
+    plot_vs_loops(data, sat)                      # metric vs trained T, both baselines alongside
+    report = write_report(data, "reports/loops")  # Markdown + PNGs (+ artifacts on the study run)
+"""
+
+from ouro_lab.analysis.load import ALL, AnalysisError, StudyData, difficulty_order, group_label, load_study, resolve_store
+from ouro_lab.analysis.optuna_view import optuna_study, param_importances, param_value, plot_optuna
+from ouro_lab.analysis.plots import plot_compute, plot_exit, plot_vs_loops, plot_vs_step
+from ouro_lab.analysis.report import Report, summary, write_report
+from ouro_lab.analysis.stats import (Saturation, compute_table, curve_table, exit_table, exit_wide, extrapolation_table,
+                                     final_values, key_table, mean_ci, saturation, saturation_point, saturation_table)
+
+__all__ = [
+    "ALL", "AnalysisError", "Report", "Saturation", "StudyData", "compute_table", "curve_table", "difficulty_order",
+    "exit_table", "exit_wide", "extrapolation_table", "final_values", "group_label", "key_table", "load_study",
+    "mean_ci", "optuna_study", "param_importances", "param_value", "plot_compute", "plot_exit", "plot_optuna",
+    "plot_vs_loops", "plot_vs_step", "resolve_store", "saturation", "saturation_point", "saturation_table",
+    "summary", "write_report",
+]

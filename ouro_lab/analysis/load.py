@@ -1,0 +1,328 @@
+"""A study read back from MLflow as tidy DataFrames (`StudyData`): the only module of the
+analysis that talks to MLflow (reading runs; `attach_report` writes the report back).
+
+Vocabulary: a *unit run* is one trained (or reused) model: a seed of a trial, or the trial
+itself when the sweep has one seed, or a plain `ouro-lab train` run. *T* is the trained loop
+count (`model.loops`), *t* the evaluation loop step (t > T is extrapolation). A *group* is one
+setting of everything else that varies in the study (sequence length, beta, prior ...).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import optuna
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from ouro_lab import tracking
+from ouro_lab.config import ModelConfig
+from ouro_lab.metric_names import EXIT_METRIC, STEP_METRIC, objective_kind
+
+# keys that never define a group: the axes of the analysis, bookkeeping, and facts derived from them
+NOT_GROUPING = ("model.loops", "model.arch", "train.seed", "tracking.", "train.progress_bar", "train.precision")
+MAX_GROUP_VALUES = 8  # outside sweeps, a varying key with more distinct values is averaged over
+LOWER_IS_BETTER = ("loss", "bpb", "exit_entropy", "exit_expected_step")
+ALL = "all"  # the difficulty label of the metric over all labelled positions
+
+
+class AnalysisError(ValueError):
+    """The study cannot be analysed as asked (unknown study, no finished runs, unknown metric)."""
+
+
+@dataclass
+class StudyData:
+    """Everything the analysis needs, read once from MLflow.
+
+    runs:   one row per finished unit run: run_id, trial, seed, arch, loops, task, group,
+            <group keys>, n_params, forward_flops_per_token, train_flops, state.
+    steps:  tidy, one row per unit run x split x eval step t x difficulty; one column per
+            metric kind (acc, loss, ...). Difficulty is "all" or "d1".."dK".
+    exits:  tidy, one row per looped unit run x split x difficulty: exit_expected_step, exit_entropy.
+    trials: one row per Optuna trial (sweeps only): number, state, value, sampled params.
+    """
+
+    name: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str | None
+    sweep: dict[str, Any]
+    distributions: dict[str, optuna.distributions.BaseDistribution]  # swept param -> how it was sampled
+    runs: pd.DataFrame
+    steps: pd.DataFrame
+    exits: pd.DataFrame
+    trials: pd.DataFrame
+    group_keys: list[str]
+    averaged_keys: list[str]
+    counts: dict[str, int]
+    difficulty_name: str = "difficulty"
+    objective_metric: str = "val/acc_final"
+    direction: str = "maximize"
+
+    @property
+    def kind(self) -> str:
+        """The metric kind the objective is about: 'acc' for val/acc_final, 'loss' for val/loss_step3."""
+        return objective_kind(self.objective_metric)
+
+    def direction_of(self, kind: str) -> str:
+        """Which way is better for a metric kind: the sweep's direction for its own kind."""
+        if kind == self.kind:
+            return self.direction
+        return "minimize" if kind in LOWER_IS_BETTER else "maximize"
+
+    @property
+    def split(self) -> str:
+        return "test" if "test" in set(self.steps["split"]) else "val"
+
+    @property
+    def groups(self) -> list[str]:
+        """Group labels ordered by their values (length 8 before 12)."""
+        def key(row) -> tuple:
+            return tuple((type(row[k]).__name__, row[k]) for k in self.group_keys)
+
+        firsts = self.runs.drop_duplicates("group")
+        return [row["group"] for _, row in sorted(firsts.iterrows(), key=lambda item: key(item[1]))]
+
+
+def resolve_store(store: str | None) -> str:
+    """A tracking URI from a URI, a path to an sqlite file, or None (the embedded default)."""
+    if store is None or "://" in store:
+        uri = tracking.resolve_tracking_uri(store)
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+            raise AnalysisError(f"no MLflow store at {uri} (run a sweep here first, or pass the store: "
+                                f"a tracking URI or the path of its mlflow.db)")
+        return uri
+    path = Path(store).expanduser()
+    if not path.exists():
+        raise AnalysisError(f"MLflow store {store!r} not found (expected an sqlite file such as mlflow.db "
+                            f"or a tracking URI)")
+    return f"sqlite:///{path.resolve()}"
+
+
+def load_study(study: str, store: str | None = None) -> StudyData:
+    """Read a study (its name, which is its MLflow experiment, or an experiment id) back from MLflow.
+
+    Works on sweeps (parent run + trial runs + seed runs) and on experiments of plain
+    `ouro-lab train` runs alike.
+    """
+    uri = resolve_store(store)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None and study.isdigit():
+        try:
+            experiment = client.get_experiment(study)
+        except Exception:  # MLflow raises for an unknown id
+            experiment = None
+    if experiment is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise AnalysisError(f"no study or MLflow experiment named {study!r} in {uri}; "
+                            f"experiments there: {', '.join(names) or 'none'}")
+    runs = _search_all(client, experiment.experiment_id)
+    parents = [r for r in runs if r.data.tags.get("ouro.role") == "study"]
+    parent = max(parents, key=lambda r: r.info.start_time) if parents else None
+    sweep = _sweep_definition(client, parent.info.run_id) if parent else {}
+    # unit runs carry a model config; a trial run with seed runs under it only holds their means
+    with_seeds = {r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags.get("ouro.role") == "seed"}
+    units = [r for r in runs if "model.arch" in r.data.params and r.info.run_id not in with_seeds]
+    counts: dict[str, int] = {}
+    for r in units:
+        state = _state(r)
+        counts[state] = counts.get(state, 0) + 1
+    done = [r for r in units if _state(r) == "COMPLETE"]
+    if not done:
+        raise AnalysisError(f"study {experiment.name!r} has no finished runs yet (unit runs by state: {counts or 'none'})")
+    # NOTE: a seed run's sampled values are taken from its trial run (stores written before the
+    # reuse fix gave reused param_matched runs the source run's loop count)
+    keys = list((sweep.get("params") or {}).keys())
+    sampled = {r.info.run_id: {k: r.data.params[k] for k in keys if k in r.data.params}
+               for r in runs if r.info.run_id in with_seeds}
+    distributions = _sweep_distributions(sweep)
+    continuous = [k for k, d in distributions.items() if not isinstance(d, optuna.distributions.CategoricalDistribution)]
+    run_frame, group_keys, averaged = _runs_frame(done, sampled, continuous)
+    kept = set(run_frame["run_id"])
+    steps, exits = _tidy_metrics([r for r in done if r.info.run_id in kept], run_frame)
+    objective = sweep.get("objective") or {}
+    task = run_frame["task"].iloc[0]
+    return StudyData(
+        name=experiment.name, tracking_uri=uri, experiment_id=experiment.experiment_id,
+        parent_run_id=parent.info.run_id if parent else None, sweep=sweep, distributions=distributions, runs=run_frame, steps=steps,
+        exits=exits, trials=_trials_frame(runs, sweep), group_keys=group_keys, averaged_keys=averaged,
+        counts=counts, difficulty_name=_difficulty_name(task),
+        objective_metric=objective.get("metric", "val/acc_final"), direction=objective.get("direction", "maximize"))
+
+
+def _sweep_distributions(sweep: Mapping[str, Any]) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The Optuna distribution of each swept param, as the sweep sampled it."""
+    from ouro_lab.sweep.schema import ParamSpec, SamplerSpec, distribution
+
+    sampler = (sweep.get("sampler") or {}).get("name", SamplerSpec.name)
+    return {k: distribution(ParamSpec(**spec), sampler) for k, spec in (sweep.get("params") or {}).items()}
+
+
+def _search_all(client: MlflowClient, experiment_id: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _state(run) -> str:
+    """The Optuna-style state of a run: the sweep's own tag, else the MLflow status.
+
+    NOTE: MLFlowLogger marks a run FINISHED when fit() ends, before the final validation and
+    test: a sweep's run is whole only once the sweep tags it COMPLETE."""
+    tag = run.data.tags.get("optuna.state")
+    if tag:
+        return tag
+    if "ouro.study" in run.data.tags:
+        return "RUNNING" if run.info.status in ("RUNNING", "FINISHED") else "FAIL"
+    return {"FINISHED": "COMPLETE", "FAILED": "FAIL", "KILLED": "FAIL"}.get(run.info.status, run.info.status)
+
+
+def _sweep_definition(client: MlflowClient, parent_run_id: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_artifacts():
+        try:
+            path = client.download_artifacts(parent_run_id, "sweep.yaml", tmp)
+        except Exception:  # an older study without the artifact: no Optuna view
+            return {}
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+@contextmanager
+def _quiet_artifacts():
+    """No tqdm bar for one small download."""
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+
+
+def typed_value(text: str) -> Any:
+    """MLflow params are strings: give numbers back their type for sorting and axes."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except (TypeError, ValueError):
+            pass
+    return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+def _runs_frame(done: list, sampled: Mapping[str, dict[str, str]],
+                continuous: Sequence[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Unit runs as rows. Group keys: what varies besides T, arch and seed; a param the sweep
+    samples from a range (or, outside sweeps, a key with many values) is averaged over instead."""
+    rows, params = [], []
+    for r in done:
+        p = r.data.params | sampled.get(r.data.tags.get("mlflow.parentRunId"), {})
+        m = r.data.metrics
+        config = {k: v for k, v in p.items() if "." in k and not k.startswith(("derived.", "config/"))}
+        params.append(config)
+        seq_len = m.get("model/seq_len", typed_value(p.get("derived.seq_len", "nan")))
+        tokens = typed_value(p.get("train.max_steps", "nan")) * typed_value(p.get("data.batch_size", "nan")) * seq_len
+        arch = p["model.arch"]
+        rows.append({
+            "run_id": r.info.run_id, "trial": int(r.data.tags.get("ouro.trial", -1)),
+            "seed": typed_value(p.get("train.seed", r.data.tags.get("ouro.seed", "0"))), "arch": arch,
+            "loops": int(p.get("model.loops", r.data.tags.get("ouro.loops", "1"))),
+            "trained_loops": ModelConfig(arch=arch, loops=int(p.get("model.loops", "1"))).trained_loops,
+            "task": p.get("data.task", r.data.tags.get("ouro.task", "?")),
+            "n_params": m.get("model/n_params", math.nan),
+            "forward_flops_per_token": m.get("model/forward_flops_per_token", math.nan),
+            "train_flops": m.get("model/train_flops_per_token", math.nan) * tokens,
+            "reused": "ouro.reused_from" in r.data.tags, "run_name": r.info.run_name,
+            "config_hash": r.data.tags.get("ouro.config_hash", r.info.run_id),
+        })
+    frame = pd.DataFrame(rows)
+    varying = sorted(k for k in set().union(*params)
+                     if not k.startswith(NOT_GROUPING) and len({c.get(k) for c in params}) > 1)
+    group_keys = [k for k in varying if k not in continuous and len({c.get(k) for c in params}) <= MAX_GROUP_VALUES]
+    averaged = [k for k in varying if k not in group_keys]
+    for key in varying:
+        frame[key] = [typed_value(c[key]) if key in c else None for c in params]
+    frame["group"] = [group_label({k: row[k] for k in group_keys}) for _, row in frame.iterrows()]
+    # NOTE: the sweep copies an identical finished run instead of retraining it; a copy in the
+    # same cell (group, arch, T) is the same model, not another seed
+    frame = frame.drop_duplicates(["group", "arch", "loops", "config_hash"]).reset_index(drop=True)
+    return frame, group_keys, averaged
+
+
+def group_label(values: Mapping[str, Any]) -> str:
+    """'data.state.length=8 objective.prior=uniform', or 'all runs' when nothing else varies."""
+    return " ".join(f"{k}={v}" for k, v in values.items()) or "all runs"
+
+
+def _tidy_metrics(done: list, run_frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    step_rows: dict[tuple, dict[str, float]] = {}
+    exit_rows: dict[tuple, dict[str, float]] = {}
+    for r in done:
+        for name, value in r.data.metrics.items():
+            if m := STEP_METRIC.match(name):
+                key = (r.info.run_id, m["split"], int(m["step"]), _difficulty(m["level"]))
+                step_rows.setdefault(key, {})[m["kind"]] = value
+            elif m := EXIT_METRIC.match(name):
+                key = (r.info.run_id, m["split"], _difficulty(m["level"]))
+                exit_rows.setdefault(key, {})[m["kind"]] = value
+    keep = ["run_id", "trial", "seed", "arch", "loops", "trained_loops", "task", "group",
+            *[c for c in run_frame.columns if "." in c]]
+    steps = pd.DataFrame([dict(run_id=k[0], split=k[1], step=k[2], difficulty=k[3], **v) for k, v in step_rows.items()])
+    exits = pd.DataFrame([dict(run_id=k[0], split=k[1], difficulty=k[2], **v) for k, v in exit_rows.items()],
+                         columns=["run_id", "split", "difficulty", "exit_expected_step", "exit_entropy"])
+    steps = steps.merge(run_frame[keep], on="run_id").sort_values(["group", "arch", "loops", "seed", "split", "step"])
+    exits = exits.merge(run_frame[keep], on="run_id")
+    return steps.reset_index(drop=True), exits.reset_index(drop=True)
+
+
+def _difficulty(level: str | None) -> str:
+    return ALL if level is None else f"d{int(level)}"
+
+
+def difficulty_order(labels) -> list[str]:
+    """'all' first, then d1, d2, ... numerically."""
+    labels = set(labels)
+    return ([ALL] if ALL in labels else []) + sorted((x for x in labels if x != ALL), key=lambda x: int(x[1:]))
+
+
+def _difficulty_name(task: str) -> str:
+    from ouro_lab.data.base import TASKS
+
+    import ouro_lab.data  # noqa: F401  (registers the tasks)
+
+    cls = TASKS.get(task)
+    return getattr(cls, "difficulty_name", "difficulty")
+
+
+def _trials_frame(runs: list, sweep: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per Optuna trial: the trial-level run (mean over seeds when seeds > 1)."""
+    metric = (sweep.get("objective") or {}).get("metric")
+    keys = list((sweep.get("params") or {}).keys())
+    rows = []
+    for r in runs:
+        if r.data.tags.get("ouro.role") != "trial":
+            continue
+        rows.append({"number": int(r.data.tags["ouro.trial"]), "state": _state(r),
+                     "value": r.data.metrics.get(metric, math.nan) if metric else math.nan,
+                     "std": r.data.metrics.get(f"seeds/{metric}_std", math.nan),
+                     **{k: r.data.params.get(k) for k in keys}})
+    return pd.DataFrame(rows, columns=["number", "state", "value", "std", *keys]).sort_values("number").reset_index(drop=True)
+
+
+def attach_report(data: StudyData, files: Sequence[Path]) -> None:
+    """Log the report's files as artifacts `report/` of the study's parent run (nothing when the
+    experiment has no sweep parent)."""
+    if data.parent_run_id:
+        tracking.Experiment(data.tracking_uri, data.experiment_id).run(data.parent_run_id).log_artifacts(files, "report")

@@ -1,0 +1,218 @@
+"""`write_report`: the study's answer as report.md + PNGs + CSVs (what `ouro-lab report`
+writes), with the summary sentences built only from the tables' numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from ouro_lab import metric_names as names
+from ouro_lab.analysis.load import ALL, MAX_GROUP_VALUES, StudyData, attach_report, difficulty_order
+from ouro_lab.analysis.optuna_view import optuna_study, param_importances, plot_optuna
+from ouro_lab.analysis.plots import plot_compute, plot_exit, plot_vs_loops, plot_vs_step
+from ouro_lab.analysis.stats import (compute_table, curve_table, exit_table, exit_wide, extrapolation_table,
+                                     key_table, saturation_table)
+from ouro_lab.views import plt
+
+
+EXIT_TREND = 0.05  # expected-exit-step difference (steps) the summary calls a trend
+
+
+def summary(data: StudyData, sat: pd.DataFrame, importances: Mapping[str, float] | None = None,
+            kind: str | None = None, split: str | None = None, epsilon: float = 0.01) -> list[str]:
+    """Sentences built only from the numbers above (no numbers of its own)."""
+    kind, split = kind or data.kind, split or data.split
+    table = curve_table(data, kind, split)
+    sign = 1 if data.direction_of(kind) == "maximize" else -1
+    lines = []
+    task = ", ".join(sorted(data.runs["task"].unique()))
+    for group in [g for g in data.groups if g in set(table["group"])]:
+        where = f"on {task} ({group})" if group != "all runs" else f"on {task}"
+        mean = {(r["arch"], r["loops"], r["difficulty"]): r["mean"] for _, r in table[table["group"] == group].iterrows()}
+        levels = difficulty_order(table[table["group"] == group]["difficulty"])
+        hardest = levels[-1]
+        for diff in dict.fromkeys([ALL, hardest]):
+            hit = sat[(sat["group"] == group) & (sat["arch"] == "looped") & (sat["difficulty"] == diff)]
+            if hit.empty:
+                continue
+            h = hit.iloc[0]
+            scope = "all positions" if diff == ALL else f"the hardest {data.difficulty_name} ({diff})"
+            if pd.notna(h["point"]):
+                t = int(h["point"])
+                text = (f"{where.capitalize()}, {scope}: looped {split} {kind} saturates at {h['text']} "
+                        f"(gain < {epsilon:g} from any larger T), reaching {mean[('looped', t, diff)]:.3f}")
+            else:
+                t = int(h["t_max"])
+                text = (f"{where.capitalize()}, {scope}: looped {split} {kind} is not saturated within T <= {t} "
+                        f"({h['text']}); at T={t} it is {mean[('looped', t, diff)]:.3f}")
+            others = [(a, mean.get((a, t, diff))) for a in ("depth_matched", "param_matched")]
+            others = [(a, v) for a, v in others if v is not None and np.isfinite(v)]
+            if others:
+                text += "; at that T " + ", ".join(
+                    f"{a.replace('_', '-')} is {v:.3f} (looped {'ahead' if sign * (mean[('looped', t, diff)] - v) >= 0 else 'behind'} "
+                    f"by {abs(mean[('looped', t, diff)] - v):.3f})" for a, v in others)
+            lines.append(text + ".")
+        dm = sat[(sat["group"] == group) & (sat["arch"] == "depth_matched") & (sat["difficulty"] == ALL)]
+        if len(dm):
+            lines.append(f"{where.capitalize()}: the depth-matched baseline (N*T distinct layers) "
+                         f"{'saturates at ' + dm.iloc[0]['text'] if pd.notna(dm.iloc[0]['point']) else 'is ' + dm.iloc[0]['text']}.")
+    extra = extrapolation_table(data, kind, split)
+    if len(extra):
+        worst, best = extra.loc[(sign * extra["change"]).idxmin()], extra.loc[(sign * extra["change"]).idxmax()]
+        lines.append(f"Looping past the trained T (extrapolation) changes {split} {kind} by {worst['change']:+.3f} "
+                     f"at worst (T={worst['T']} run to t={worst['last_step']}, {worst['group']}) and by "
+                     f"{best['change']:+.3f} at best (T={best['T']} run to t={best['last_step']}, {best['group']}).")
+    exits = exit_table(data, split)
+    for group in [g for g in data.groups if g in set(exits["group"])]:
+        e = exits[(exits["group"] == group) & (exits["difficulty"] != ALL)]
+        t_max = e["loops"].max()
+        by = e[e["loops"] == t_max].set_index("difficulty")["exit_expected_step"]
+        if t_max > 1 and len(by) > 1:
+            lo, hi = difficulty_order(by.index)[0], difficulty_order(by.index)[-1]
+            trend = ("more loops at" if by[hi] > by[lo] + EXIT_TREND else "fewer loops at"
+                     if by[hi] < by[lo] - EXIT_TREND else "about as many loops at")
+            # NOTE: which end is harder is the task's business (more hops; but less context for text)
+            lines.append(f"Exit gate at T={t_max} ({group}): expected exit step {by[lo]:.2f} at "
+                         f"{data.difficulty_name} {lo[1:]} vs {by[hi]:.2f} at {hi[1:]}: it spends {trend} "
+                         f"{data.difficulty_name} {hi[1:]} than at {lo[1:]} (a difference under {EXIT_TREND} "
+                         "steps counts as none).")
+    if importances:
+        lines.append("Parameter importance for the objective (fANOVA): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()) + ".")
+    return lines
+
+
+@dataclass
+class Report:
+    folder: Path
+    markdown: str
+    table: str  # the key table as printed to the terminal
+    files: list[Path]
+
+
+def _markdown_table(frame: pd.DataFrame, floatfmt: str = ".3f") -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "-" if not np.isfinite(v) else format(v, floatfmt)
+        return str(v)
+
+    head = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kind: str | None = None,
+                 split: str | None = None, level: float = 0.95, n_boot: int = 2000, log: bool = True) -> Report:
+    """Write report.md and its PNGs to `folder`; with `log`, also as artifacts `report/` on the
+    study's parent run (or nowhere when the experiment has no sweep parent)."""
+    kind, split = kind or data.kind, split or data.split
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sat = saturation_table(data, epsilon, kind, split, level, n_boot)
+    study = optuna_study(data)
+    importances = param_importances(study)
+    figures = {"vs_loops.png": plot_vs_loops(data, sat, kind, split, level), "vs_step.png": plot_vs_step(data, kind, split),
+               "compute.png": plot_compute(data, kind, split), "exit_gate.png": plot_exit(data, split)}
+    optuna_figs = plot_optuna(study, importances, data.objective_metric)
+    if optuna_figs:
+        figures["optuna_history.png"], figures["optuna_importance.png"] = optuna_figs
+    files = []
+    for name, fig in figures.items():
+        if fig is not None:
+            fig.savefig(folder / name, dpi=110)
+            plt.close(fig)
+            files.append(folder / name)
+    table = key_table(data, ALL, kind, split, level)
+    lines = summary(data, sat, importances, kind, split, epsilon)
+    text = _report_markdown(data, sat, table, lines, importances, {f.name for f in files}, kind, split, epsilon, level, n_boot)
+    (folder / "report.md").write_text(text)
+    files.insert(0, folder / "report.md")
+    for name, frame in (("curves.csv", curve_table(data, kind, split, level)), ("saturation.csv", sat),
+                        ("steps.csv", data.steps)):
+        frame.to_csv(folder / name, index=False)
+        files.append(folder / name)
+    if log:
+        attach_report(data, files)
+    printed = _terminal_table(table, sat, kind, split, level)
+    return Report(folder, text, printed, files)
+
+
+def _terminal_table(table: pd.DataFrame, sat: pd.DataFrame, kind: str, split: str, level: float) -> str:
+    s = sat[sat["difficulty"].isin([ALL])][["group", "arch", "text"]].rename(columns={"text": "saturation (all positions)"})
+    saturation = s.to_string(index=False) if len(s) else "saturation: needs runs at two or more trained T per arch"
+    return (f"{split} {kind} at the final step (all positions), mean ± {level:.0%} CI half-width over seeds:\n"
+            + table.to_string(index=False) + "\n\n" + saturation)
+
+
+def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, lines: list[str],
+                     importances: Mapping[str, float], figures: set[str], kind: str, split: str,
+                     epsilon: float, level: float, n_boot: int) -> str:
+    n_seeds = data.runs.groupby(["group", "arch", "loops"])["run_id"].nunique()
+    out = [f"# {data.name}: when do extra loops stop helping?", "",
+           f"Study `{data.name}` (MLflow experiment {data.experiment_id}, store `{data.tracking_uri}`"
+           + (f", study run `{data.parent_run_id}`" if data.parent_run_id else "") + ").",
+           f"Unit runs by state: {', '.join(f'{k} {v}' for k, v in sorted(data.counts.items()))}; "
+           f"runs per point (group x arch x T): {n_seeds.min()}-{n_seeds.max()}. Metric: **{split} {kind}** at the final (trained) "
+           f"loop step; difficulty = {data.difficulty_name}.", ""]
+    if data.averaged_keys:
+        out += [f"Averaged over: {', '.join(data.averaged_keys)} (sampled from a range, or more than "
+                f"{MAX_GROUP_VALUES} values): means, intervals and 'seeds' below pool runs over their values.", ""]
+    if kind != data.kind or data.objective_metric.split("/", 1)[-1] != names.final(kind):
+        out += [f"The sweep's objective is `{data.objective_metric}`; this report reads {kind} at each run's "
+                "final trained step (and per step / per difficulty below).", ""]
+    out += ["## Summary", "", *[f"- {line}" for line in lines], "",
+            "## Metric vs trained loop count T", "",
+            f"Mean ± half-width of the {level:.0%} Student-t interval over seeds (all positions). "
+            "param_matched (N layers, one pass) does not depend on T: one model per seed, shown at every T.", "",
+            _markdown_table(table), ""]
+    if "vs_loops.png" in figures:
+        out += ["![metric vs T](vs_loops.png)", ""]
+    out += ["## Saturation points", "",
+            f"Saturation point = the smallest trained T from which no larger T in the study improves the "
+            f"seed-mean metric by ε = {epsilon:g} or more ('not saturated' when the largest T still gains ε on "
+            "the one before it). NOTE: this is stricter than 'the next T gains less than ε': a plateau followed "
+            "by a later gain is not called saturation, and gains are in the metric between trained T values "
+            f"(not per loop). Interval: {level:.0%} percentile bootstrap over seeds ({n_boot} resamples; seeds "
+            "drawn with replacement, jointly across T when every T has the same seeds (paired), else "
+            "independently; a resample that does not saturate counts as beyond the largest T, written '>T'). "
+            "p_saturated = share of resamples that saturate within the range. With 3 seeds a percentile "
+            "bootstrap of a grid point is coarse: read a point interval such as [6, 6] as 'every resample "
+            "agrees', not as certainty.", "",
+            _markdown_table(sat[["group", "arch", "difficulty", "text", "p_saturated", "n_seeds", "paired"]]
+                            .rename(columns={"text": "saturation point [interval]"}), ".2f")
+            if len(sat) else "No saturation point: every arch has runs at one trained T only.", ""]
+    extra = extrapolation_table(data, kind, split)
+    out += ["## Metric vs evaluation loop step t", "",
+            "Each looped model evaluated at every step up to its trained T and beyond (extrapolation).", ""]
+    if "vs_step.png" in figures:
+        out += ["![metric vs loop step](vs_step.png)", ""]
+    if len(extra):
+        out += [_markdown_table(extra.rename(columns={"at_T": f"{kind} at t=T", "at_last": f"{kind} at last t"})), ""]
+    out += ["## Compute-normalised", "",
+            "FLOPs counted by structure (a shared block run T times costs T times; the per-step LM heads "
+            "included); training FLOPs = 3 x forward FLOPs/token x tokens seen.", "",
+            _markdown_table(compute_table(data, kind, split), ".4g"), ""]
+    if "compute.png" in figures:
+        out += ["![compute](compute.png)", ""]
+    exits = exit_wide(data, split)
+    if len(exits):
+        out += ["## Exit gate", "", "Seed means over the looped runs: expected exit step E[t] under the "
+                "learned exit distribution and its entropy H (nats; uniform over T steps = ln T), by "
+                f"{data.difficulty_name}.", "", _markdown_table(exits, ".2f"), ""]
+        if "exit_gate.png" in figures:
+            out += ["![exit gate](exit_gate.png)", ""]
+    if "optuna_history.png" in figures:
+        out += ["## The sweep", "",
+                f"Objective `{data.objective_metric}` ({data.direction}); trials: "
+                + ", ".join(f"{k} {v}" for k, v in data.trials["state"].value_counts().sort_index().items()) + ".", ""]
+        if importances:
+            out += ["fANOVA importance (Optuna's `FanovaImportanceEvaluator`, seed 0):", "",
+                    _markdown_table(pd.DataFrame({"param": list(importances), "importance": list(importances.values())})), "",
+                    "![importance](optuna_importance.png)", ""]
+        out += ["![history](optuna_history.png)", ""]
+    return "\n".join(out) + "\n"

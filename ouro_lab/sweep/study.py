@@ -1,0 +1,210 @@
+"""Opening a study: Optuna storage (journal file, or RDB with heartbeats), sampler, pruner,
+the definition check that refuses to resume a changed sweep, and the study's MLflow parent run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from ouro_lab import tracking
+from ouro_lab.config import ConfigError, ExperimentConfig, load_config, to_dict
+from ouro_lab.sweep.budget import counts_toward_budget, retried_trials
+from ouro_lab.sweep.schema import SweepConfig, grid_values
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class Study:
+    """An open study: its definition, the Optuna study, and its MLflow experiment and parent run."""
+
+    sweep: SweepConfig
+    base: Path  # the experiment config the trials start from
+    study: optuna.Study
+    experiment: tracking.Experiment  # the MLflow experiment named after the study
+    parent: tracking.Run  # the study's parent run; trial runs nest under it
+    study_dir: Path
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.experiment.tracking_uri
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler, with what several workers and retries need.
+
+    NOTE: every worker must use the same seed: a grid id means the same point only under the
+    same shuffle. Optuna 5.0's after_trial raises KeyError('grid_id') for an enqueued trial (our
+    retry of an interrupted one) when one point is left; stopping is decided by our own budget
+    loop, so that lookup is skipped for such trials. A point counts as visited only if a trial
+    holds it: not a discarded trial, nor an interrupted one (its retry, which carries params
+    but no grid id, holds it instead)."""
+
+    def __init__(self, search_space, seed: int | None = None, retries: int = 0):
+        super().__init__(search_space, seed=seed)
+        self.retries = retries
+        self._ids = {tuple(grid): i for i, grid in enumerate(self._all_grids)}
+
+    def after_trial(self, study, trial, state, values) -> None:
+        if "grid_id" in study._storage.get_trial_system_attrs(trial._trial_id):
+            super().after_trial(study, trial, state, values)
+
+    def grid_id(self, t: optuna.trial.FrozenTrial) -> int | None:
+        if "grid_id" in t.system_attrs:
+            return t.system_attrs["grid_id"]
+        params = t.params or t.system_attrs.get("fixed_params", {})  # an enqueued retry: its fixed params
+        try:
+            return self._ids.get(tuple(params[name] for name in self._param_names))
+        except KeyError:
+            return None
+
+    def _get_unvisited_grid_ids(self, study: optuna.Study) -> list[int]:
+        trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+        retried = retried_trials(trials)
+        held, running = set(), set()
+        for t in trials:
+            gid = self.grid_id(t)
+            if gid is None:
+                continue
+            if t.state in (TrialState.RUNNING, TrialState.WAITING):
+                running.add(gid)
+            elif t.state != TrialState.FAIL or counts_toward_budget(t, self.retries, retried):
+                held.add(gid)
+        everything = set(range(self._n_min_trials))
+        return list(everything - held - running) or list(everything - held)
+
+
+def make_sampler(sweep: SweepConfig, n_existing: int = 0, salt: int = 0) -> optuna.samplers.BaseSampler:
+    """The grid's order depends on the seed alone (it skips visited points), the same in every
+    worker. The others draw from a fresh random state per process: NOTE a resumed study must not
+    replay the first process's draws, so their seed is moved on by the number of trials already
+    in the study, and concurrent workers must not draw in lockstep, so each adds its own `salt`."""
+    s = sweep.sampler
+    if s.name == "grid":
+        space = {key: grid_values(spec) for key, spec in sweep.params.items()}
+        return GridSampler(space, seed=s.seed, retries=sweep.retries)
+    seed = (s.seed + 1_000_003 * n_existing + 7_919 * salt) % 2**32
+    if s.name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s.name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(sweep: SweepConfig) -> optuna.pruners.BasePruner:
+    settings = dict(sweep.pruner)
+    name = settings.pop("name", "none")
+    return {
+        "none": optuna.pruners.NopPruner,
+        "median": optuna.pruners.MedianPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    }[name](**settings)
+
+
+def make_storage(sweep: SweepConfig, study_dir: Path) -> optuna.storages.BaseStorage | str:
+    """Default: a journal file under the study folder, safe for several processes on one host.
+    Any Optuna storage URL otherwise (e.g. postgresql://... for several hosts)."""
+    if sweep.storage:
+        if sweep.storage.startswith(("postgresql", "mysql", "sqlite")):
+            # NOTE: journal storage has no heartbeat; RDB has: a trial whose worker stops beating
+            # is failed by the next worker that looks (our callback queues its retry)
+            return optuna.storages.RDBStorage(sweep.storage, heartbeat_interval=sweep.heartbeat_interval,
+                                              grace_period=sweep.grace_period,
+                                              heartbeat_stale_trial_callback=RetryStaleTrial(sweep.retries))
+        return sweep.storage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    study_dir.mkdir(parents=True, exist_ok=True)
+    path = str(study_dir / "optuna.journal")
+    return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+class RetryStaleTrial:
+    """Optuna's callback for a trial whose heartbeat stopped (RDB storage): it has just been
+    set FAIL; queue its retry (the retry_of link keeps the failed one off the budget).
+    NOTE: a finished trial's attrs cannot be changed any more, so the reason goes on the retry;
+    a class, not a closure, because a DDP rank gets the storage (and this) pickled."""
+
+    def __init__(self, retries: int):
+        self.retries = retries
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        depth = trial.user_attrs.get("retry_depth", 0)
+        again = depth < self.retries and bool(trial.params)  # no params: it never started, nothing to retry
+        print(f"[sweep {study.study_name}] trial {trial.number} lost its worker (no heartbeat): marked FAIL"
+              + (f", re-queued (retry {depth + 1}/{self.retries})" if again else ""), flush=True)
+        if again:
+            study.enqueue_trial(trial.params, skip_if_exists=False, user_attrs={
+                "retry_of": trial.number, "retry_depth": depth + 1, "retry_reason": "no heartbeat: its worker died"})
+
+
+def this_process() -> str:
+    """How a worker names itself on its trials (`worker` user attr): host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def open_study(sweep: SweepConfig, base: Path, worker: str | None = None) -> Study:
+    """Create or load the Optuna study, the MLflow experiment and the study's parent run."""
+    study_dir = Path(sweep.study_dir or Path("studies") / sweep.name).resolve()
+    storage = make_storage(sweep, study_dir)
+    base_cfg = load_config(base, sweep.overrides)
+    definition = definition_hash(sweep, base_cfg)
+    study = optuna.create_study(study_name=sweep.name, storage=storage, pruner=make_pruner(sweep),
+                                direction=sweep.objective.direction, load_if_exists=True)
+    found = study.user_attrs.get("definition_hash")
+    if found is not None and found != definition:
+        raise ConfigError(
+            f"study {sweep.name!r} in {sweep.storage or study_dir} was created from a different sweep definition "
+            f"(params, overrides, objective, seeds or the base config changed). Resuming would mix "
+            f"incomparable trials: give the new study its own name (e.g. name={sweep.name}-v2) or "
+            f"delete the old study")
+    trials = study.get_trials(deepcopy=False)
+    # a worker, or a process joining a study others are running (another host): its own draws
+    if worker is None and any(t.state == TrialState.RUNNING for t in trials):
+        worker = this_process()
+    study.sampler = make_sampler(sweep, len(trials), zlib.crc32(worker.encode()) if worker else 0)
+    study.set_user_attr("definition_hash", definition)
+    uri = tracking.resolve_tracking_uri(sweep.tracking_uri or base_cfg.tracking.uri)
+    experiment = tracking.Experiment.open(uri, sweep.name)
+    parent_id = study.user_attrs.get("mlflow_parent_run_id")
+    if parent_id is None or not experiment.has_run(parent_id):
+        parent = experiment.create_run(f"study-{sweep.name}", {
+            "ouro.study": sweep.name, "ouro.role": "study", **tracking.reproducibility_tags()})
+        study.set_user_attr("mlflow_parent_run_id", parent.id)
+        parent.log_params({f"sweep.{k}": v for k, v in _sweep_params(sweep).items()})
+        parent.log_text(OmegaConf.to_yaml(OmegaConf.structured(sweep)), "sweep.yaml")
+    else:
+        parent = experiment.run(parent_id)
+        parent.reopen()
+    return Study(sweep, base, study, experiment, parent, study_dir)
+
+
+def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:
+    """What makes two invocations the same study: the search space, objective, seeds and the
+    resolved experiment config (budget, timeout and retries may change between resumes)."""
+    d = OmegaConf.to_container(OmegaConf.structured(sweep))
+    for key in ("trials", "timeout", "retries", "storage", "heartbeat_interval", "grace_period", "study_dir",
+                "tracking_uri", "pruner"):
+        d.pop(key)
+    d["base_config"] = to_dict(base_cfg)
+    d["base_config"].pop("tracking")
+    if d["base_config"]["train"].get("strategy") == "auto":  # NOTE: a later key; studies made before it resume
+        d["base_config"]["train"].pop("strategy")
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _sweep_params(sweep: SweepConfig) -> dict[str, Any]:
+    return {"objective": f"{sweep.objective.direction} {sweep.objective.metric}", "sampler": sweep.sampler.name,
+            "pruner": json.dumps(dict(sweep.pruner)), "trials": sweep.trials, "seeds": sweep.seeds,
+            "params": ", ".join(sweep.params), "overrides": " ".join(sweep.overrides)}

@@ -1,0 +1,197 @@
+"""What one trial does: claim its place in the budget, take the sampler's values, train one
+run per seed (or reuse an identical finished run of the study), and return the objective.
+
+MLflow runs of a trial (each ended by its `tracking.Run` handle, tagged `optuna.state`):
+    seeds == 1: one run, nested under the study run, trained by `train(cfg, run=...)`
+    seeds > 1:  a trial run holding the seed mean and spread, one nested run per seed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+from typing import Any
+
+import optuna
+
+from ouro_lab import tracking
+from ouro_lab.config import ExperimentConfig, load_config, to_dict, used_params
+from ouro_lab.sweep.budget import claims_budget, retried_trials
+from ouro_lab.sweep.pruning import PruningCallback
+from ouro_lab.sweep.schema import SweepConfig, distribution, override_for
+from ouro_lab.sweep.study import Study, this_process
+from ouro_lab.train import resolve_precision, train
+
+
+class Discarded(Exception):
+    """A trial that another worker's trial made redundant before it trained anything."""
+
+
+def claim(s: Study, trial: optuna.Trial, total: int) -> None:
+    """Raise `Discarded` unless this trial may run. Several workers check the budget and ask
+    Optuna for a trial at about the same time, so the check is repeated here, ordered by trial
+    number (which the storage assigns atomically): a trial runs only if the trials numbered
+    before it leave room in the budget, and (grid) none of them already holds its grid point,
+    and (retry) none of them already retries the same interrupted trial. NOTE: Optuna's
+    GridSampler may hand one point to two concurrent workers (DESIGN.md Part 3)."""
+    trials = s.study.get_trials(deepcopy=False)
+    retried = retried_trials(trials)
+    live = [t for t in trials if t.number < trial.number and claims_budget(t, s.sweep.retries, retried)]
+    if len(live) >= total:
+        raise Discarded(f"budget of {total} trials already claimed by earlier trials")
+    grid_id = s.study._storage.get_trial_system_attrs(trial._trial_id).get("grid_id")
+    retry_of = trial.user_attrs.get("retry_of")
+    for t in live:
+        if grid_id is not None and t.system_attrs.get("grid_id") == grid_id:
+            raise Discarded(f"grid point already taken by trial {t.number}")
+        if retry_of is not None and t.user_attrs.get("retry_of") == retry_of:
+            raise Discarded(f"trial {retry_of} is already retried by trial {t.number}")
+
+
+def canonical_hash(cfg: ExperimentConfig) -> str:
+    """Hash of what determines a run's result. Keys a standard model ignores (loop count for
+    param_matched, the exit objective, extra eval loops) are normalised away, so the same
+    param-matched baseline is trained once per study and reused at every T."""
+    d = to_dict(cfg)
+    d.pop("tracking")
+    d["train"].pop("progress_bar")
+    d["train"]["precision"] = resolve_precision(cfg)  # 'auto' means fp32 on CPU, bf16 on GPU
+    if cfg.objective.prior != "geometric":
+        d["objective"].pop("prior_p")
+    if cfg.model.arch != "looped":
+        d.pop("objective")
+        d["eval"].pop("extra_loops")
+        d["model"].pop("loop_state")
+        if cfg.model.arch == "param_matched":
+            d["model"].pop("loops")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def suggest(trial: optuna.Trial, sweep: SweepConfig) -> dict[str, Any]:
+    values = {}
+    for key, spec in sweep.params.items():
+        dist = distribution(spec, sweep.sampler.name)
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            values[key] = trial.suggest_categorical(key, dist.choices)
+        elif isinstance(dist, optuna.distributions.IntDistribution):
+            values[key] = trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            values[key] = trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
+    return values
+
+
+def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = None) -> float:
+    """Train the trial's configuration (one run per seed) and return the objective (seed mean)."""
+    sweep = s.sweep
+    trial.set_user_attr("worker", this_process())
+    if total is not None:
+        claim(s, trial, total)
+    sampled = suggest(trial, sweep)
+    overrides = [*sweep.overrides, *(override_for(k, v) for k, v in sampled.items()),
+                 f"tracking.uri={s.tracking_uri}", f"tracking.experiment={sweep.name}", "train.progress_bar=false"]
+    cfg = load_config(s.base, overrides)
+    label = " ".join(f"{k}={v}" for k, v in sampled.items())
+    tags = {"ouro.study": sweep.name, "ouro.trial": str(trial.number), "ouro.role": "trial",
+            "optuna.state": "RUNNING"}
+    if sweep.seeds == 1:
+        value, _ = _train_seed(s, trial, cfg, cfg.train.seed, 0, s.parent.id, tags, label, verbose)
+        return value
+    # several seeds: a trial run holding the mean and spread, with one child run per seed
+    with _trial_run(s, f"trial-{trial.number} {label}", tags | tracking.reproducibility_tags(), s.parent.id) as run:
+        trial.set_user_attr("mlflow_run_id", run.id)
+        run.log_params({k: v for k, v in used_params(cfg).items() if k != "train.seed"})
+        results, values = [], []
+        first_seed = cfg.train.seed
+        for i in range(sweep.seeds):
+            seed_tags = {"ouro.study": sweep.name, "ouro.trial": str(trial.number), "ouro.role": "seed"}
+            value, seed_run = _train_seed(s, trial, cfg, first_seed + i, i, run.id, seed_tags,
+                                          f"{label} seed {first_seed + i}", verbose)
+            values.append(value)
+            results.append(seed_run.fetch().data.metrics)
+        run.log_metrics(_seed_aggregate(results, sweep.objective.metric))
+    return statistics.fmean(values)
+
+
+def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int, index: int, parent: str,
+                tags: dict[str, str], label: str, verbose: bool) -> tuple[float, tracking.Run]:
+    """Train one seed (or reuse an identical finished run of this study); return (objective, its run)."""
+    cfg.train.seed = seed
+    cfg.tracking.run_name = f"trial-{trial.number} {label}"
+    digest = canonical_hash(cfg)
+    tags = tags | {"ouro.config_hash": digest}
+    metric = s.sweep.objective.metric
+    reused = _find_finished(s, digest)
+    if reused is not None:
+        value = reused.data.metrics.get(metric)
+        if verbose:
+            print(f"[sweep] trial {trial.number}: reusing identical run {reused.info.run_id} ({label})", flush=True)
+        if value is None:
+            raise KeyError(f"objective metric {metric!r} was not logged by run {reused.info.run_id}")
+        return value, _copy_run(s, reused, cfg, parent, tags)
+    offset = index * cfg.train.max_steps
+    with _trial_run(s, cfg.tracking.run_name, tags, parent) as run:
+        if s.sweep.seeds == 1:
+            trial.set_user_attr("mlflow_run_id", run.id)
+        if verbose:
+            print(f"[sweep {s.sweep.name}] trial {trial.number} started: {label}", flush=True)
+        result = train(cfg, run=run, callbacks=[PruningCallback(trial, metric, offset)], verbose=False)
+        value = (result.val | result.test).get(metric)
+        if value is None:
+            raise ValueError(f"objective metric {metric!r} was not logged; available e.g. "
+                             f"{', '.join(sorted(result.val)[:6])} ...")
+        if not math.isfinite(value):
+            raise ValueError(f"objective metric {metric!r} is {value}")
+    return value, run
+
+
+def _trial_run(s: Study, name: str, tags: dict[str, str], parent: str) -> tracking.Run:
+    """A run of this study that ends with its Optuna state: FINISHED + optuna.state COMPLETE;
+    KILLED + PRUNED (tag `pruned`: why); FAILED (or KILLED if interrupted) + FAIL (tag `error`)."""
+    run = s.experiment.create_run(name, tags, parent)
+    run.ending = trial_ending
+    return run
+
+
+def trial_ending(err: BaseException | None) -> tuple[str, dict[str, str]]:
+    """`tracking.Run.ending` for trial runs: the MLflow status and the `optuna.state` tag."""
+    if err is None:
+        return "FINISHED", {"optuna.state": "COMPLETE"}
+    if isinstance(err, optuna.TrialPruned):
+        return "KILLED", {"optuna.state": "PRUNED", "pruned": str(err)}
+    status, tags = tracking.ended_by(err)
+    return status, tags | {"optuna.state": "FAIL"}
+
+
+def _find_finished(s: Study, digest: str):
+    """An original (not itself a copy) run of this study with the same config hash, ended whole."""
+    runs = s.experiment.find_runs(f"tags.`ouro.config_hash` = '{digest}' and attributes.status = 'FINISHED' "
+                                  "and tags.`optuna.state` = 'COMPLETE'", max_results=10)
+    originals = [r for r in runs if "ouro.reused_from" not in r.data.tags]
+    return originals[0] if originals else None
+
+
+def _copy_run(s: Study, source, cfg: ExperimentConfig, parent: str, tags: dict[str, str]) -> tracking.Run:
+    """A child run that points at an identical finished run and carries its final metrics;
+    its params are this trial's own config (e.g. the T it stands for), plus the derived facts."""
+    source_tags = {k: v for k, v in source.data.tags.items() if k.startswith(("ouro.", "versions.", "mlflow.source"))}
+    run_tags = source_tags | tags | {"ouro.reused_from": source.info.run_id, "optuna.state": "COMPLETE",
+                                     "ouro.loops": str(cfg.model.loops), "ouro.seed": str(cfg.train.seed)}
+    with _trial_run(s, cfg.tracking.run_name, run_tags, parent) as run:
+        derived = {k: v for k, v in source.data.params.items() if k.startswith("derived.")}
+        run.log_params(used_params(cfg) | derived)
+        run.log_metrics(source.data.metrics)
+    return run
+
+
+def _seed_aggregate(results: list[dict[str, float]], objective: str) -> dict[str, float]:
+    """Mean over seeds of every final val/test metric (same names), and the objective's spread."""
+    keys = set.intersection(*(set(r) for r in results))
+    metrics = {k: statistics.fmean(r[k] for r in results) for k in sorted(keys)
+               if k.startswith(("val/", "test/", "model/"))}
+    values = [r[objective] for r in results if objective in r]
+    if len(values) > 1:
+        metrics |= {f"seeds/{objective}_std": statistics.stdev(values), f"seeds/{objective}_min": min(values),
+                    f"seeds/{objective}_max": max(values)}
+    return metrics
