@@ -11,6 +11,7 @@ combination raises `ConfigError` naming the key, the bad value and the valid cho
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -110,6 +111,21 @@ class TrainConfig:
 class EvalConfig:
     extra_loops: int = 2  # looped models are also evaluated at steps T+1..T+extra (extrapolation)
     test: bool = True  # evaluate on the held-out test split after training (metrics test/...)
+    # early-exit frontier of looped models (README "Early exit"; metrics exit_*, oracle_*, gate_*)
+    exit_q: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])  # Q-exit: gate CDF >= q (1 = full depth)
+    exit_confidence: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])  # max softmax prob >= tau (CALM)
+    exit_step_change: list[float] = field(default_factory=lambda: [0.3, 0.1, 0.03, 0.01, 0.003, 0.001])  # KL(p_t||p_t-1) < delta (Huginn)
+    exit_epsilon: float = 0.01  # "within epsilon of full depth": accuracy (bits per byte for byte-level tasks)
+    oracle_tolerance: float = 0.01  # loss-scored tasks: the answer-stable oracle's per-token loss tolerance (nats)
+
+
+@dataclass
+class Stage2Config:
+    # Stage II, focused adaptive gate training (DESIGN.md Part 1): set init_from to train only
+    # the exit gate of a Stage-I model; every other parameter is frozen at the checkpoint's values
+    init_from: Optional[str] = None  # a Stage-I checkpoint (.ckpt of `ouro-lab train`, looped); None = Stage I
+    k: float = 50.0  # label sharpness, w_t = sigmoid(k (I_t - gamma)) (paper: 50)
+    gamma: float = 0.005  # loss improvement (nats) below which a step counts as not helping (paper: 0.005)
 
 
 @dataclass
@@ -147,6 +163,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)  # type: ignore[valid-type]
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
@@ -159,7 +176,8 @@ class ExperimentConfig:
         """'{task}-looped-N2xT4-s0', '{task}-depth_matched-L8-s0'."""
         m = self.model
         shape = f"N{m.n_layers}xT{m.loops}" if m.arch == "looped" else f"L{m.distinct_layers}"
-        return f"{self.data.task}-{m.arch}-{shape}-s{self.train.seed}"
+        stage = "-stage2" if self.stage2.init_from else ""
+        return f"{self.data.task}-{m.arch}-{shape}{stage}-s{self.train.seed}"
 
 
 def read_yaml(path: str | Path, what: str = "config") -> DictConfig:
@@ -275,7 +293,23 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(t.num_workers >= 0, "train.num_workers", f"must be >= 0, got {t.num_workers}")
     choice("train.activation_checkpointing", t.activation_checkpointing, CHECKPOINTING)
     check(t.ce_chunk_tokens >= 0, "train.ce_chunk_tokens", f"must be >= 0 (0 = automatic), got {t.ce_chunk_tokens}")
-    check(cfg.eval.extra_loops >= 0, "eval.extra_loops", f"must be >= 0, got {cfg.eval.extra_loops}")
+    e = cfg.eval
+    check(e.extra_loops >= 0, "eval.extra_loops", f"must be >= 0, got {e.extra_loops}")
+    for key, high in (("exit_q", 1.0), ("exit_confidence", 1.0), ("exit_step_change", math.inf)):
+        values = getattr(e, key)
+        bound = "in (0, 1]" if high == 1.0 else "finite and > 0"
+        check(all(0 < v <= high and math.isfinite(v) for v in values), f"eval.{key}",
+              f"every threshold must be {bound}, got {values}")
+        check(len(set(values)) == len(values), f"eval.{key}", f"has duplicate thresholds: {values}")
+    check(e.exit_epsilon >= 0, "eval.exit_epsilon", f"must be >= 0, got {e.exit_epsilon}")
+    s2 = cfg.stage2
+    if s2.init_from is not None:
+        check(m.arch == "looped", "stage2.init_from", f"Stage II trains the exit gate of a looped model; model.arch={m.arch}")
+        check(m.loops >= 2, "stage2.init_from", f"Stage II needs model.loops >= 2 (the gate labels compare steps), got {m.loops}")
+        check(Path(s2.init_from).expanduser().is_file(), "stage2.init_from", f"checkpoint not found: {s2.init_from}")
+    check(s2.k > 0, "stage2.k", f"must be > 0, got {s2.k}")
+    check(s2.gamma >= 0, "stage2.gamma", f"must be >= 0, got {s2.gamma}")
+    check(e.oracle_tolerance >= 0, "eval.oracle_tolerance", f"must be >= 0, got {e.oracle_tolerance}")
     for key in ("batch_size", "eval_batch_size", "n_val", "n_test"):
         check(getattr(d, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(d, key)}")
     choice("data.task", d.task, sorted(TASKS))
@@ -315,6 +349,8 @@ def used_params(cfg: ExperimentConfig) -> dict[str, Any]:
     for task in TASKS:
         if task != cfg.data.task:
             d["data"].pop(task, None)
+    if cfg.stage2.init_from is None:
+        d.pop("stage2")
     return flatten(d)
 
 

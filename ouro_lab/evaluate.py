@@ -10,7 +10,7 @@ import torch
 from ouro_lab.config import ConfigError, from_dict
 from ouro_lab.modules import build_module
 from ouro_lab.train import make_datamodule, make_trainer
-from ouro_lab.views import metrics_table
+from ouro_lab.views import frontier_table, metrics_table
 
 # Only evaluation and data-size keys may change on reload; anything else is a different model.
 EVAL_OVERRIDABLE = ("eval.", "data.eval_batch_size", "data.n_val", "data.n_test", "train.accelerator", "train.precision")
@@ -23,7 +23,8 @@ class EvalResult:
 
     @property
     def table(self) -> str:
-        return metrics_table(self.metrics, self.split)
+        frontier = frontier_table(self.metrics, self.split)
+        return metrics_table(self.metrics, self.split) + (f"\n{frontier}" if frontier else "")
 
 
 def evaluate_checkpoint(path: Path, overrides: list[str] = (), split: str = "test") -> EvalResult:
@@ -39,9 +40,11 @@ def evaluate_checkpoint(path: Path, overrides: list[str] = (), split: str = "tes
     cfg = from_dict(config, overrides)  # validated once, here
     module = build_module(cfg)
     module.load_state_dict(ckpt["state_dict"])
-    # the training run's own builders; one device, nothing logged
+    # the training run's own builders: one process, nothing logged; fp32 unless asked otherwise
+    # (a checkpoint trained in 16-mixed on a GPU must evaluate on a CPU too)
     cfg.train.devices = 1
-    trainer = make_trainer(cfg, logger=False, callbacks=[], verbose=False)
+    precision = cfg.train.precision if any(o.startswith("train.precision=") for o in overrides) else "32-true"
+    trainer = make_trainer(cfg, logger=False, callbacks=[], verbose=False, strategy="auto", precision=precision)
     run = trainer.test if split == "test" else trainer.validate
     run(module, datamodule=make_datamodule(cfg, module.task), verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}

@@ -22,8 +22,8 @@ EXIT_STATS = ("exit_expected_step", "exit_entropy")
 STEP_METRIC = re.compile(r"^(?P<split>val|test)/(?P<kind>[a-z]+)_step(?P<step>\d+)(?:_d(?P<level>\d+))?$")
 # {split}/exit_expected_step[_d{k}], {split}/exit_entropy[_d{k}]
 EXIT_METRIC = re.compile(r"^(?P<split>val|test)/(?P<kind>exit_expected_step|exit_entropy)(?:_d(?P<level>\d+))?$")
-# what a sweep objective may name: any val/ or test/ metric of the scheme
-OBJECTIVE_METRIC = re.compile(r"^(val|test)/[a-z_]+(step\d+)?(_d\d+)?$")
+# what a sweep objective may look like: a val/ or test/ metric (whether a run logs it is checked apart)
+OBJECTIVE_METRIC = re.compile(r"^(val|test)/[a-z][a-z0-9_.+-]*$")
 
 
 def _level(level: int | None) -> str:
@@ -79,9 +79,11 @@ def steps_and_levels(metrics: Iterable[str], split: str, kind: str = "acc") -> t
 
 
 def metric_names(eval_loops: int, trained_loops: int, levels: list[int], has_gate: bool,
-                 splits: tuple[str, ...] = ("val", "test"), bpb: bool = False) -> set[str]:
-    """Every name a run logs through `LoopStepMetrics` (for checking a sweep's objective up
-    front). Difficulty levels with no examples in a split are left out at run time."""
+                 splits: tuple[str, ...] = ("val", "test"), bpb: bool = False,
+                 exit_rules: dict[str, list[float]] | None = None) -> set[str]:
+    """Every name a run logs through `LoopStepMetrics` and, given the `exit_rules` (looped
+    models), `ExitFrontierMetrics` (for checking a sweep's objective up front). Difficulty
+    levels with no examples in a split are left out at run time."""
     kinds = KINDS if bpb else ("loss", "acc")
     names: set[str] = set()
     for kind in kinds:
@@ -92,4 +94,60 @@ def metric_names(eval_loops: int, trained_loops: int, levels: list[int], has_gat
         names.update(under_exit(kind) for kind in kinds)
         names.update(exit_stat(stat, level) for stat in EXIT_STATS for level in [None, *levels])
         names.update(exit_mass(t) for t in range(1, trained_loops + 1))
+        if exit_rules is not None:
+            names.update(frontier_names(trained_loops, levels, kinds, exit_rules))
     return {f"{split}/{name}" for split in splits for name in names} | {f"{split}/acc" for split in splits}
+
+
+# --- the early-exit frontier (looped models; ouro_lab/exits.py) -----------------------------
+EXIT_RULES = ("q", "conf", "change")  # Q-exit on the gate's CDF, confidence exit, step-change (KL) exit
+ORACLES = ("stable", "right")  # answer-stable oracle, first-right oracle
+# exit_q0.9_acc, exit_conf0.95_loops_d2, exit_change0.01_bpb ...
+EXIT_RULE_METRIC = re.compile(r"^(?P<split>val|test)/exit_(?P<rule>q|conf|change)(?P<threshold>[0-9.e+-]+)_"
+                              r"(?P<kind>[a-z]+)(?:_d(?P<level>\d+))?$")
+ORACLE_METRIC = re.compile(r"^(?P<split>val|test)/oracle_(?P<rule>stable|right)_(?P<kind>[a-z]+)(?:_d(?P<level>\d+))?$")
+# the scalars a sweep can optimise (README "Early exit")
+GATE_SCALARS = ("gate_q_at_eps", "gate_loops_at_eps", "gate_flops_at_eps", "gate_saved_loops", "gate_efficiency")
+
+
+def threshold_label(x: float) -> str:
+    """0.9 -> '0.9', 1.0 -> '1', 0.0001 -> '0.0001' (as in the config's list)."""
+    return f"{x:g}"
+
+
+def exit_rule(rule: str, threshold: float, kind: str, level: int | None = None) -> str:
+    """'exit_q0.9_acc', 'exit_conf0.95_loops_d2': a rule at one threshold; kind acc | loss | bpb | loops."""
+    return f"exit_{rule}{threshold_label(threshold)}_{kind}{_level(level)}"
+
+
+def oracle(which: str, kind: str, level: int | None = None) -> str:
+    """'oracle_stable_loops', 'oracle_right_acc_d3'."""
+    return f"oracle_{which}_{kind}{_level(level)}"
+
+
+def oracle_share(t: int, level: int | None = None) -> str:
+    """'oracle_stable_share_step2_d1': share of tokens whose answer-stable exit is step t."""
+    return f"oracle_stable_share_step{t}{_level(level)}"
+
+
+def gate_step_at_oracle(t: int) -> str:
+    """'exit_expected_step_at_oracle2': the gate's E[t] over the tokens whose answer-stable exit is t."""
+    return f"exit_expected_step_at_oracle{t}"
+
+
+def series(split: str, what: str, x: str) -> str:
+    """A curve logged once after training as a metric series whose MLflow step is `x`:
+    'val/series/acc_vs_loop_step', 'val/series/exit_q_acc_vs_milliloops' (step = 1000 x mean loops)."""
+    return f"{split}/series/{what}_vs_{x}"
+
+
+def frontier_names(trained_loops: int, levels: list[int], kinds: tuple[str, ...], rules: dict[str, list[float]]) -> set[str]:
+    """Every frontier name (without split) a looped run logs: each rule x threshold, both
+    oracles, per level, the oracle histogram and the gate scalars."""
+    names: set[str] = set(GATE_SCALARS)
+    for level in [None, *levels]:
+        for kind in (*kinds, "loops"):
+            names.update(exit_rule(rule, x, kind, level) for rule, xs in rules.items() for x in xs)
+            names.update(oracle(which, kind, level) for which in ORACLES)
+        names.update(oracle_share(t, level) for t in range(1, trained_loops + 1))
+    return names  # gate_step_at_oracle{t} is left out: logged only where some token's oracle exit is t

@@ -14,8 +14,9 @@ import math
 import torch
 from torchmetrics import Metric
 
+from ouro_lab import exits
 from ouro_lab import metric_names as names
-from ouro_lab.objectives import entropy
+from ouro_lab.objectives import entropy, exit_distribution
 
 
 class LoopStepMetrics(Metric):
@@ -90,3 +91,108 @@ class LoopStepMetrics(Metric):
         """Levels with at least one scored token (e.g. arith with eval_ops=max has one): an
         empty level is left out rather than reported as accuracy 0."""
         return [k for k in range(self.n_levels) if self.count[k] > 0]
+
+
+class ExitFrontierMetrics(Metric):
+    """The early-exit frontier of a looped model, in selection semantics (all T trained steps
+    computed, each token read at its exit step; `ouro_lab.exits`): for every exit rule x
+    threshold and both oracles, summed correctness, loss and loop steps used, per difficulty
+    level; the answer-stable oracle's exit-step histogram; the gate's expected exit step per
+    oracle exit step. `compute` adds the gate scalars (README "Early exit")."""
+
+    full_state_update = False
+
+    def __init__(self, trained_loops: int, n_levels: int, rules: dict[str, list[float]], epsilon: float = 0.01,
+                 oracle_tolerance: float = 0.01, loss_scored: bool = False, bpb: bool = False,
+                 flops_per_loop: int = 0):
+        super().__init__()
+        self.T, self.n_levels, self.epsilon, self.oracle_tolerance = trained_loops, n_levels, epsilon, oracle_tolerance
+        self.loss_scored, self.bpb, self.flops_per_loop = loss_scored, bpb, flops_per_loop
+        # one row per (rule, threshold), then full depth and the two oracles
+        self.rules = [(rule, float(x)) for rule in names.EXIT_RULES for x in rules.get(rule, [])]
+        self.thresholds = {rule: [float(x) for x in rules.get(rule, [])] for rule in names.EXIT_RULES}
+        n_rows = len(self.rules) + 3
+        for state in ("correct", "loss", "loops"):
+            self.add_state(state, torch.zeros(n_rows, n_levels, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(n_levels, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("oracle_hist", torch.zeros(trained_loops, n_levels, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("gate_at_oracle", torch.zeros(trained_loops, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, step_losses: torch.Tensor, correct: torch.Tensor, preds: torch.Tensor, confidence: torch.Tensor,
+               change: torch.Tensor, gate_logits: torch.Tensor, difficulty: torch.Tensor) -> None:
+        """step_losses, correct, preds, confidence, change: (T, B, S) over the trained steps;
+        gate_logits: (B, S, T); difficulty: (B, S) in 1..n_levels, 0 = not counted."""
+        counted = difficulty > 0
+        one_hot = torch.nn.functional.one_hot((difficulty[counted] - 1).long(), self.n_levels).double()  # (N, K)
+        losses, hits = step_losses[:, counted].double(), correct[:, counted]  # (T, N)
+        gate = gate_logits[counted]  # (N, T)
+        th = self.thresholds
+        oracle = exits.stable_oracle(losses=losses, tolerance=self.oracle_tolerance) if self.loss_scored \
+            else exits.stable_oracle(preds=preds[:, counted])
+        steps = torch.cat([
+            exits.q_exit(gate, th["q"]).to(oracle.device),
+            exits.confidence_exit(confidence[:, counted], th["conf"]),
+            exits.step_change_exit(change[:, counted], th["change"]),
+            torch.full_like(oracle, self.T)[None],  # full depth
+            oracle[None],
+            exits.first_right_oracle(hits)[None],
+        ]).long()  # (R + 3, N)
+        self.correct += exits.select(hits.double(), steps) @ one_hot
+        self.loss += exits.select(losses, steps) @ one_hot
+        self.loops += steps.double() @ one_hot
+        self.count += one_hot.sum(0)
+        at_oracle = torch.nn.functional.one_hot(oracle - 1, self.T).double()  # (N, T)
+        self.oracle_hist += at_oracle.T @ one_hot
+        expected = (exit_distribution(gate) * torch.arange(1, self.T + 1, device=gate.device)).sum(-1).double()
+        self.gate_at_oracle += at_oracle.T @ expected
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        total = self.count.sum().clamp_min(1)
+        levels = [k for k in range(self.n_levels) if self.count[k] > 0]
+        rows = [(names.exit_rule, rule, x) for rule, x in self.rules]
+        rows += [(None, "full", None), (names.oracle, "stable", None), (names.oracle, "right", None)]
+        values = {"acc": self.correct, "loss": self.loss, "loops": self.loops}
+        for i, (name, rule, x) in enumerate(rows):
+            if name is None:
+                continue
+            for kind, sums in values.items():
+                key = (lambda level: name(rule, x, kind, level)) if x is not None else (lambda level: name(rule, kind, level))
+                out[key(None)] = sums[i].sum() / total
+                for k in levels:
+                    out[key(k + 1)] = sums[i, k] / self.count[k]
+        share = self.oracle_hist.sum(1) / total
+        for t in range(self.T):
+            out[names.oracle_share(t + 1)] = share[t]
+            for k in levels:
+                out[names.oracle_share(t + 1, k + 1)] = self.oracle_hist[t, k] / self.count[k]
+            n_t = self.oracle_hist[t].sum()
+            if n_t > 0:
+                out[names.gate_step_at_oracle(t + 1)] = self.gate_at_oracle[t] / n_t
+        out |= self._gate_scalars(total)
+        if self.bpb:
+            out |= {k.replace("_loss", "_bpb"): v / math.log(2) for k, v in out.items()
+                    if k.startswith(("exit_", "oracle_")) and ("_loss" in k)}
+        return {k: v.float() for k, v in out.items()}
+
+    def _gate_scalars(self, total: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The cheapest Q-exit within epsilon of full depth (accuracy; loss for loss-scored
+        tasks, epsilon then in bits per byte when bpb) and the share of the answer-stable
+        oracle's saving it realises."""
+        n_q = len(self.thresholds["q"])
+        full, stable = len(self.rules), len(self.rules) + 1
+        if self.loss_scored:
+            scale = math.log(2) if self.bpb else 1.0  # epsilon in bpb for byte-level tasks
+            quality = -self.loss.sum(1) / total / scale  # higher is better
+        else:
+            quality = self.correct.sum(1) / total
+        loops = self.loops.sum(1) / total
+        best_q, best_loops = torch.tensor(1.0, dtype=torch.float64), loops[full]  # full depth always qualifies
+        for i, q in enumerate(self.thresholds["q"][:n_q]):
+            if quality[i] >= quality[full] - self.epsilon - 1e-12 and loops[i] < best_loops:
+                best_q, best_loops = torch.tensor(q, dtype=torch.float64), loops[i]
+        saved, possible = self.T - best_loops, self.T - loops[stable]
+        # NOTE: when the oracle can save nothing, the gate has nothing to realise: efficiency 1
+        efficiency = saved / possible if possible > 1e-6 else torch.ones((), dtype=torch.float64)
+        return {"gate_q_at_eps": best_q, "gate_loops_at_eps": best_loops, "gate_saved_loops": saved,
+                "gate_flops_at_eps": best_loops * self.flops_per_loop, "gate_efficiency": efficiency}

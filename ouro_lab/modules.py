@@ -12,16 +12,19 @@ its checkpoint keeps the config as a plain dict, and `config.from_dict` rebuilds
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
 
+from ouro_lab import exits
 from ouro_lab import metric_names as names
-from ouro_lab.config import ExperimentConfig, to_dict
+from ouro_lab.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from ouro_lab.data import IGNORE_INDEX, Task, build_task
-from ouro_lab.metrics import LoopStepMetrics
+from ouro_lab.metrics import ExitFrontierMetrics, LoopStepMetrics
 from ouro_lab.models import LMOutput, LoopedLM, ModelSpec, StandardLM
-from ouro_lab.objectives import LoopLoss, exit_distribution, loop_objective_from_hidden, per_step_token_losses
+from ouro_lab.objectives import (LoopLoss, entropy, exit_distribution, loop_objective_from_hidden, per_step_token_losses,
+                                 stage2_gate_loss)
 
 
 def model_spec(cfg: ExperimentConfig, task: Task) -> ModelSpec:
@@ -45,8 +48,14 @@ def model_spec(cfg: ExperimentConfig, task: Task) -> ModelSpec:
 class _LMModule(L.LightningModule):
     """Shared training/eval logic; subclasses build the model and say how many steps to score."""
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig | None = None, *, config: dict | None = None):
+        """`cfg`: the validated config. `config`: its saved dict (Lightning's
+        `load_from_checkpoint` passes the checkpoint's hyperparameters so), rebuilt by `from_dict`."""
         super().__init__()
+        if cfg is None:
+            if config is None:
+                raise TypeError("a LightningModule of ouro-lab needs cfg (an ExperimentConfig) or config (its dict)")
+            cfg = from_dict(config)
         # NOTE: saved as a plain dict, so checkpoints reload without this package's classes
         # being pickled (config.from_dict rebuilds the object); Lightning's logging of these
         # hyperparameters is switched off (train.py): the run logs its config once, itself.
@@ -62,6 +71,15 @@ class _LMModule(L.LightningModule):
         bpb = self.task.byte_level
         self.val_metrics = LoopStepMetrics(self.eval_loops, self.trained_loops, n_levels, self.has_gate, bpb)
         self.test_metrics = LoopStepMetrics(self.eval_loops, self.trained_loops, n_levels, self.has_gate, bpb)
+        self.val_frontier = self.test_frontier = None
+        if self.has_gate:  # the early-exit frontier (README "Early exit")
+            e = cfg.eval
+            rules = {"q": e.exit_q, "conf": e.exit_confidence, "change": e.exit_step_change}
+            per_loop = self.model.flops_per_token(self.task.seq_len, loops=1)
+            self.val_frontier, self.test_frontier = (
+                ExitFrontierMetrics(self.trained_loops, n_levels, rules, e.exit_epsilon, e.oracle_tolerance,
+                                    loss_scored=self.task.byte_level, bpb=bpb, flops_per_loop=per_loop)
+                for _ in range(2))
 
     # --- what subclasses define -------------------------------------------------------
     def build_model(self, spec: ModelSpec) -> torch.nn.Module:
@@ -148,34 +166,50 @@ class _LMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- evaluation -------------------------------------------------------------------------
-    def _eval_step(self, batch, metrics: LoopStepMetrics) -> None:
+    def _eval_step(self, batch, metrics: LoopStepMetrics, frontier: ExitFrontierMetrics | None) -> None:
         tokens, targets, difficulty = batch
         out = self.run(tokens, loops=self.eval_loops)
-        step_losses, correct = [], []
-        for hidden in out.hidden:  # one step's (B, S, V) logits at a time
+        step_losses, correct, preds, confidence, change = [], [], [], [], []
+        prev_log_probs = None
+        for t, hidden in enumerate(out.hidden):  # one step's (B, S, V) logits at a time
             logits = out.head(hidden)
             step_losses.append(per_step_token_losses(logits[None], targets)[0])
-            correct.append(logits.argmax(-1) == targets)
+            preds.append(logits.argmax(-1))
+            correct.append(preds[-1] == targets)
+            if frontier is not None and t < self.trained_loops:  # what the exit rules read, trained steps only
+                log_probs = torch.log_softmax(logits.float(), dim=-1)
+                confidence.append(log_probs.max(-1).values.exp())
+                change.append(exits.step_change(log_probs, prev_log_probs) if prev_log_probs is not None
+                              else torch.full_like(confidence[-1], math.inf))
+                prev_log_probs = log_probs
         step_losses, correct = torch.stack(step_losses), torch.stack(correct)  # (T', B, S)
+        scored = difficulty * (targets != IGNORE_INDEX)
         exit_probs = None
         if self.has_gate:
             exit_probs = exit_distribution(out.gate_logits[..., : self.trained_loops])  # (B, S, T)
-        metrics.update(step_losses, correct, difficulty * (targets != IGNORE_INDEX), exit_probs)
+        metrics.update(step_losses, correct, scored, exit_probs)
+        if frontier is not None:
+            T = self.trained_loops
+            frontier.update(step_losses[:T], correct[:T], torch.stack(preds[:T]), torch.stack(confidence),
+                            torch.stack(change), out.gate_logits[..., :T], scored)
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, self.val_metrics)
+        self._eval_step(batch, self.val_metrics, self.val_frontier)
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, self.test_metrics)
+        self._eval_step(batch, self.test_metrics, self.test_frontier)
 
     def on_validation_epoch_end(self):
-        self._log_metrics("val", self.val_metrics)
+        self._log_metrics("val", self.val_metrics, self.val_frontier)
 
     def on_test_epoch_end(self):
-        self._log_metrics("test", self.test_metrics)
+        self._log_metrics("test", self.test_metrics, self.test_frontier)
 
-    def _log_metrics(self, prefix: str, metrics: LoopStepMetrics) -> None:
+    def _log_metrics(self, prefix: str, metrics: LoopStepMetrics, frontier: ExitFrontierMetrics | None) -> None:
         values = metrics.compute()  # already reduced over DDP ranks (the Metric syncs its sums)
+        if frontier is not None:
+            values |= frontier.compute()
+            frontier.reset()
         # NOTE: every rank holds the same values, so sync_dist (a mean of equal numbers) changes
         # nothing; it only spares Lightning's warning per key under DDP. Not rank_zero_only: every
         # rank needs the objective for the pruning callback's collective.
@@ -186,13 +220,67 @@ class _LMModule(L.LightningModule):
 
 
 class LoopedLMModule(_LMModule):
-    """Ouro: N shared blocks x T loops, per-step head, exit gate, Stage-I objective."""
+    """Ouro: N shared blocks x T loops, per-step head, exit gate; the Stage-I objective, or
+    with `stage2.init_from` Stage II: the checkpoint's weights, all frozen but the exit gate,
+    which learns from the per-token loss improvements (DESIGN.md Part 1 "Stage II")."""
+
+    def __init__(self, cfg: ExperimentConfig | None = None, *, config: dict | None = None):
+        super().__init__(cfg, config=config)
+        self.stage1_run_id: str | None = None  # the run that trained the Stage-I checkpoint (Stage II only)
+        if self.cfg.stage2.init_from:
+            self._load_stage1(self.cfg.stage2.init_from)
 
     def build_model(self, spec: ModelSpec) -> LoopedLM:
         return LoopedLM(spec)
 
     def run(self, tokens: torch.Tensor, loops: int | None = None) -> LMOutput:
         return self.model(tokens, loops=loops)
+
+    def _load_stage1(self, path: str) -> None:
+        """Load a Stage-I checkpoint's weights and freeze all but the exit gate; the model and
+        task must be the checkpoint's (else a different network would be loaded)."""
+        ckpt = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=False)
+        saved = ckpt.get("hyper_parameters", {}).get("config")
+        if saved is None:
+            raise ConfigError(f"stage2.init_from: {path} has no ouro-lab config; was it written by `ouro-lab train`?")
+        here = to_dict(self.cfg)
+        differ = [f"model.{k}" for k in here["model"] if saved["model"].get(k) != here["model"][k]]
+        differ += [f"data.{k}" for k in ("task",) if saved["data"].get(k) != here["data"][k]]
+        if differ:
+            raise ConfigError(f"stage2.init_from: {path} was trained with a different model or task: "
+                              + ", ".join(f"{k}={_get(saved, k)} there, {_get(here, k)} here" for k in differ))
+        self.load_state_dict(ckpt["state_dict"])
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name.startswith("exit_gate."))
+        self.stage1_run_id = ckpt.get("ouro_run_id")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ouro_run_id"] = getattr(self, "run_id", None)  # so a Stage II run can name its Stage I
+
+    def objective(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[LoopLoss, torch.Tensor]:
+        if not self.cfg.stage2.init_from:
+            return super().objective(tokens, targets)
+        # Stage II: the frozen network's per-step losses, without a graph; the gate alone learns
+        with torch.no_grad():
+            out = self.run(tokens)
+            base, step_losses = loop_objective_from_hidden(out.hidden, self.model.lm_head.weight, targets, None,
+                                                           prior="none", chunk_tokens=self.cfg.train.ce_chunk_tokens or None)
+        gate_logits = self.model.exit_gate(out.hidden).squeeze(-1).permute(1, 2, 0)  # (B, S, T)
+        mask = targets != IGNORE_INDEX
+        s2 = self.cfg.stage2
+        loss, _ = stage2_gate_loss(gate_logits, step_losses, mask, s2.k, s2.gamma)
+        with torch.no_grad():  # what Stage I logs, for the same training curves
+            p = exit_distribution(gate_logits)  # (B, S, T)
+            m = mask.float()
+            loss_exit = ((p * step_losses.permute(1, 2, 0)).sum(-1) * m).sum() / m.sum().clamp_min(1)
+            ent = (entropy(p) * m).sum() / m.sum().clamp_min(1)
+        return LoopLoss(loss=loss, loss_exit=loss_exit, kl=torch.zeros_like(ent), entropy=ent), step_losses
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else None
+    return d
 
 
 class StandardLMModule(_LMModule):

@@ -159,6 +159,32 @@ def _objective(weighted_loss: Callable[[torch.Tensor], torch.Tensor], loops: int
     return LoopLoss(loss=expected + entropy_weight * kl, loss_exit=expected, kl=kl, entropy=ent)
 
 
+def gate_labels(step_losses: torch.Tensor, k: float = 50.0, gamma: float = 0.005) -> torch.Tensor:
+    """Stage II labels (DESIGN.md Part 1 "Stage II"): per-token detached losses (T, B, S) ->
+    w_t for t = 2..T, (T-1, B, S): improvement I_t = max(0, L_{t-1} - L_t), w_t = sigmoid(k (I_t - gamma));
+    w near 1 = the step still helps (continue), near 0 = exit."""
+    step_losses = step_losses.detach().float()
+    improvement = (step_losses[:-1] - step_losses[1:]).clamp_min(0)
+    return torch.sigmoid(k * (improvement - gamma))
+
+
+def stage2_gate_loss(gate_logits: torch.Tensor, step_losses: torch.Tensor, mask: torch.Tensor, k: float = 50.0,
+                     gamma: float = 0.005) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ouro Stage II, focused adaptive gate training (DESIGN.md): with lambda_t = sigmoid(gate_t),
+    loss_t = -mean_i [w_t log(1 - lambda_t) + (1 - w_t) log lambda_t] over counted tokens i,
+    total (1/T) sum_{t=2..T} loss_t. gate_logits (B, S, T); step_losses (T, B, S), detached;
+    mask (B, S). Returns (loss, labels (T-1, B, S)). NOTE: lambda_t is paired with the
+    improvement *into* step t, as the formula is written in the paper."""
+    T = step_losses.shape[0]
+    labels = gate_labels(step_losses, k, gamma)  # (T-1, B, S)
+    logits = gate_logits.float().permute(2, 0, 1)[1:]  # lambda_2..lambda_T as logits, (T-1, B, S)
+    # -[w log(1 - sigmoid(x)) + (1 - w) log sigmoid(x)] is BCE(x, target = 1 - w)
+    bce = F.binary_cross_entropy_with_logits(logits, 1.0 - labels, reduction="none")
+    m = mask.float()
+    per_step = (bce * m).sum((1, 2)) / m.sum().clamp_min(1)  # loss_t, (T-1,)
+    return per_step.sum() / T, labels
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          token_weights: torch.Tensor, chunk_tokens: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -174,6 +174,16 @@ class Run:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.id, metrics=items[i : i + 1000])
 
+    def log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
+        """Curves as metric series: {name: [(step, value), ...]}, so the MLflow UI draws (and
+        overlays across runs) value against step."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(name, float(v), now, int(step)) for name, points in series.items() for step, v in points]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.id, metrics=items[i : i + 1000])
+
     def set_tags(self, tags: dict[str, str]) -> None:
         """All tags in one request."""
         from mlflow.entities import RunTag

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -14,7 +16,13 @@ from typing import Sequence
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import (_disable_module_memory_sharing,
+                                                                     _MultiProcessingLauncher,
+                                                                     _set_num_threads_if_needed)
+from lightning.pytorch.utilities import move_data_to_device
 
 from ouro_lab import metric_names as names
 from ouro_lab import tracking
@@ -22,7 +30,7 @@ from ouro_lab.config import ExperimentConfig, to_yaml, used_params
 from ouro_lab.data import Task
 from ouro_lab.data.datamodule import TaskDataModule
 from ouro_lab.modules import build_module
-from ouro_lab.views import loop_step_figure, metrics_table, plt
+from ouro_lab.views import curve_series, frontier_table, loop_step_figure, metrics_table, plt
 
 
 class _DropAdverts(logging.Filter):
@@ -49,7 +57,9 @@ class TrainResult:
     summary: dict[str, int] = field(default_factory=dict)  # params, FLOPs/token, depth
 
     def table(self, split: str = "val") -> str:
-        return metrics_table(self.val if split == "val" else self.test, split)
+        metrics = self.val if split == "val" else self.test
+        frontier = frontier_table(metrics, split)
+        return metrics_table(metrics, split) + (f"\n{frontier}" if frontier else "")
 
 
 def resolve_precision(cfg: ExperimentConfig) -> str:
@@ -69,6 +79,56 @@ def resolve_strategy(cfg: ExperimentConfig) -> str:
     return "ddp_spawn" if cfg.train.devices > 1 else "auto"
 
 
+class _ResultFile:
+    """What rank 0 of a spawned DDP run sends back instead of its results: a file holding them,
+    read on first use (Lightning reads attributes of its `_WorkerOutput` off this)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __getattr__(self, name: str):
+        if name == "path" or name.startswith("__"):  # (pickle probes dunders before __dict__ is set)
+            raise AttributeError(name)
+        if "_output" not in self.__dict__:
+            self.__dict__["_output"] = torch.load(self.path, weights_only=False)
+            os.remove(self.path)
+        return getattr(self.__dict__["_output"], name)
+
+
+class _FileResultLauncher(_MultiProcessingLauncher):
+    """NOTE: Lightning 2.6's spawn launcher joins the ranks before it reads rank 0's results
+    from a pipe; results bigger than the pipe buffer (64 KiB: ~230 logged metrics, and the
+    exit frontier logs more) block rank 0 in `put` and the run hangs forever. Rank 0 writes
+    them to a file and sends its name. (`_wrapping_function` as Lightning's, but for the put.)"""
+
+    def _wrapping_function(self, process_idx, trainer, function, args, kwargs, return_queue, global_states=None):
+        if global_states:
+            global_states.restore()
+        if self._start_method == "spawn" and isinstance(self._strategy.accelerator, CPUAccelerator):
+            args, kwargs = _disable_module_memory_sharing((args, kwargs))
+        _set_num_threads_if_needed(num_processes=self._strategy.num_processes)
+        os.environ["LOCAL_RANK"] = str(process_idx)
+        results = function(*args, **kwargs)
+        if trainer is not None:
+            results = self._collect_rank_zero_results(trainer, results)
+        if process_idx == 0:
+            path = os.path.join(tempfile.mkdtemp(prefix="ouro-rank0-"), "results.pt")
+            torch.save(move_data_to_device(results, "cpu"), path)
+            return_queue.put(_ResultFile(path))
+
+
+class _SpawnDDP(DDPStrategy):
+    def _configure_launcher(self) -> None:
+        self._launcher = _FileResultLauncher(self, start_method=self._start_method)
+
+
+def _spawn_strategy(strategy: str):
+    """ddp_spawn / ddp_fork as a strategy whose ranks send results through a file (see above)."""
+    if strategy in ("ddp_spawn", "ddp_fork"):
+        return _SpawnDDP(start_method=strategy.removeprefix("ddp_"))
+    return strategy
+
+
 def train(cfg: ExperimentConfig, *, run: tracking.Run | None = None, callbacks: Sequence[Callback] = (),
           verbose: bool = True) -> TrainResult:
     """Train one model from `cfg`, log it to MLflow, evaluate every loop step; return the result.
@@ -78,12 +138,16 @@ def train(cfg: ExperimentConfig, *, run: tracking.Run | None = None, callbacks: 
     FAILED with an `error` tag if training raises, or KILLED if interrupted.
     """
     with tracking.preserve_tracking_env(), _lightning_log_level(logging.INFO if verbose else logging.WARNING):
+        start = time.perf_counter()
+        L.seed_everything(cfg.train.seed, verbose=False)  # NOTE: explicit per run; PL_GLOBAL_SEED leaks otherwise
+        module = build_module(cfg)  # before any run exists: a task that cannot be built leaves no run behind
+        datamodule = make_datamodule(cfg, module.task)
         if run is not None:
-            return _train(cfg, run, callbacks, verbose)
+            return _train(cfg, run, module, datamodule, callbacks, verbose, start)
         experiment = tracking.Experiment.open(tracking.resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
-        own = experiment.create_run(cfg.tracking.run_name or cfg.default_run_name(), run_tags(cfg))
+        own = experiment.create_run(cfg.tracking.run_name or cfg.default_run_name(), {})
         try:
-            result = _train(cfg, own, callbacks, verbose)
+            result = _train(cfg, own, module, datamodule, callbacks, verbose, start)
         except BaseException as err:
             status = own.end(err)
             if verbose:
@@ -114,6 +178,13 @@ class _MetricsLogger(MLFlowLogger):
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         pass
 
+    def log_metrics(self, metrics, step=None) -> None:
+        # NOTE: MLflow takes at most 1000 metrics per request; a validation with the exit
+        # frontier per difficulty level can log more, which MLFlowLogger would send as one
+        items = list(metrics.items())
+        for i in range(0, len(items), 1000):
+            super().log_metrics(dict(items[i : i + 1000]), step)
+
     def finalize(self, status: str = "success") -> None:
         pass
 
@@ -133,13 +204,13 @@ def _lightning_log_level(level: int):
             lg.setLevel(old)
 
 
-def _train(cfg: ExperimentConfig, run: tracking.Run, callbacks: Sequence[Callback], verbose: bool) -> TrainResult:
-    start = time.perf_counter()
-    L.seed_everything(cfg.train.seed, verbose=False)  # NOTE: explicit per run; PL_GLOBAL_SEED leaks otherwise
-    module = build_module(cfg)
-    datamodule = make_datamodule(cfg, module.task)
+def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDataModule, callbacks: Sequence[Callback],
+           verbose: bool, start: float) -> TrainResult:
     experiment = run.experiment
-    run.set_tags(run_tags(cfg))
+    module.run_id = run.id  # saved in the checkpoint, so a Stage II run can name where it came from
+    stage = {"ouro.stage": "2", "ouro.stage1_run_id": module.stage1_run_id or "unknown"} \
+        if cfg.stage2.init_from else {}
+    run.set_tags(run_tags(cfg) | stage)
     summary = module.summary()
     if verbose:
         print(f"[ouro-lab] run {cfg.tracking.run_name or cfg.default_run_name()} ({run.id}) -> {experiment.tracking_uri}",
@@ -167,6 +238,8 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, callbacks: Sequence[Callbac
         trainer.test(module, datamodule=datamodule, verbose=False)
         test = _numbers(trainer.callback_metrics, "test/")
     _log_plot(run, module, val, cfg.tracking.run_name or cfg.default_run_name())
+    for split in (val, test):
+        run.log_series(curve_series(split, module.trained_loops, kind="bpb" if module.task.byte_level else "acc"))
     return TrainResult(run_id=run.id, experiment_id=experiment.id, tracking_uri=experiment.tracking_uri,
                        checkpoint=checkpoint.last_model_path or checkpoint.best_model_path or None,
                        seconds=time.perf_counter() - start, val=val, test=test, summary=summary)
@@ -193,7 +266,7 @@ def make_trainer(cfg: ExperimentConfig, logger, callbacks: Sequence[Callback], v
         precision=resolve_precision(cfg),
         accelerator=cfg.train.accelerator,
         devices=cfg.train.devices,
-        strategy=resolve_strategy(cfg),
+        strategy=_spawn_strategy(resolve_strategy(cfg)),
         logger=logger,
         callbacks=[*([LearningRateMonitor("step")] if logger else []), *bar, *callbacks],
         log_every_n_steps=cfg.train.log_every,

@@ -66,3 +66,60 @@ def metrics_table(metrics: dict[str, float], split: str = "val") -> str:
         extra.append(f"exit: expected step {metrics[f'{split}/exit_expected_step']:.2f}, "
                      f"entropy {metrics[f'{split}/exit_entropy']:.3f} nats, acc under exit dist {acc_exit:.3f}")
     return f"{split} metrics by loop step (d = difficulty level):\n" + "\n".join(lines + extra)
+
+
+def curve_series(metrics: dict[str, float], trained_loops: int, kind: str = "acc") -> dict[str, list[tuple[int, float]]]:
+    """A run's final curves as MLflow metric series (logged once, after training), so that
+    selecting runs in the MLflow UI overlays them:
+      {split}/series/{kind}_vs_loop_step            step = loop step t (extrapolated steps too)
+      {split}/series/fixed_{kind}_vs_milliloops      step = 1000 t, t <= T (fixed depth)
+      {split}/series/exit_{rule}_{kind}_vs_milliloops  step = 1000 x mean loops of each threshold
+      {split}/series/exit_{rule}_loops_vs_threshold_index  step = index into eval.exit_<rule>
+    Putting the *_vs_milliloops series in one chart draws the accuracy-compute frontier."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for split in sorted({k.split("/", 1)[0] for k in metrics}):
+        steps, _ = names.steps_and_levels(metrics, split, kind)
+        if not steps:
+            continue
+        out[names.series(split, kind, "loop_step")] = [(t, metrics[f"{split}/{names.step(kind, t)}"]) for t in steps]
+        out[names.series(split, f"fixed_{kind}", "milliloops")] = [
+            (1000 * t, metrics[f"{split}/{names.step(kind, t)}"]) for t in steps if t <= trained_loops]
+        rules: dict[str, list[tuple[float, float, float]]] = {}
+        for name, value in metrics.items():
+            m = names.EXIT_RULE_METRIC.match(name)
+            if m and m["split"] == split and m["level"] is None and m["kind"] == kind:
+                loops = metrics[f"{split}/{names.exit_rule(m['rule'], float(m['threshold']), 'loops')}"]
+                rules.setdefault(m["rule"], []).append((float(m["threshold"]), loops, value))
+        for rule, points in rules.items():
+            points.sort()
+            out[names.series(split, f"exit_{rule}_{kind}", "milliloops")] = [(round(1000 * lp), v) for _, lp, v in points]
+            out[names.series(split, f"exit_{rule}_loops", "threshold_index")] = [(i, lp) for i, (_, lp, _) in enumerate(points)]
+    return out
+
+
+def frontier_table(metrics: dict[str, float], split: str = "val") -> str:
+    """The early-exit frontier as a plain-text table: each rule's threshold, mean loops and
+    accuracy (bits per byte for byte-level tasks), the oracles and the gate scalars; '' for a
+    run without a gate."""
+    kind = "bpb" if any(names.EXIT_RULE_METRIC.match(k) and k.endswith("_bpb") for k in metrics) else "acc"
+    rows = []
+    for name, value in metrics.items():
+        m = names.EXIT_RULE_METRIC.match(name)
+        if m and m["split"] == split and m["level"] is None and m["kind"] == kind:
+            loops = metrics[f"{split}/{names.exit_rule(m['rule'], float(m['threshold']), 'loops')}"]
+            rows.append((m["rule"], float(m["threshold"]), loops, value))
+    if not rows:
+        return ""
+    label = {"q": "q-exit", "conf": "confidence", "change": "step-change"}
+    lines = [f"{split} early-exit frontier (selection semantics; loops = mean loop steps used):",
+             f"  {'rule':<12} {'threshold':>9} {'loops':>6} {kind:>6}"]
+    for rule, threshold, loops, value in sorted(rows, key=lambda r: (names.EXIT_RULES.index(r[0]), r[1])):
+        lines.append(f"  {label[rule]:<12} {threshold:>9g} {loops:>6.2f} {value:>6.3f}")
+    for which, text in (("stable", "oracle: answer-stable (full-depth answers, fewest loops)"),
+                        ("right", "oracle: first-right (upper bound; lucky guesses count)")):
+        loops, value = metrics[f"{split}/{names.oracle(which, 'loops')}"], metrics[f"{split}/{names.oracle(which, kind)}"]
+        lines.append(f"  {text}: loops {loops:.2f}, {kind} {value:.3f}")
+    lines.append(f"  gate within epsilon of full depth: q={metrics[f'{split}/gate_q_at_eps']:g}, "
+                 f"{metrics[f'{split}/gate_loops_at_eps']:.2f} loops (saves {metrics[f'{split}/gate_saved_loops']:.2f}), "
+                 f"efficiency {metrics[f'{split}/gate_efficiency']:.2f} of the oracle's saving")
+    return "\n".join(lines)

@@ -189,3 +189,22 @@ def test_logged_params_map_back_to_the_sweep_distributions():
     assert analysis.param_value(optuna.distributions.IntDistribution(1, 8), "4.0") == 4
     with pytest.raises(ValueError, match="not among the sweep's choices"):
         analysis.param_value(cat, "0.5")
+
+
+def test_runs_logged_with_and_without_other_tasks_sections_form_one_group():
+    """Runs log only their own data.<task> section now; runs logged before (every section, and
+    Lightning's config/... copy) must fall in the same group as new runs of the same config."""
+    from types import SimpleNamespace
+
+    from ouro_lab.analysis.load import _runs_frame
+
+    def run(run_id, seed, old):
+        params = {"model.arch": "looped", "model.loops": "2", "train.seed": str(seed), "data.task": "state",
+                  "data.state.length": "8", "train.max_steps": "10", "data.batch_size": "4"}
+        if old:
+            params |= {"data.arith.modulus": "7", "data.text.context": "64", "config/model/loops": "2"}
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, run_name=run_id),
+                               data=SimpleNamespace(params=params, metrics={}, tags={}))
+
+    frame, group_keys, _ = _runs_frame([run("a", 0, True), run("b", 1, False)], {}, [])
+    assert group_keys == [] and set(frame["group"]) == {"all runs"} and len(frame) == 2

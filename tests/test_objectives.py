@@ -232,3 +232,19 @@ def test_fused_cross_entropy_gradients_survive_fp16_and_refuse_double_backward()
     (grad,) = torch.autograd.grad(out.loss, h, create_graph=True)
     with pytest.raises(RuntimeError):
         grad.sum().backward()
+
+
+def test_stage2_labels_and_loss_match_hand_values():
+    from ouro_lab.objectives import gate_labels, stage2_gate_loss
+
+    # one token, T=3: losses 2.0 -> 1.0 (improves by 1.0) -> 0.998 (by 0.002, under gamma)
+    step_losses = torch.tensor([2.0, 1.0, 0.998]).view(3, 1, 1)
+    w = gate_labels(step_losses, k=50.0, gamma=0.005)
+    assert w.flatten().tolist() == pytest.approx([1 / (1 + math.exp(-50 * 0.995)), 1 / (1 + math.exp(-50 * -0.003))])
+    # a step that got worse counts as no improvement: I = max(0, .) = 0
+    assert gate_labels(torch.tensor([1.0, 1.5]).view(2, 1, 1)).item() == pytest.approx(1 / (1 + math.exp(50 * 0.005)))
+    gate = torch.tensor([0.3, -1.0, 2.0]).view(1, 1, 3)  # lambda_1 unused, lambda_2, lambda_3
+    loss, labels = stage2_gate_loss(gate, step_losses, torch.ones(1, 1, dtype=torch.bool))
+    lam = torch.sigmoid(torch.tensor([-1.0, 2.0]))
+    by_hand = -(w.flatten() * torch.log(1 - lam) + (1 - w.flatten()) * torch.log(lam)).sum() / 3
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)

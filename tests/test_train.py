@@ -70,6 +70,11 @@ def test_eval_checkpoint_reproduces_test_metrics_and_extrapolates(tiny_config):
     assert "step" in more.table and "acc_d4" in more.table
     with pytest.raises(ConfigError, match="only eval"):
         evaluate_checkpoint(Path(result.checkpoint), ["model.loops=3"], "test")
+    # Lightning's own reload rebuilds the typed config from the checkpoint's dict
+    from ouro_lab.modules import LoopedLMModule
+
+    reloaded = LoopedLMModule.load_from_checkpoint(result.checkpoint, map_location="cpu")
+    assert reloaded.cfg.model.loops == 2 and reloaded.eval_loops == 4
 
 
 def test_cli_eval(tiny_config, capsys):
@@ -220,3 +225,26 @@ def test_nan_after_the_last_log_step_is_still_caught(tiny_config):
 
     with pytest.raises(FloatingPointError, match="training loss became nan by step 11"):
         train(tiny_config("train.max_steps=12", "train.val_every=12"), callbacks=[PoisonLate()], verbose=False)
+
+
+def test_stage2_trains_only_the_gate_and_names_its_stage1_run(tiny_config, tracking_uri):
+    stage1 = train(tiny_config("train.max_steps=20", "train.val_every=20", "eval.test=false"), verbose=False)
+    stage2 = train(tiny_config("train.max_steps=10", "train.val_every=10", "eval.test=false", "train.lr=1e-2",
+                               f"stage2.init_from={stage1.checkpoint}"), verbose=False)
+    before = torch.load(stage1.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    after = torch.load(stage2.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    assert before.keys() == after.keys()
+    for name in before:
+        if name.startswith("model.exit_gate."):
+            assert not torch.equal(before[name], after[name]), name  # the gate learnt
+        else:
+            assert torch.equal(before[name], after[name]), name  # bit-identical
+    run = MlflowClient(tracking_uri).get_run(stage2.run_id)
+    assert run.data.tags["ouro.stage"] == "2" and run.data.tags["ouro.stage1_run_id"] == stage1.run_id
+    assert run.data.params["stage2.init_from"] == stage1.checkpoint and "stage2.k" in run.data.params
+    assert "val/gate_efficiency" in run.data.metrics and "stage2" in run.info.run_name
+    assert "stage2.init_from" not in MlflowClient(tracking_uri).get_run(stage1.run_id).data.params
+    with pytest.raises(ConfigError, match="stage2.init_from: .* different model or task: model.loops=2 there, 3 here"):
+        from ouro_lab.modules import build_module
+
+        build_module(tiny_config("model.loops=3", "train.max_steps=5", f"stage2.init_from={stage1.checkpoint}"))

@@ -230,7 +230,11 @@ def _runs_frame(done: list, sampled: Mapping[str, dict[str, str]],
     for r in done:
         p = r.data.params | sampled.get(r.data.tags.get("mlflow.parentRunId"), {})
         m = r.data.metrics
-        config = {k: v for k, v in p.items() if "." in k and not k.startswith(("derived.", "config/"))}
+        task = p.get("data.task", r.data.tags.get("ouro.task", "?"))
+        # NOTE: runs log only their own task's data.<task> section; runs logged before that (and
+        # Lightning's config/... copy) are read the same way, so a resumed study stays one group
+        config = {k: v for k, v in p.items() if "." in k and not k.startswith(("derived.", "config/"))
+                  and not (k.startswith("data.") and k.count(".") >= 2 and k.split(".")[1] != task)}
         params.append(config)
         seq_len = m.get("model/seq_len", typed_value(p.get("derived.seq_len", "nan")))
         tokens = typed_value(p.get("train.max_steps", "nan")) * typed_value(p.get("data.batch_size", "nan")) * seq_len
@@ -240,7 +244,7 @@ def _runs_frame(done: list, sampled: Mapping[str, dict[str, str]],
             "seed": typed_value(p.get("train.seed", r.data.tags.get("ouro.seed", "0"))), "arch": arch,
             "loops": int(p.get("model.loops", r.data.tags.get("ouro.loops", "1"))),
             "trained_loops": ModelConfig(arch=arch, loops=int(p.get("model.loops", "1"))).trained_loops,
-            "task": p.get("data.task", r.data.tags.get("ouro.task", "?")),
+            "task": task,
             "n_params": m.get("model/n_params", math.nan),
             "forward_flops_per_token": m.get("model/forward_flops_per_token", math.nan),
             "train_flops": m.get("model/train_flops_per_token", math.nan) * tokens,

@@ -277,8 +277,10 @@ def _check_objective_exists(sweep: SweepConfig, base: Path, max_points: int = 25
             continue  # reported per value by the caller
         task = build_task(cfg.data)
         trained = cfg.model.trained_loops
+        e = cfg.eval
         names = metric_names.metric_names(cfg.eval_loops, trained, task.eval_difficulty_levels, cfg.model.has_exit_gate,
-                                          ("val", "test") if cfg.eval.test else ("val",), bpb=task.byte_level)
+                                          ("val", "test") if e.test else ("val",), bpb=task.byte_level,
+                                          exit_rules={"q": e.exit_q, "conf": e.exit_confidence, "change": e.exit_step_change})
         if sweep.objective.metric not in names:
             where = " ".join(override_for(k, v) for k, v in zip(keys, point))
             return [f"objective.metric: {sweep.objective.metric!r} is not logged at {where} "

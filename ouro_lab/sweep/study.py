@@ -190,6 +190,12 @@ def open_study(sweep: SweepConfig, base: Path, worker: str | None = None) -> Stu
     return Study(sweep, base, study, experiment, parent, study_dir)
 
 
+# config keys added after studies were made with this code (their definition hash left them out)
+LATER_KEYS = (("train", "strategy"), ("eval", "exit_q"), ("eval", "exit_confidence"), ("eval", "exit_step_change"),
+              ("eval", "exit_epsilon"), ("eval", "oracle_tolerance"), ("stage2", "init_from"), ("stage2", "k"),
+              ("stage2", "gamma"))
+
+
 def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:
     """What makes two invocations the same study: the search space, objective, seeds and the
     resolved experiment config (budget, timeout and retries may change between resumes)."""
@@ -199,8 +205,11 @@ def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:
         d.pop(key)
     d["base_config"] = to_dict(base_cfg)
     d["base_config"].pop("tracking")
-    if d["base_config"]["train"].get("strategy") == "auto":  # NOTE: a later key; studies made before it resume
-        d["base_config"]["train"].pop("strategy")
+    defaults = to_dict(ExperimentConfig())
+    for section, key in LATER_KEYS:  # NOTE: at their defaults, left out: studies made before them resume
+        if d["base_config"][section].get(key) == defaults[section][key]:
+            d["base_config"][section].pop(key)
+    d["base_config"] = {k: v for k, v in d["base_config"].items() if v != {}}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -56,13 +56,16 @@ def canonical_hash(cfg: ExperimentConfig) -> str:
     param-matched baseline is trained once per study and reused at every T."""
     d = to_dict(cfg)
     d.pop("tracking")
+    if cfg.stage2.init_from is None:
+        d.pop("stage2")  # Stage I (hashes made before the section existed stay valid)
     d["train"].pop("progress_bar")
     d["train"]["precision"] = resolve_precision(cfg)  # 'auto' means fp32 on CPU, bf16 on GPU
     if cfg.objective.prior != "geometric":
         d["objective"].pop("prior_p")
     if cfg.model.arch != "looped":
         d.pop("objective")
-        d["eval"].pop("extra_loops")
+        for key in ("extra_loops", "exit_q", "exit_confidence", "exit_step_change", "exit_epsilon", "oracle_tolerance"):
+            d["eval"].pop(key)  # a standard model has no loops to extrapolate or exit from
         d["model"].pop("loop_state")
         if cfg.model.arch == "param_matched":
             d["model"].pop("loops")
