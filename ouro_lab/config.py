@@ -26,7 +26,7 @@ from ouro_lab.data.random_tokens import RandomConfig
 from ouro_lab.data.state import StateConfig
 from ouro_lab.data.text import TextConfig
 from ouro_lab.models.transformer import CHECKPOINTING
-from ouro_lab.objectives import PRIORS
+from ouro_lab.objectives import PRIORS, STAGE2_IMPROVEMENT
 
 ARCHS = ("looped", "param_matched", "depth_matched")
 POSITIONS = ("rope", "learned")
@@ -112,7 +112,8 @@ class EvalConfig:
     extra_loops: int = 2  # looped models are also evaluated at steps T+1..T+extra (extrapolation)
     test: bool = True  # evaluate on the held-out test split after training (metrics test/...)
     # early-exit frontier of looped models (README "Early exit"; metrics exit_*, oracle_*, gate_*)
-    exit_q: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])  # Q-exit: gate CDF >= q (1 = full depth)
+    # Q-exit: gate CDF >= q (1 = full depth); the low end measured: the default state model's knee lies below 0.1
+    exit_q: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     exit_confidence: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])  # max softmax prob >= tau (CALM)
     exit_step_change: list[float] = field(default_factory=lambda: [0.3, 0.1, 0.03, 0.01, 0.003, 0.001])  # KL(p_t||p_t-1) < delta (Huginn)
     exit_epsilon: float = 0.01  # "within epsilon of full depth": accuracy (bits per byte for byte-level tasks)
@@ -126,6 +127,7 @@ class Stage2Config:
     init_from: Optional[str] = None  # a Stage-I checkpoint (.ckpt of `ouro-lab train`, looped); None = Stage I
     k: float = 50.0  # label sharpness, w_t = sigmoid(k (I_t - gamma)) (paper: 50)
     gamma: float = 0.005  # loss improvement (nats) below which a step counts as not helping (paper: 0.005)
+    improvement: str = "into"  # the label of lambda_t: into = I_t, the paper's formula | after = I_{t+1} (our variant)
 
 
 @dataclass
@@ -309,6 +311,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         check(Path(s2.init_from).expanduser().is_file(), "stage2.init_from", f"checkpoint not found: {s2.init_from}")
     check(s2.k > 0, "stage2.k", f"must be > 0, got {s2.k}")
     check(s2.gamma >= 0, "stage2.gamma", f"must be >= 0, got {s2.gamma}")
+    choice("stage2.improvement", s2.improvement, STAGE2_IMPROVEMENT)
     check(e.oracle_tolerance >= 0, "eval.oracle_tolerance", f"must be >= 0, got {e.oracle_tolerance}")
     for key in ("batch_size", "eval_batch_size", "n_val", "n_test"):
         check(getattr(d, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(d, key)}")

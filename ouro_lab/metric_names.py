@@ -106,6 +106,9 @@ ORACLES = ("stable", "right")  # answer-stable oracle, first-right oracle
 EXIT_RULE_METRIC = re.compile(r"^(?P<split>val|test)/exit_(?P<rule>q|conf|change)(?P<threshold>[0-9.e+-]+)_"
                               r"(?P<kind>[a-z]+)(?:_d(?P<level>\d+))?$")
 ORACLE_METRIC = re.compile(r"^(?P<split>val|test)/oracle_(?P<rule>stable|right)_(?P<kind>[a-z]+)(?:_d(?P<level>\d+))?$")
+# per-run gate facts: the gate scalars, the oracle's exit-step shares, the gate's E[t] per oracle exit step
+GATE_METRIC = re.compile(r"^(?P<split>val|test)/(?P<name>gate_[a-z_]+|oracle_stable_share_step\d+(?:_d\d+)?|"
+                         r"exit_expected_step_at_oracle\d+)$")
 # the scalars a sweep can optimise (README "Early exit")
 GATE_SCALARS = ("gate_q_at_eps", "gate_loops_at_eps", "gate_flops_at_eps", "gate_saved_loops", "gate_efficiency")
 

@@ -268,7 +268,7 @@ class LoopedLMModule(_LMModule):
         gate_logits = self.model.exit_gate(out.hidden).squeeze(-1).permute(1, 2, 0)  # (B, S, T)
         mask = targets != IGNORE_INDEX
         s2 = self.cfg.stage2
-        loss, _ = stage2_gate_loss(gate_logits, step_losses, mask, s2.k, s2.gamma)
+        loss, _ = stage2_gate_loss(gate_logits, step_losses, mask, s2.k, s2.gamma, s2.improvement)
         with torch.no_grad():  # what Stage I logs, for the same training curves
             p = exit_distribution(gate_logits)  # (B, S, T)
             m = mask.float()

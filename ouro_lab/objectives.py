@@ -168,16 +168,22 @@ def gate_labels(step_losses: torch.Tensor, k: float = 50.0, gamma: float = 0.005
     return torch.sigmoid(k * (improvement - gamma))
 
 
+STAGE2_IMPROVEMENT = ("into", "after")
+
+
 def stage2_gate_loss(gate_logits: torch.Tensor, step_losses: torch.Tensor, mask: torch.Tensor, k: float = 50.0,
-                     gamma: float = 0.005) -> tuple[torch.Tensor, torch.Tensor]:
+                     gamma: float = 0.005, improvement: str = "into") -> tuple[torch.Tensor, torch.Tensor]:
     """Ouro Stage II, focused adaptive gate training (DESIGN.md): with lambda_t = sigmoid(gate_t),
     loss_t = -mean_i [w_t log(1 - lambda_t) + (1 - w_t) log lambda_t] over counted tokens i,
-    total (1/T) sum_{t=2..T} loss_t. gate_logits (B, S, T); step_losses (T, B, S), detached;
-    mask (B, S). Returns (loss, labels (T-1, B, S)). NOTE: lambda_t is paired with the
-    improvement *into* step t, as the formula is written in the paper."""
+    total (1/T) sum_t loss_t. gate_logits (B, S, T); step_losses (T, B, S), detached; mask (B, S).
+    Returns (loss, labels (T-1, B, S)).
+    improvement="into": lambda_t (t = 2..T) learns from the improvement *into* step t,
+    I_t = L_{t-1} - L_t, as the paper writes it. "after": lambda_t (t = 1..T-1) learns from the
+    improvement of the step after it, I_{t+1} (does continuing past t help?), our variant."""
     T = step_losses.shape[0]
-    labels = gate_labels(step_losses, k, gamma)  # (T-1, B, S)
-    logits = gate_logits.float().permute(2, 0, 1)[1:]  # lambda_2..lambda_T as logits, (T-1, B, S)
+    labels = gate_labels(step_losses, k, gamma)  # (T-1, B, S): w for I_2..I_T
+    steps = slice(1, T) if improvement == "into" else slice(0, T - 1)
+    logits = gate_logits.float().permute(2, 0, 1)[steps]  # the lambdas they label, as logits (T-1, B, S)
     # -[w log(1 - sigmoid(x)) + (1 - w) log sigmoid(x)] is BCE(x, target = 1 - w)
     bce = F.binary_cross_entropy_with_logits(logits, 1.0 - labels, reduction="none")
     m = mask.float()

@@ -208,3 +208,21 @@ def test_runs_logged_with_and_without_other_tasks_sections_form_one_group():
 
     frame, group_keys, _ = _runs_frame([run("a", 0, True), run("b", 1, False)], {}, [])
     assert group_keys == [] and set(frame["group"]) == {"all runs"} and len(frame) == 2
+
+
+def test_report_has_the_early_exit_frontier(tiny_study, tmp_path):
+    data = analysis.load_study("smoke", str(tiny_study / "mlflow.db"))
+    table = analysis.frontier_table(data)
+    t2 = table[(table["loops"] == 2) & (table["difficulty"] == "all")]
+    assert {"q", "conf", "change", "fixed", "oracle_stable", "oracle_right"} <= set(t2["rule"])
+    assert sorted(t2[t2["rule"] == "fixed"]["loops_used"]) == [1.0, 2.0]  # fixed depth t = 1..T
+    stable = t2[t2["rule"] == "oracle_stable"].iloc[0]
+    full = t2[(t2["rule"] == "fixed") & (t2["threshold"] == 2.0)].iloc[0]
+    assert stable["acc"] == pytest.approx(full["acc"], abs=1e-6) and 1.0 <= stable["loops_used"] <= 2.0
+    assert (t2["n"] == 2).all()  # two seeds behind every point
+    gates = analysis.gate_table(data)
+    assert gates["T"].tolist() == [1, 2] and (gates["seeds"] == 2).all()
+    assert any("gate efficiency" in line for line in analysis.frontier_summary(data))
+    report = analysis.write_report(data, tmp_path / "report", n_boot=50, log=False)
+    assert "## Early exit" in report.markdown
+    assert {"frontier.png", "oracle.png", "frontier.csv"} <= {f.name for f in report.files}

@@ -248,3 +248,15 @@ def test_stage2_labels_and_loss_match_hand_values():
     lam = torch.sigmoid(torch.tensor([-1.0, 2.0]))
     by_hand = -(w.flatten() * torch.log(1 - lam) + (1 - w.flatten()) * torch.log(lam)).sum() / 3
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_stage2_after_labels_lambda_t_with_the_next_steps_improvement():
+    from ouro_lab.objectives import gate_labels, stage2_gate_loss
+
+    step_losses = torch.tensor([2.0, 1.0, 0.998]).view(3, 1, 1)
+    w = gate_labels(step_losses).flatten()
+    gate = torch.tensor([0.3, -1.0, 2.0]).view(1, 1, 3)
+    loss, _ = stage2_gate_loss(gate, step_losses, torch.ones(1, 1, dtype=torch.bool), improvement="after")
+    lam = torch.sigmoid(torch.tensor([0.3, -1.0]))  # lambda_1 learns I_2, lambda_2 learns I_3; lambda_3 unused
+    by_hand = -(w * torch.log(1 - lam) + (1 - w) * torch.log(lam)).sum() / 3
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)

@@ -77,6 +77,10 @@ def load_study(tmp_path: Path, name: str = "s", storage: str | None = None) -> o
      "objective.metric: 'val/acc_step6' is not logged at model.loops=2"),
     ("params: {model.loops: {choices: [2]}}\nobjective: {metric: val/acc_final_d5}\ntrials: 2\n",
      "objective.metric: 'val/acc_final_d5' is not logged"),
+    ("params: {model.arch: {choices: [looped, depth_matched]}}\nobjective: {metric: val/gate_efficiency}\ntrials: 2\n",
+     "objective.metric: 'val/gate_efficiency' is not logged at model.arch=depth_matched"),
+    ("params: {model.loops: {choices: [2]}}\nobjective: {metric: val/exit_q0.33_acc}\ntrials: 2\n",
+     "objective.metric: 'val/exit_q0.33_acc' is not logged at model.loops=2"),
 ])
 def test_schema_errors_name_the_field(tmp_path, body, message):
     with pytest.raises(ConfigError) as err:
@@ -472,3 +476,19 @@ def test_sweep_refuses_unsafe_parallel_settings(tmp_path, capsys, extra, flags, 
     path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2]}}\nsampler: {name: grid}\n", extra=extra)
     assert main(["sweep", str(path), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_sweep_judged_on_a_frontier_scalar_runs_end_to_end(tmp_path):
+    path = write_sweep(tmp_path, """\
+        params: {objective.entropy_weight: {choices: [0.01, 0.3]}}
+        objective: {metric: val/gate_efficiency, direction: maximize}
+        sampler: {name: grid}
+        """, "frontier", extra=("model.loops=3",))
+    summary = run_sweep(path, verbose=False)
+    assert summary.counts == {"COMPLETE": 2}
+    trials = load_study(tmp_path, "frontier").get_trials()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for t in trials:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert t.value == pytest.approx(run.data.metrics["val/gate_efficiency"])
+        assert len(t.intermediate_values) == 3  # reported to the pruner at every validation

@@ -248,3 +248,19 @@ def test_stage2_trains_only_the_gate_and_names_its_stage1_run(tiny_config, track
         from ouro_lab.modules import build_module
 
         build_module(tiny_config("model.loops=3", "train.max_steps=5", f"stage2.init_from={stage1.checkpoint}"))
+
+
+def test_stage2_gate_exits_earlier_on_the_easiest_positions(tmp_path):
+    """The default task at a small size (L=8, 2x3; ~15 s): after Stage II the gate's expected
+    exit step is lower on the first quarter of positions (few group elements composed) than
+    on the last (measured: 1.86 vs 2.72)."""
+    from ouro_lab.config import load_config
+
+    common = ["model.loops=3", "data.state.length=8", "data.n_val=256", "data.n_test=256", "train.progress_bar=false",
+              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.output_dir={tmp_path / 'out'}",
+              "eval.test=false"]
+    conf = Path(__file__).resolve().parents[1] / "conf" / "state.yaml"
+    stage1 = train(load_config(conf, common + ["train.max_steps=300", "train.val_every=300"]), verbose=False)
+    stage2 = train(load_config(conf, common + ["train.max_steps=100", "train.val_every=100", "train.warmup_steps=10",
+                                               f"stage2.init_from={stage1.checkpoint}"]), verbose=False)
+    assert stage2.val["val/exit_expected_step_d1"] < stage2.val["val/exit_expected_step_d4"] - 0.3, stage2.val

@@ -7,6 +7,8 @@ Data flows one way (STYLE.md): MLflow runs -> tidy DataFrames -> statistics -> p
     stats.py        seed means + t-intervals, saturation points + seed bootstrap, the tables
     optuna_view.py  the trials as an in-memory Optuna study: fANOVA importance, history
     plots.py        figures: metric vs T (with both baselines), vs loop step t, vs FLOPs, exit gate
+    frontier.py     early exit: each rule's accuracy vs loops with fixed depth and the oracles, the
+                    gate's efficiency, where tokens stop gaining
     report.py       report.md + PNGs + CSVs, and the summary sentences built from the tables
 
 `ouro-lab report`, notebooks/loop_saturation.ipynb and the tests call these same functions:
@@ -17,6 +19,7 @@ Data flows one way (STYLE.md): MLflow runs -> tidy DataFrames -> statistics -> p
     report = write_report(data, "reports/loops")  # Markdown + PNGs (+ artifacts on the study run)
 """
 
+from ouro_lab.analysis.frontier import frontier_summary, frontier_table, gate_table, plot_frontier, plot_oracle
 from ouro_lab.analysis.load import ALL, AnalysisError, StudyData, difficulty_order, group_label, load_study, resolve_store
 from ouro_lab.analysis.optuna_view import optuna_study, param_importances, param_value, plot_optuna
 from ouro_lab.analysis.plots import plot_compute, plot_exit, plot_vs_loops, plot_vs_step
@@ -26,7 +29,8 @@ from ouro_lab.analysis.stats import (Saturation, compute_table, curve_table, exi
 
 __all__ = [
     "ALL", "AnalysisError", "Report", "Saturation", "StudyData", "compute_table", "curve_table", "difficulty_order",
-    "exit_table", "exit_wide", "extrapolation_table", "final_values", "group_label", "key_table", "load_study",
+    "exit_table", "exit_wide", "extrapolation_table", "final_values", "frontier_summary", "frontier_table", "gate_table",
+    "plot_frontier", "plot_oracle", "group_label", "key_table", "load_study",
     "mean_ci", "optuna_study", "param_importances", "param_value", "plot_compute", "plot_exit", "plot_optuna",
     "plot_vs_loops", "plot_vs_step", "resolve_store", "saturation", "saturation_point", "saturation_table",
     "summary", "write_report",

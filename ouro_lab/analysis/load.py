@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,10 +24,12 @@ from omegaconf import OmegaConf
 
 from ouro_lab import tracking
 from ouro_lab.config import ModelConfig
-from ouro_lab.metric_names import EXIT_METRIC, STEP_METRIC, objective_kind
+from ouro_lab.metric_names import (EXIT_METRIC, EXIT_RULE_METRIC, GATE_METRIC, GATE_SCALARS, ORACLE_METRIC,
+                                   STEP_METRIC, objective_kind)
 
 # keys that never define a group: the axes of the analysis, bookkeeping, and facts derived from them
-NOT_GROUPING = ("model.loops", "model.arch", "train.seed", "tracking.", "train.progress_bar", "train.precision")
+NOT_GROUPING = ("model.loops", "model.arch", "train.seed", "tracking.", "train.progress_bar", "train.precision",
+                "stage2.init_from")  # (a Stage II run's checkpoint path is per seed, like the seed)
 MAX_GROUP_VALUES = 8  # outside sweeps, a varying key with more distinct values is averaged over
 LOWER_IS_BETTER = ("loss", "bpb", "exit_entropy", "exit_expected_step")
 ALL = "all"  # the difficulty label of the metric over all labelled positions
@@ -62,6 +64,12 @@ class StudyData:
     group_keys: list[str]
     averaged_keys: list[str]
     counts: dict[str, int]
+    # early exit (looped runs): frontier = one row per unit run x split x rule x threshold x
+    # difficulty (acc, loss, bpb, loops_used; rule q | conf | change | oracle_stable | oracle_right);
+    # gate = one row per unit run x split: gate_q/loops/flops_at_eps, gate_saved_loops, gate_efficiency,
+    # oracle_stable_share_step{t}[_d{k}], exit_expected_step_at_oracle{t}
+    frontier: pd.DataFrame = field(default_factory=pd.DataFrame)
+    gate: pd.DataFrame = field(default_factory=pd.DataFrame)
     difficulty_name: str = "difficulty"
     objective_metric: str = "val/acc_final"
     direction: str = "maximize"
@@ -147,13 +155,13 @@ def load_study(study: str, store: str | None = None) -> StudyData:
     continuous = [k for k, d in distributions.items() if not isinstance(d, optuna.distributions.CategoricalDistribution)]
     run_frame, group_keys, averaged = _runs_frame(done, sampled, continuous)
     kept = set(run_frame["run_id"])
-    steps, exits = _tidy_metrics([r for r in done if r.info.run_id in kept], run_frame)
+    steps, exits, frontier, gate = _tidy_metrics([r for r in done if r.info.run_id in kept], run_frame)
     objective = sweep.get("objective") or {}
     task = run_frame["task"].iloc[0]
     return StudyData(
         name=experiment.name, tracking_uri=uri, experiment_id=experiment.experiment_id,
         parent_run_id=parent.info.run_id if parent else None, sweep=sweep, distributions=distributions, runs=run_frame, steps=steps,
-        exits=exits, trials=_trials_frame(runs, sweep), group_keys=group_keys, averaged_keys=averaged,
+        exits=exits, frontier=frontier, gate=gate, trials=_trials_frame(runs, sweep), group_keys=group_keys, averaged_keys=averaged,
         counts=counts, difficulty_name=_difficulty_name(task),
         objective_metric=objective.get("metric", "val/acc_final"), direction=objective.get("direction", "maximize"))
 
@@ -270,9 +278,14 @@ def group_label(values: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in values.items()) or "all runs"
 
 
-def _tidy_metrics(done: list, run_frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+_FRONTIER_KIND = {"loops": "loops_used"}  # (the frames' `loops` is the trained T)
+
+
+def _tidy_metrics(done: list, run_frame: pd.DataFrame) -> tuple[pd.DataFrame, ...]:
     step_rows: dict[tuple, dict[str, float]] = {}
     exit_rows: dict[tuple, dict[str, float]] = {}
+    frontier_rows: dict[tuple, dict[str, float]] = {}
+    gate_rows: dict[tuple, dict[str, float]] = {}
     for r in done:
         for name, value in r.data.metrics.items():
             if m := STEP_METRIC.match(name):
@@ -281,14 +294,29 @@ def _tidy_metrics(done: list, run_frame: pd.DataFrame) -> tuple[pd.DataFrame, pd
             elif m := EXIT_METRIC.match(name):
                 key = (r.info.run_id, m["split"], _difficulty(m["level"]))
                 exit_rows.setdefault(key, {})[m["kind"]] = value
+            elif m := EXIT_RULE_METRIC.match(name):
+                key = (r.info.run_id, m["split"], m["rule"], float(m["threshold"]), _difficulty(m["level"]))
+                frontier_rows.setdefault(key, {})[_FRONTIER_KIND.get(m["kind"], m["kind"])] = value
+            elif m := ORACLE_METRIC.match(name):
+                key = (r.info.run_id, m["split"], f"oracle_{m['rule']}", math.nan, _difficulty(m["level"]))
+                frontier_rows.setdefault(key, {})[_FRONTIER_KIND.get(m["kind"], m["kind"])] = value
+            elif m := GATE_METRIC.match(name):
+                gate_rows.setdefault((r.info.run_id, m["split"]), {})[m["name"]] = value
     keep = ["run_id", "trial", "seed", "arch", "loops", "trained_loops", "task", "group",
             *[c for c in run_frame.columns if "." in c]]
     steps = pd.DataFrame([dict(run_id=k[0], split=k[1], step=k[2], difficulty=k[3], **v) for k, v in step_rows.items()])
     exits = pd.DataFrame([dict(run_id=k[0], split=k[1], difficulty=k[2], **v) for k, v in exit_rows.items()],
                          columns=["run_id", "split", "difficulty", "exit_expected_step", "exit_entropy"])
+    frontier = pd.DataFrame([dict(run_id=k[0], split=k[1], rule=k[2], threshold=k[3], difficulty=k[4], **v)
+                             for k, v in frontier_rows.items()],
+                            columns=["run_id", "split", "rule", "threshold", "difficulty", "acc", "loss", "loops_used"])
+    gate = pd.DataFrame([dict(run_id=k[0], split=k[1], **v) for k, v in gate_rows.items()])
+    gate = gate.reindex(columns=list(dict.fromkeys(["run_id", "split", *GATE_SCALARS, *gate.columns])))
     steps = steps.merge(run_frame[keep], on="run_id").sort_values(["group", "arch", "loops", "seed", "split", "step"])
     exits = exits.merge(run_frame[keep], on="run_id")
-    return steps.reset_index(drop=True), exits.reset_index(drop=True)
+    frontier, gate = frontier.merge(run_frame[keep], on="run_id"), gate.merge(run_frame[keep], on="run_id")
+    return (steps.reset_index(drop=True), exits.reset_index(drop=True), frontier.reset_index(drop=True),
+            gate.reset_index(drop=True))
 
 
 def _difficulty(level: str | None) -> str:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ouro_lab import metric_names as names
+from ouro_lab.analysis.frontier import frontier_summary, frontier_table, gate_table, plot_frontier, plot_oracle
 from ouro_lab.analysis.load import ALL, MAX_GROUP_VALUES, StudyData, attach_report, difficulty_order
 from ouro_lab.analysis.optuna_view import optuna_study, param_importances, plot_optuna
 from ouro_lab.analysis.plots import plot_compute, plot_exit, plot_vs_loops, plot_vs_step
@@ -116,8 +117,10 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     sat = saturation_table(data, epsilon, kind, split, level, n_boot)
     study = optuna_study(data)
     importances = param_importances(study)
+    frontier_kind = "bpb" if "bpb" in data.frontier else "acc"
     figures = {"vs_loops.png": plot_vs_loops(data, sat, kind, split, level), "vs_step.png": plot_vs_step(data, kind, split),
-               "compute.png": plot_compute(data, kind, split), "exit_gate.png": plot_exit(data, split)}
+               "compute.png": plot_compute(data, kind, split), "exit_gate.png": plot_exit(data, split),
+               "frontier.png": plot_frontier(data, split, frontier_kind), "oracle.png": plot_oracle(data, split)}
     optuna_figs = plot_optuna(study, importances, data.objective_metric)
     if optuna_figs:
         figures["optuna_history.png"], figures["optuna_importance.png"] = optuna_figs
@@ -128,12 +131,12 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
             plt.close(fig)
             files.append(folder / name)
     table = key_table(data, ALL, kind, split, level)
-    lines = summary(data, sat, importances, kind, split, epsilon)
+    lines = summary(data, sat, importances, kind, split, epsilon) + frontier_summary(data, split)
     text = _report_markdown(data, sat, table, lines, importances, {f.name for f in files}, kind, split, epsilon, level, n_boot)
     (folder / "report.md").write_text(text)
     files.insert(0, folder / "report.md")
     for name, frame in (("curves.csv", curve_table(data, kind, split, level)), ("saturation.csv", sat),
-                        ("steps.csv", data.steps)):
+                        ("steps.csv", data.steps), ("frontier.csv", frontier_table(data, split, frontier_kind))):
         frame.to_csv(folder / name, index=False)
         files.append(folder / name)
     if log:
@@ -206,6 +209,16 @@ def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, li
                 f"{data.difficulty_name}.", "", _markdown_table(exits, ".2f"), ""]
         if "exit_gate.png" in figures:
             out += ["![exit gate](exit_gate.png)", ""]
+    gates = gate_table(data, split)
+    if len(gates):
+        out += ["## Early exit", "",
+                "Selection semantics (all T steps computed, each token read at its exit step). The gate's "
+                "efficiency = (T - its loops within epsilon of full-depth accuracy) / (T - the answer-stable "
+                "oracle's loops): the share of the achievable saving it realises. The first-right oracle is an "
+                "upper bound inflated by lucky guesses on unsolved tokens.", "",
+                _markdown_table(gates, ".2f"), ""]
+        out += ["![frontier](frontier.png)", ""] if "frontier.png" in figures else []
+        out += ["![oracle](oracle.png)", ""] if "oracle.png" in figures else []
     if "optuna_history.png" in figures:
         out += ["## The sweep", "",
                 f"Objective `{data.objective_metric}` ({data.direction}); trials: "

@@ -193,7 +193,7 @@ def open_study(sweep: SweepConfig, base: Path, worker: str | None = None) -> Stu
 # config keys added after studies were made with this code (their definition hash left them out)
 LATER_KEYS = (("train", "strategy"), ("eval", "exit_q"), ("eval", "exit_confidence"), ("eval", "exit_step_change"),
               ("eval", "exit_epsilon"), ("eval", "oracle_tolerance"), ("stage2", "init_from"), ("stage2", "k"),
-              ("stage2", "gamma"))
+              ("stage2", "gamma"), ("stage2", "improvement"))
 
 
 def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:
