@@ -7,7 +7,8 @@ MLflow runs one way through these rooms:
     models/          pure nn.Modules: blocks, LoopedLM, StandardLM
     objectives.py    exit distribution, priors, the Stage-I objective, fused head + CE
     metric_names.py  every metric name, built and parsed here
-    metrics.py       the per-loop-step torchmetrics Metric
+    exits.py         early-exit rules (Q-exit, confidence, step-change) and the oracles
+    metrics.py       the per-loop-step and exit-frontier torchmetrics Metrics
     modules.py       LightningModules: optimizer, schedule, objective, metrics
     tracking.py      MLflow: Experiment and the Run handle (one owner per run)
     views.py         a run's figure and terminal table
