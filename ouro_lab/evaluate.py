@@ -10,7 +10,7 @@ import torch
 from ouro_lab.config import ConfigError, from_dict
 from ouro_lab.modules import build_module
 from ouro_lab.train import make_datamodule, make_trainer
-from ouro_lab.views import frontier_table, metrics_table
+from ouro_lab.views import run_tables
 
 # Only evaluation and data-size keys may change on reload; anything else is a different model.
 EVAL_OVERRIDABLE = ("eval.", "data.eval_batch_size", "data.n_val", "data.n_test", "train.accelerator", "train.precision")
@@ -23,8 +23,7 @@ class EvalResult:
 
     @property
     def table(self) -> str:
-        frontier = frontier_table(self.metrics, self.split)
-        return metrics_table(self.metrics, self.split) + (f"\n{frontier}" if frontier else "")
+        return run_tables(self.metrics, self.split)
 
 
 def evaluate_checkpoint(path: Path, overrides: list[str] = (), split: str = "test") -> EvalResult:

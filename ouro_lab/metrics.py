@@ -150,17 +150,19 @@ class ExitFrontierMetrics(Metric):
         out: dict[str, torch.Tensor] = {}
         total = self.count.sum().clamp_min(1)
         levels = [k for k in range(self.n_levels) if self.count[k] > 0]
-        rows = [(names.exit_rule, rule, x) for rule, x in self.rules]
-        rows += [(None, "full", None), (names.oracle, "stable", None), (names.oracle, "right", None)]
-        values = {"acc": self.correct, "loss": self.loss, "loops": self.loops}
-        for i, (name, rule, x) in enumerate(rows):
+        # the name of each row's metrics (full depth, row len(rules), is logged as step T already)
+        rows = [lambda kind, level, rule=rule, x=x: names.exit_rule(rule, x, kind, level) for rule, x in self.rules]
+        rows += [None, lambda kind, level: names.oracle("stable", kind, level),
+                 lambda kind, level: names.oracle("right", kind, level)]
+        kinds = [("acc", self.correct, 1.0), ("loss", self.loss, 1.0), ("loops", self.loops, 1.0)]
+        kinds += [("bpb", self.loss, math.log(2))] if self.bpb else []  # bits per byte = loss / ln 2
+        for i, name in enumerate(rows):
             if name is None:
                 continue
-            for kind, sums in values.items():
-                key = (lambda level: name(rule, x, kind, level)) if x is not None else (lambda level: name(rule, kind, level))
-                out[key(None)] = sums[i].sum() / total
+            for kind, sums, scale in kinds:
+                out[name(kind, None)] = sums[i].sum() / total / scale
                 for k in levels:
-                    out[key(k + 1)] = sums[i, k] / self.count[k]
+                    out[name(kind, k + 1)] = sums[i, k] / self.count[k] / scale
         share = self.oracle_hist.sum(1) / total
         for t in range(self.T):
             out[names.oracle_share(t + 1)] = share[t]
@@ -170,16 +172,12 @@ class ExitFrontierMetrics(Metric):
             if n_t > 0:
                 out[names.gate_step_at_oracle(t + 1)] = self.gate_at_oracle[t] / n_t
         out |= self._gate_scalars(total)
-        if self.bpb:
-            out |= {k.replace("_loss", "_bpb"): v / math.log(2) for k, v in out.items()
-                    if k.startswith(("exit_", "oracle_")) and ("_loss" in k)}
         return {k: v.float() for k, v in out.items()}
 
     def _gate_scalars(self, total: torch.Tensor) -> dict[str, torch.Tensor]:
         """The cheapest Q-exit within epsilon of full depth (accuracy; loss for loss-scored
         tasks, epsilon then in bits per byte when bpb) and the share of the answer-stable
         oracle's saving it realises."""
-        n_q = len(self.thresholds["q"])
         full, stable = len(self.rules), len(self.rules) + 1
         if self.loss_scored:
             scale = math.log(2) if self.bpb else 1.0  # epsilon in bpb for byte-level tasks
@@ -188,7 +186,7 @@ class ExitFrontierMetrics(Metric):
             quality = self.correct.sum(1) / total
         loops = self.loops.sum(1) / total
         best_q, best_loops = torch.tensor(1.0, dtype=torch.float64), loops[full]  # full depth always qualifies
-        for i, q in enumerate(self.thresholds["q"][:n_q]):
+        for i, q in enumerate(self.thresholds["q"]):  # the q rows come first
             if quality[i] >= quality[full] - self.epsilon - 1e-12 and loops[i] < best_loops:
                 best_q, best_loops = torch.tensor(q, dtype=torch.float64), loops[i]
         saved, possible = self.T - best_loops, self.T - loops[stable]

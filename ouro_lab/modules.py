@@ -245,7 +245,7 @@ class LoopedLMModule(_LMModule):
             raise ConfigError(f"stage2.init_from: {path} has no ouro-lab config; was it written by `ouro-lab train`?")
         here = to_dict(self.cfg)
         differ = [f"model.{k}" for k in here["model"] if saved["model"].get(k) != here["model"][k]]
-        differ += [f"data.{k}" for k in ("task",) if saved["data"].get(k) != here["data"][k]]
+        differ += ["data.task"] if saved["data"].get("task") != here["data"]["task"] else []
         if differ:
             raise ConfigError(f"stage2.init_from: {path} was trained with a different model or task: "
                               + ", ".join(f"{k}={_get(saved, k)} there, {_get(here, k)} here" for k in differ))

@@ -166,17 +166,12 @@ class Run:
             self.client.log_batch(self.id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        """Values in batches of 1000 (MLflow's limit)."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(self.id, metrics=items[i : i + 1000])
+        """Values at one step."""
+        self.log_series({k: [(step, v)] for k, v in metrics.items()})
 
     def log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
         """Curves as metric series: {name: [(step, value), ...]}, so the MLflow UI draws (and
-        overlays across runs) value against step."""
+        overlays across runs) value against step; in batches of 1000 (MLflow's limit)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -30,7 +31,7 @@ from ouro_lab.config import ExperimentConfig, to_yaml, used_params
 from ouro_lab.data import Task
 from ouro_lab.data.datamodule import TaskDataModule
 from ouro_lab.modules import build_module
-from ouro_lab.views import curve_series, frontier_table, loop_step_figure, metrics_table, plt
+from ouro_lab.views import curve_series, loop_step_figure, plt, run_tables
 
 
 class _DropAdverts(logging.Filter):
@@ -57,9 +58,7 @@ class TrainResult:
     summary: dict[str, int] = field(default_factory=dict)  # params, FLOPs/token, depth
 
     def table(self, split: str = "val") -> str:
-        metrics = self.val if split == "val" else self.test
-        frontier = frontier_table(metrics, split)
-        return metrics_table(metrics, split) + (f"\n{frontier}" if frontier else "")
+        return run_tables(self.val if split == "val" else self.test, split)
 
 
 def resolve_precision(cfg: ExperimentConfig) -> str:
@@ -91,7 +90,7 @@ class _ResultFile:
             raise AttributeError(name)
         if "_output" not in self.__dict__:
             self.__dict__["_output"] = torch.load(self.path, weights_only=False)
-            os.remove(self.path)
+            shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
         return getattr(self.__dict__["_output"], name)
 
 

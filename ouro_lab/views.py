@@ -85,11 +85,8 @@ def curve_series(metrics: dict[str, float], trained_loops: int, kind: str = "acc
         out[names.series(split, f"fixed_{kind}", "milliloops")] = [
             (1000 * t, metrics[f"{split}/{names.step(kind, t)}"]) for t in steps if t <= trained_loops]
         rules: dict[str, list[tuple[float, float, float]]] = {}
-        for name, value in metrics.items():
-            m = names.EXIT_RULE_METRIC.match(name)
-            if m and m["split"] == split and m["level"] is None and m["kind"] == kind:
-                loops = metrics[f"{split}/{names.exit_rule(m['rule'], float(m['threshold']), 'loops')}"]
-                rules.setdefault(m["rule"], []).append((float(m["threshold"]), loops, value))
+        for rule, threshold, loops, value in _rule_points(metrics, split, kind):
+            rules.setdefault(rule, []).append((threshold, loops, value))
         for rule, points in rules.items():
             points.sort()
             out[names.series(split, f"exit_{rule}_{kind}", "milliloops")] = [(round(1000 * lp), v) for _, lp, v in points]
@@ -102,12 +99,7 @@ def frontier_table(metrics: dict[str, float], split: str = "val") -> str:
     accuracy (bits per byte for byte-level tasks), the oracles and the gate scalars; '' for a
     run without a gate."""
     kind = "bpb" if any(names.EXIT_RULE_METRIC.match(k) and k.endswith("_bpb") for k in metrics) else "acc"
-    rows = []
-    for name, value in metrics.items():
-        m = names.EXIT_RULE_METRIC.match(name)
-        if m and m["split"] == split and m["level"] is None and m["kind"] == kind:
-            loops = metrics[f"{split}/{names.exit_rule(m['rule'], float(m['threshold']), 'loops')}"]
-            rows.append((m["rule"], float(m["threshold"]), loops, value))
+    rows = _rule_points(metrics, split, kind)
     if not rows:
         return ""
     label = {"q": "q-exit", "conf": "confidence", "change": "step-change"}
@@ -123,3 +115,21 @@ def frontier_table(metrics: dict[str, float], split: str = "val") -> str:
                  f"{metrics[f'{split}/gate_loops_at_eps']:.2f} loops (saves {metrics[f'{split}/gate_saved_loops']:.2f}), "
                  f"efficiency {metrics[f'{split}/gate_efficiency']:.2f} of the oracle's saving")
     return "\n".join(lines)
+
+
+def _rule_points(metrics: dict[str, float], split: str, kind: str) -> list[tuple[str, float, float, float]]:
+    """(rule, threshold, mean loops, `kind`) of every exit rule x threshold logged for `split`
+    (all positions)."""
+    points = []
+    for name, value in metrics.items():
+        m = names.EXIT_RULE_METRIC.match(name)
+        if m and m["split"] == split and m["level"] is None and m["kind"] == kind:
+            loops = metrics[f"{split}/{names.exit_rule(m['rule'], float(m['threshold']), 'loops')}"]
+            points.append((m["rule"], float(m["threshold"]), loops, value))
+    return points
+
+
+def run_tables(metrics: dict[str, float], split: str = "val") -> str:
+    """What `ouro-lab train` and `eval` print: metrics by loop step, then the exit frontier."""
+    frontier = frontier_table(metrics, split)
+    return metrics_table(metrics, split) + (f"\n{frontier}" if frontier else "")

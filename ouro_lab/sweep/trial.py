@@ -64,8 +64,7 @@ def canonical_hash(cfg: ExperimentConfig) -> str:
         d["objective"].pop("prior_p")
     if cfg.model.arch != "looped":
         d.pop("objective")
-        for key in ("extra_loops", "exit_q", "exit_confidence", "exit_step_change", "exit_epsilon", "oracle_tolerance"):
-            d["eval"].pop(key)  # a standard model has no loops to extrapolate or exit from
+        d["eval"] = {"test": d["eval"]["test"]}  # a standard model has no loops to extrapolate or exit from
         d["model"].pop("loop_state")
         if cfg.model.arch == "param_matched":
             d["model"].pop("loops")
