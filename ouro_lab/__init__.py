@@ -16,5 +16,5 @@ MLflow runs one way through these rooms:
     evaluate.py      re-evaluate a checkpoint, with train's builders
     sweep/           Optuna studies whose trials are train() runs (see its __init__)
     analysis/        a study read back from MLflow -> statistics, plots, report
-    cli.py           `ouro-lab train | eval | sweep | report`
+    cli.py           `ouro-lab train | eval | sweep | report | studies`
 """

@@ -3,7 +3,9 @@
     ouro-lab train conf/state.yaml model.loops=4 model.arch=depth_matched
     ouro-lab eval outputs/ouro-lab/<run_id>/checkpoints/last.ckpt eval.extra_loops=4
     ouro-lab sweep sweeps/loops.yaml seeds=1 train.max_steps=500
+    ouro-lab sweep sweeps/gate.yaml --dry-run        # validate, list the trials, train nothing
     ouro-lab report loops --epsilon 0.01
+    ouro-lab studies                                 # the studies in ./mlflow.db with their trial counts
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ouro_lab.config import ConfigError, load_config
+from ouro_lab.config import ConfigError, StoreError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("checkpoint", help="a .ckpt written by `ouro-lab train`")
     p_eval.add_argument("overrides", nargs="*", help="eval.* or data.* overrides, e.g. eval.extra_loops=6")
     p_eval.add_argument("--split", choices=("val", "test"), default="test")
+    p_eval.add_argument("--no-log", action="store_true",
+                        help="do not log the evaluation to MLflow (default: a run of its own, linked to the trained run)")
     p_sweep = sub.add_parser("sweep", help="run or resume an Optuna study declared in sweeps/*.yaml")
     p_sweep.add_argument("sweep", help="sweep YAML, e.g. sweeps/loops.yaml")
     p_sweep.add_argument("overrides", nargs="*",
@@ -34,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
                               "else CPU workers sharing the cores)")
     p_sweep.add_argument("--gpus", default="", help="comma-separated GPU ids, one worker pinned to each, e.g. 0,1,3")
     p_sweep.add_argument("--as-worker", type=int, default=None, help=argparse.SUPPRESS)
+    p_sweep.add_argument("--dry-run", action="store_true",
+                         help="validate the sweep and print the trials it would run; train nothing")
+    p_studies = sub.add_parser("studies", help="list the studies (sweeps) in an MLflow store with their trial counts")
+    p_studies.add_argument("--store", default=None,
+                           help="MLflow tracking URI or sqlite file (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p_report = sub.add_parser("report", help="saturation report of a study: Markdown + plots, logged on its MLflow parent run")
     p_report.add_argument("study", help="study name (= its MLflow experiment) or an MLflow experiment name / id")
     p_report.add_argument("--store", default=None,
@@ -52,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
             from ouro_lab.train import train  # heavy imports after the config is known to be valid
 
             train(cfg)
+        elif args.command == "sweep" and args.dry_run:
+            from ouro_lab.sweep.schema import describe
+
+            print(describe(args.sweep, args.overrides))
+        elif args.command == "studies":
+            return _studies(args)
         elif args.command == "sweep":
             from ouro_lab.sweep import run_sweep, run_worker
 
@@ -72,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from ouro_lab.evaluate import evaluate_checkpoint
 
-            print(evaluate_checkpoint(Path(args.checkpoint), args.overrides, args.split).table)
+            result = evaluate_checkpoint(Path(args.checkpoint), args.overrides, args.split, log=not args.no_log)
+            print(result.table)
+            if result.where:
+                print(f"[ouro-lab] logged as run {result.run_id}: {result.where}")
+    except StoreError as err:
+        print(f"ouro-lab: {err}", file=sys.stderr)
+        return 2
     except ConfigError as err:
         print(f"ouro-lab: config error: {err}", file=sys.stderr)
         return 2
@@ -87,6 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _studies(args: argparse.Namespace) -> int:
+    from ouro_lab import analysis
+
+    try:
+        table = analysis.list_studies(args.store)
+    except analysis.AnalysisError as err:
+        print(f"ouro-lab: {err}", file=sys.stderr)
+        return 2
+    print(table.to_string(index=False) if len(table) else "no studies in this store (sweeps create them)")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from ouro_lab import analysis
 
@@ -96,8 +129,8 @@ def _report(args: argparse.Namespace) -> int:
     try:
         data = analysis.load_study(args.study, args.store)
         out = Path(args.out or Path("reports") / data.name)
-        print(f"[report] study {data.name!r}: {len(data.runs)} finished runs "
-              f"({', '.join(f'{k} {v}' for k, v in sorted(data.counts.items()))}) from {data.tracking_uri}", flush=True)
+        print(f"[report] study {data.name!r}: {len(data.runs)} complete runs analysed (unit runs by state: "
+              f"{', '.join(f'{k} {v}' for k, v in sorted(data.counts.items()))}) from {data.tracking_uri}", flush=True)
         report = analysis.write_report(data, out, epsilon=args.epsilon, kind=args.metric, split=args.split,
                                        level=args.level, log=not args.no_log)
     except analysis.AnalysisError as err:

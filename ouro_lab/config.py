@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -39,6 +40,11 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 
 class ConfigError(ValueError):
     """A config problem the user must fix; the message names the key."""
+
+
+class StoreError(ConfigError):
+    """A study or tracking store that cannot be used as it is (damaged, missing, or not the
+    study's); the message names the file and says what to do. Nothing is deleted for the user."""
 
 
 @dataclass
@@ -122,9 +128,11 @@ class EvalConfig:
 
 @dataclass
 class Stage2Config:
-    # Stage II, focused adaptive gate training (DESIGN.md Part 1): set init_from to train only
-    # the exit gate of a Stage-I model; every other parameter is frozen at the checkpoint's values
+    # Stage II, focused adaptive gate training (DESIGN.md Part 1): only the exit gate trains,
+    # every other parameter is frozen at Stage I's values. Either in the same run, after Stage I
+    # (steps > 0), or alone from a Stage-I checkpoint (init_from; train.* then schedules Stage II)
     init_from: Optional[str] = None  # a Stage-I checkpoint (.ckpt of `ouro-lab train`, looped); None = Stage I
+    steps: int = 0  # > 0: after train.max_steps of Stage I, this many gate-only steps in the same run
     k: float = 50.0  # label sharpness, w_t = sigmoid(k (I_t - gamma)) (paper: 50)
     gamma: float = 0.005  # loss improvement (nats) below which a step counts as not helping (paper: 0.005)
     improvement: str = "into"  # the label of lambda_t: into = I_t, the paper's formula | after = I_{t+1} (our variant)
@@ -174,11 +182,21 @@ class ExperimentConfig:
         extrapolates), 1 for the baselines."""
         return self.model.trained_loops + (self.eval.extra_loops if self.model.arch == "looped" else 0)
 
+    @property
+    def has_stage2(self) -> bool:
+        """The run trains the gate alone (Stage II): from a checkpoint, or after its Stage I."""
+        return self.stage2.init_from is not None or self.stage2.steps > 0
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: train.max_steps (+ stage2.steps of gate-only training)."""
+        return self.train.max_steps + self.stage2.steps
+
     def default_run_name(self) -> str:
         """'{task}-looped-N2xT4-s0', '{task}-depth_matched-L8-s0'."""
         m = self.model
         shape = f"N{m.n_layers}xT{m.loops}" if m.arch == "looped" else f"L{m.distinct_layers}"
-        stage = "-stage2" if self.stage2.init_from else ""
+        stage = "-stage2" if self.has_stage2 else ""
         return f"{self.data.task}-{m.arch}-{shape}{stage}-s{self.train.seed}"
 
 
@@ -230,7 +248,11 @@ def merge(*parts: DictConfig | dict) -> DictConfig:
     except ConfigKeyError as err:
         raise ConfigError(_unknown_key_message(err)) from None
     except ValidationError as err:
-        raise ConfigError(f"{err.full_key}: {_first_line(err)}") from None
+        message = _first_line(err)
+        if "Cannot convert 'DictConfig'" in message or "Cannot convert 'ListConfig'" in message:
+            got = "a mapping" if "DictConfig" in message else "a list"
+            message = f"expects a single value, got {got} ({message.split(': ', 1)[-1]}); quote it if it is one string"
+        raise ConfigError(f"{err.full_key}: {message}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{getattr(err, 'full_key', '')}: {_first_line(err)}") from None
 
@@ -284,7 +306,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         check(0 < o.prior_p < 1, "objective.prior_p", f"must be in (0, 1) for the geometric prior, got {o.prior_p}")
     check(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
     check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    check(0 <= t.warmup_steps <= t.max_steps, "train.warmup_steps", f"must be in [0, max_steps={t.max_steps}], got {t.warmup_steps}")
+    check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0 (capped at max_steps / 2), got {t.warmup_steps}")
     check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
@@ -309,6 +331,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         check(m.arch == "looped", "stage2.init_from", f"Stage II trains the exit gate of a looped model; model.arch={m.arch}")
         check(m.loops >= 2, "stage2.init_from", f"Stage II needs model.loops >= 2 (the gate labels compare steps), got {m.loops}")
         check(Path(s2.init_from).expanduser().is_file(), "stage2.init_from", f"checkpoint not found: {s2.init_from}")
+    check(s2.steps >= 0, "stage2.steps", f"must be >= 0 (0 = no Stage II after Stage I), got {s2.steps}")
+    if s2.steps > 0:
+        check(s2.init_from is None, "stage2.steps",
+              "runs Stage II after this run's own Stage I; stage2.init_from runs Stage II alone from a checkpoint "
+              "(for train.max_steps): set one of them")
+        check(m.arch == "looped", "stage2.steps", f"Stage II trains the exit gate of a looped model; model.arch={m.arch}")
+        check(m.loops >= 2, "stage2.steps", f"Stage II needs model.loops >= 2 (the gate labels compare steps), got {m.loops}")
     check(s2.k > 0, "stage2.k", f"must be > 0, got {s2.k}")
     check(s2.gamma >= 0, "stage2.gamma", f"must be >= 0, got {s2.gamma}")
     choice("stage2.improvement", s2.improvement, STAGE2_IMPROVEMENT)
@@ -319,9 +348,41 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if d.task in TASKS:
         for key, message in TASKS[d.task].check_config(getattr(d, d.task)):
             problems.append(f"data.{d.task}.{key}: {message}")
+    if cfg.tracking.uri is not None:
+        problem = tracking_uri_problem(cfg.tracking.uri)
+        check(problem is None, "tracking.uri", problem or "")
+    problems += [f"{key}: must be a finite number, got {value}" for key, value in flatten(to_dict(cfg)).items()
+                 if isinstance(value, float) and not math.isfinite(value)]
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return cfg
+
+
+def writable_dir(path: Path, key: str) -> Path:
+    """Create `path` if needed; ConfigError naming `key` if that fails or it cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot create the folder {path}: {err.strerror or err}; "
+                          f"point {key} at a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: the folder {path} is not writable; point {key} at a writable folder")
+    return path
+
+
+TRACKING_SCHEMES = ("sqlite:///", "postgresql", "mysql", "mssql", "http://", "https://", "databricks")
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why an MLflow tracking URI cannot work here, or None. NOTE: MLflow >= 3.13 refuses a
+    plain folder (the file store); we say what to write instead before any run starts."""
+    if uri.startswith(TRACKING_SCHEMES):
+        return None
+    if "://" not in uri:
+        return (f"{uri!r} is a plain path; MLflow needs a database or a server: sqlite:///{Path(uri).expanduser()}"
+                f"{'' if uri.endswith('.db') else '/mlflow.db'} (a file here) or http://host:5000 (an `mlflow server`)")
+    return (f"{uri!r}: unknown scheme {uri.split('://', 1)[0]!r}; use sqlite:///path/mlflow.db, "
+            "postgresql://user@host/db or http://host:5000")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -352,7 +413,7 @@ def used_params(cfg: ExperimentConfig) -> dict[str, Any]:
     for task in TASKS:
         if task != cfg.data.task:
             d["data"].pop(task, None)
-    if cfg.stage2.init_from is None:
+    if not cfg.has_stage2:
         d.pop("stage2")
     return flatten(d)
 

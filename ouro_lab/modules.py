@@ -67,6 +67,8 @@ class _LMModule(L.LightningModule):
         self.model.checkpointing = cfg.train.activation_checkpointing
         self.trained_loops, self.eval_loops = cfg.model.trained_loops, cfg.eval_loops
         self.has_gate = cfg.model.has_exit_gate
+        self.in_stage2 = False  # training the exit gate alone (LoopedLMModule.start_stage2)
+        self.step_offset = 0  # optimizer steps before this Trainer's (Stage I's in Stage II); logs go on from there
         n_levels = len(self.task.difficulty_levels)
         bpb = self.task.byte_level
         self.val_metrics = LoopStepMetrics(self.eval_loops, self.trained_loops, n_levels, self.has_gate, bpb)
@@ -131,7 +133,7 @@ class _LMModule(L.LightningModule):
         # NOTE: logged (and checked for NaN) only at the steps Lightning flushes and the last one:
         # any read of the loss on the host is a device sync, which would stall a GPU every step.
         log_step = (self.global_step + 1) % self.cfg.train.log_every == 0
-        if (log_step or self.global_step + 1 >= self.cfg.train.max_steps) and not torch.isfinite(result.loss):
+        if (log_step or self.global_step + 1 >= self.trainer.max_steps) and not torch.isfinite(result.loss):
             raise FloatingPointError(
                 f"training loss became {result.loss.item()} by step {self.global_step} (checked every "
                 f"train.log_every={self.cfg.train.log_every} steps and at the last, lr {self.cfg.train.lr}); "
@@ -156,10 +158,16 @@ class _LMModule(L.LightningModule):
             lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
         )
 
+        # a warmup of more than half the run leaves no room to decay: capped there, so a quick
+        # run (train.max_steps=60) needs no second override (README "Configs")
+        max_steps, warmup_steps = t.max_steps, min(t.warmup_steps, t.max_steps // 2)
+        if self.in_stage2 and self.cfg.stage2.steps:  # Stage II after Stage I: its own warmup and decay
+            max_steps, warmup_steps = self.cfg.stage2.steps, min(t.warmup_steps, max(1, self.cfg.stage2.steps // 10))
+
         def lr_factor(step: int) -> float:
-            if step < t.warmup_steps:
-                return (step + 1) / t.warmup_steps
-            progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
             return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
@@ -230,6 +238,13 @@ class LoopedLMModule(_LMModule):
         if self.cfg.stage2.init_from:
             self._load_stage1(self.cfg.stage2.init_from)
 
+    def start_stage2(self) -> None:
+        """Switch to Stage II: freeze every parameter but the exit gate's; the objective becomes
+        the gate loss (train() calls this after Stage I when stage2.steps > 0)."""
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name.startswith("exit_gate."))
+        self.in_stage2 = True
+
     def build_model(self, spec: ModelSpec) -> LoopedLM:
         return LoopedLM(spec)
 
@@ -239,10 +254,8 @@ class LoopedLMModule(_LMModule):
     def _load_stage1(self, path: str) -> None:
         """Load a Stage-I checkpoint's weights and freeze all but the exit gate; the model and
         task must be the checkpoint's (else a different network would be loaded)."""
-        ckpt = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=False)
-        saved = ckpt.get("hyper_parameters", {}).get("config")
-        if saved is None:
-            raise ConfigError(f"stage2.init_from: {path} has no ouro-lab config; was it written by `ouro-lab train`?")
+        ckpt = read_checkpoint(Path(path).expanduser(), "stage2.init_from")
+        saved = ckpt["hyper_parameters"]["config"]
         here = to_dict(self.cfg)
         differ = [f"model.{k}" for k in here["model"] if saved["model"].get(k) != here["model"][k]]
         differ += ["data.task"] if saved["data"].get("task") != here["data"]["task"] else []
@@ -250,15 +263,14 @@ class LoopedLMModule(_LMModule):
             raise ConfigError(f"stage2.init_from: {path} was trained with a different model or task: "
                               + ", ".join(f"{k}={_get(saved, k)} there, {_get(here, k)} here" for k in differ))
         self.load_state_dict(ckpt["state_dict"])
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(name.startswith("exit_gate."))
+        self.start_stage2()
         self.stage1_run_id = ckpt.get("ouro_run_id")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ouro_run_id"] = getattr(self, "run_id", None)  # so a Stage II run can name its Stage I
 
     def objective(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[LoopLoss, torch.Tensor]:
-        if not self.cfg.stage2.init_from:
+        if not self.in_stage2:
             return super().objective(tokens, targets)
         # Stage II: the frozen network's per-step losses, without a graph; the gate alone learns
         with torch.no_grad():
@@ -275,6 +287,21 @@ class LoopedLMModule(_LMModule):
             loss_exit = ((p * step_losses.permute(1, 2, 0)).sum(-1) * m).sum() / m.sum().clamp_min(1)
             ent = (entropy(p) * m).sum() / m.sum().clamp_min(1)
         return LoopLoss(loss=loss, loss_exit=loss_exit, kl=torch.zeros_like(ent), entropy=ent), step_losses
+
+
+def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
+    """A checkpoint written by `ouro-lab train`; ConfigError naming the file (and `what` asked
+    for it) when it is missing, not a torch file, truncated, or not ouro-lab's."""
+    if not path.is_file():
+        raise ConfigError(f"{what}: checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # (zip / pickle errors come in several types)
+        raise ConfigError(f"{what}: {path} is not a readable checkpoint (a .ckpt from `ouro-lab train`; "
+                          f"truncated or another kind of file?): {type(err).__name__}: {err}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("hyper_parameters", {}):
+        raise ConfigError(f"{what}: {path} has no ouro-lab config and weights; was it written by `ouro-lab train`?")
+    return ckpt
 
 
 def _get(d: dict, dotted: str):

@@ -13,8 +13,11 @@ id); it neither logs the config nor ends the run: the handle does (one owner per
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import time
+import traceback
+import uuid
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -22,6 +25,8 @@ from typing import Any, Callable
 
 from filelock import FileLock
 from mlflow.tracking import MlflowClient
+
+from ouro_lab.config import ConfigError, StoreError, tracking_uri_problem, writable_dir
 
 PACKAGES = ("torch", "lightning", "mlflow", "optuna", "omegaconf", "torchmetrics")
 
@@ -32,8 +37,12 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     NOTE: always explicit: Lightning's MLFlowLogger would otherwise default to file:./mlruns,
     which mlflow >= 3.13 rejects as a tracking store.
     """
+    where = "tracking.uri" if uri else "$MLFLOW_TRACKING_URI"
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        problem = tracking_uri_problem(uri)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
         return uri
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
@@ -46,9 +55,41 @@ def store_lock(uri: str):
         yield
         return
     path = Path(uri[len("sqlite:///"):])
-    path.parent.mkdir(parents=True, exist_ok=True)
+    writable_dir(path.parent, "tracking.uri (its folder)")
     with FileLock(str(path) + ".lock", timeout=300):
+        if not path.exists():
+            _create_sqlite_store(path)
         yield
+
+
+def _create_sqlite_store(path: Path) -> None:
+    """Create a sqlite store whole or not at all: its tables are made in a scratch file that is
+    renamed into place when complete. NOTE: MLflow creates them over several seconds on first
+    contact; a process killed meanwhile left a half-made store every later command failed on."""
+    for stale in path.parent.glob(f".{path.name}.creating-*"):  # (under the lock: left by a killed creator)
+        stale.unlink(missing_ok=True)
+    # (a new name each time: MLflow caches a store per URI, and would find this one's tables made)
+    scratch = path.with_name(f".{path.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    MlflowClient(f"sqlite:///{scratch}").search_experiments(max_results=1)
+    os.replace(scratch, path)
+
+
+def store_problem(uri: str, err: Exception) -> StoreError:
+    """The message for a store that fails on first contact: which file, whether it holds runs,
+    what to do."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not uri.startswith("sqlite:///"):
+        return StoreError(f"MLflow store {uri} cannot be used: {type(err).__name__}: {first}")
+    path = Path(uri[len("sqlite:///"):])
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            held = f"it holds {db.execute('select count(*) from runs').fetchone()[0]} run(s)"
+    except sqlite3.Error:
+        held = "its runs table cannot be read"
+    return StoreError(
+        f"MLflow store {path} is damaged or not an MLflow store ({type(err).__name__}: {first}); {held}. "
+        f"If a process was killed while creating it, it holds nothing: move it aside (mv {path} {path}.damaged) "
+        "and rerun. If it holds runs you need, keep it and point tracking.uri at a new file; nothing was deleted")
 
 
 @contextmanager
@@ -80,8 +121,11 @@ class Experiment:
     def open(cls, tracking_uri: str, name: str) -> Experiment:
         """Experiment `name` on the store (created if missing; a deleted one is restored)."""
         with store_lock(tracking_uri):
-            client = MlflowClient(tracking_uri)
-            experiment = client.get_experiment_by_name(name)
+            try:
+                client = MlflowClient(tracking_uri)
+                experiment = client.get_experiment_by_name(name)
+            except Exception as err:  # (sqlalchemy / MLflow errors of several types)
+                raise store_problem(tracking_uri, err) from None
             if experiment is not None:
                 if experiment.lifecycle_stage == "deleted":
                     client.restore_experiment(experiment.experiment_id)
@@ -130,8 +174,9 @@ def ended_by(err: BaseException | None) -> tuple[str, dict[str, str]]:
     interruption (Ctrl-C, SystemExit); FAILED otherwise; with the reason in tag `error`."""
     if err is None:
         return "FINISHED", {}
-    status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
-    return status, {"error": f"{type(err).__name__}: {err}"[:5000]}
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        return "KILLED", {"interrupted": f"{type(err).__name__}: {err}".rstrip(": ")[:5000]}
+    return "FAILED", {"error": f"{type(err).__name__}: {err}"[:5000]}
 
 
 class Run:
@@ -214,6 +259,11 @@ class Run:
         if status is None:
             status, extra = self.ending(err)
         self.set_tags(extra | (tags or {}))
+        if err is not None and err.__traceback__ is not None and not isinstance(err, (KeyboardInterrupt, SystemExit)):
+            try:  # the whole traceback, for a failure the terminal showed in one line
+                self.log_text("".join(traceback.format_exception(err)), "error.txt")
+            except Exception:  # noqa: BLE001 (the run still ends; its `error` tag has the reason)
+                pass
         self.client.set_terminated(self.id, status)
         self.status = status
         return status

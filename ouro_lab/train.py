@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import sys
@@ -27,7 +28,7 @@ from lightning.pytorch.utilities import move_data_to_device
 
 from ouro_lab import metric_names as names
 from ouro_lab import tracking
-from ouro_lab.config import ExperimentConfig, to_yaml, used_params
+from ouro_lab.config import ExperimentConfig, to_yaml, used_params, writable_dir
 from ouro_lab.data import Task
 from ouro_lab.data.datamodule import TaskDataModule
 from ouro_lab.modules import build_module
@@ -44,6 +45,8 @@ class _DropAdverts(logging.Filter):
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
 # Lightning 2.6's own call into torch's pytree API; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# every run has its own checkpoint folder; only Stage II after Stage I writes into it twice (on purpose)
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 @dataclass
@@ -134,12 +137,15 @@ def train(cfg: ExperimentConfig, *, run: tracking.Run | None = None, callbacks: 
 
     `run`: the MLflow run to log into, owned (and ended) by the caller, e.g. a sweep's trial
     run. Without it, train makes its own run in `tracking.experiment` and ends it: FINISHED, or
-    FAILED with an `error` tag if training raises, or KILLED if interrupted.
+    FAILED with an `error` tag (and error.txt) if training raises, or KILLED (tag `interrupted`).
     """
     with tracking.preserve_tracking_env(), _lightning_log_level(logging.INFO if verbose else logging.WARNING):
         start = time.perf_counter()
         L.seed_everything(cfg.train.seed, verbose=False)  # NOTE: explicit per run; PL_GLOBAL_SEED leaks otherwise
-        module = build_module(cfg)  # before any run exists: a task that cannot be built leaves no run behind
+        # before any run exists: a task that cannot be built or a folder that cannot be written
+        # leaves no run behind
+        writable_dir(Path(cfg.tracking.output_dir), "tracking.output_dir")
+        module = build_module(cfg)
         datamodule = make_datamodule(cfg, module.task)
         if run is not None:
             return _train(cfg, run, module, datamodule, callbacks, verbose, start)
@@ -177,9 +183,12 @@ class _MetricsLogger(MLFlowLogger):
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         pass
 
+    step_offset = 0  # Stage II after Stage I: its Trainer counts from 0, the run's steps go on
+
     def log_metrics(self, metrics, step=None) -> None:
         # NOTE: MLflow takes at most 1000 metrics per request; a validation with the exit
         # frontier per difficulty level can log more, which MLFlowLogger would send as one
+        step = None if step is None else step + self.step_offset
         items = list(metrics.items())
         for i in range(0, len(items), 1000):
             super().log_metrics(dict(items[i : i + 1000]), step)
@@ -207,8 +216,8 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDat
            verbose: bool, start: float) -> TrainResult:
     experiment = run.experiment
     module.run_id = run.id  # saved in the checkpoint, so a Stage II run can name where it came from
-    stage = {"ouro.stage": "2", "ouro.stage1_run_id": module.stage1_run_id or "unknown"} \
-        if cfg.stage2.init_from else {}
+    stage = {"ouro.stage": "2", "ouro.stage1_run_id": module.stage1_run_id or "unknown"} if cfg.stage2.init_from \
+        else {"ouro.stage": "1+2"} if cfg.stage2.steps else {}
     run.set_tags(run_tags(cfg) | stage)
     summary = module.summary()
     if verbose:
@@ -219,29 +228,51 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDat
     _log_setup(run, cfg, summary | module.task.describe())
     logger = _MetricsLogger(experiment_name=cfg.tracking.experiment, tracking_uri=experiment.tracking_uri, run_id=run.id)
     ckpt_dir = Path(cfg.tracking.output_dir) / cfg.tracking.experiment / run.id / "checkpoints"
+    trainer, checkpoint = _fit(cfg, module, datamodule, logger, ckpt_dir, callbacks, verbose, cfg.train.max_steps)
+    if cfg.stage2.steps:  # Stage II in the same run: the gate alone, from Stage I's final weights
+        shutil.copyfile(ckpt_dir / "last.ckpt", ckpt_dir / "stage1.ckpt")
+        if verbose:
+            efficiency = float(trainer.callback_metrics.get("val/gate_efficiency", math.nan))
+            print(f"[ouro-lab] Stage I done (val/gate_efficiency {efficiency:.3f}; checkpoint "
+                  f"{ckpt_dir / 'stage1.ckpt'}); Stage II: {cfg.stage2.steps} steps training the exit gate alone",
+                  flush=True)
+        module.start_stage2()
+        module.step_offset = logger.step_offset = cfg.train.max_steps
+        trainer, checkpoint = _fit(cfg, module, datamodule, logger, ckpt_dir, callbacks, verbose, cfg.stage2.steps)
+    val = _numbers(trainer.callback_metrics, "val/")
+    test: dict[str, float] = {}
+    if cfg.eval.test:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        test = _numbers(trainer.callback_metrics, "test/")
+    last = checkpoint.last_model_path or checkpoint.best_model_path or None
+    if last:
+        run.set_tags({"ouro.checkpoint": str(Path(last).resolve())})
+    _log_plot(run, module, val, cfg.tracking.run_name or cfg.default_run_name())
+    for split in (val, test):
+        run.log_series(curve_series(split, module.trained_loops, kind="bpb" if module.task.byte_level else "acc"))
+    return TrainResult(run_id=run.id, experiment_id=experiment.id, tracking_uri=experiment.tracking_uri,
+                       checkpoint=last,
+                       seconds=time.perf_counter() - start, val=val, test=test, summary=summary)
+
+
+def _fit(cfg: ExperimentConfig, module, datamodule: TaskDataModule, logger, ckpt_dir: Path,
+         callbacks: Sequence[Callback], verbose: bool, steps: int) -> tuple[L.Trainer, ModelCheckpoint]:
+    """`steps` optimizer steps with validation every `train.val_every` and at the last step;
+    the checkpoint `ckpt_dir/last.ckpt` holds the final weights."""
     # NOTE: plain file name; Lightning's default "epoch=..-val_loss=.." is rejected by MLflow.
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", auto_insert_metric_name=False,
                                  enable_version_counter=False)
-    trainer = make_trainer(cfg, logger, [checkpoint, *callbacks], verbose)
+    every = min(cfg.train.val_every, steps)
+    trainer = make_trainer(cfg, logger, [checkpoint, *callbacks], verbose, max_steps=steps, val_check_interval=every)
     trainer.fit(module, datamodule=datamodule)
     for callback in callbacks:  # e.g. a pruning decision taken in a DDP rank (Optuna's check_pruned)
         if hasattr(callback, "check_pruned"):
             callback.check_pruned()
     if trainer.interrupted:
         raise KeyboardInterrupt("training interrupted")
-    if trainer.global_step % min(cfg.train.val_every, cfg.train.max_steps):
+    if trainer.global_step % every:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # always score the final weights
-    val = _numbers(trainer.callback_metrics, "val/")
-    test: dict[str, float] = {}
-    if cfg.eval.test:
-        trainer.test(module, datamodule=datamodule, verbose=False)
-        test = _numbers(trainer.callback_metrics, "test/")
-    _log_plot(run, module, val, cfg.tracking.run_name or cfg.default_run_name())
-    for split in (val, test):
-        run.log_series(curve_series(split, module.trained_loops, kind="bpb" if module.task.byte_level else "acc"))
-    return TrainResult(run_id=run.id, experiment_id=experiment.id, tracking_uri=experiment.tracking_uri,
-                       checkpoint=checkpoint.last_model_path or checkpoint.best_model_path or None,
-                       seconds=time.perf_counter() - start, val=val, test=test, summary=summary)
+    return trainer, checkpoint
 
 
 def make_datamodule(cfg: ExperimentConfig, task: Task) -> TaskDataModule:

@@ -45,9 +45,13 @@ def test_schema_defaults_without_a_file():
         (["data.state.group=Q8"], "data.state.group: 'Q8' is not a group"),
         (["data.state.buckets=20"], "data.state.buckets: must be in [1, length=16], got 20"),
         (["data.task=arith", "data.arith.eval_ops=some"], "data.arith.eval_ops: 'some' is not one of: all, max"),
-        (["train.warmup_steps=5000"], "train.warmup_steps: must be in [0, max_steps=1500]"),
+        (["train.warmup_steps=-1"], "train.warmup_steps: must be >= 0 (capped at max_steps / 2)"),
         (["train.precision=fp8"], "train.precision: 'fp8' is not one of: auto, 32-true"),
         (["model.loops"], "override 'model.loops' is not of the form key=value"),
+        (["stage2.steps=-1"], "stage2.steps: must be >= 0"),
+        (["stage2.steps=100", "model.arch=depth_matched"], "stage2.steps: Stage II trains the exit gate of a looped"),
+        (["stage2.steps=100", "model.loops=1"], "stage2.steps: Stage II needs model.loops >= 2"),
+        (["stage2.steps=100", "stage2.init_from=pyproject.toml"], "stage2.steps: runs Stage II after this run's own"),
     ],
 )
 def test_bad_config_messages(overrides, message):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -35,7 +36,22 @@ def write_sweep(tmp_path: Path, body: str, name: str = "s", extra: tuple[str, ..
     return path
 
 
-def load_study(tmp_path: Path, name: str = "s", storage: str | None = None) -> optuna.Study:
+@contextmanager
+def spawned(cmd: list[str], **kwargs):
+    """A subprocess in its own process group, killed with all it started (workers) when the
+    test ends, passed or failed: no sweep is left running after pytest exits."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+
+
+def load_study(tmp_path: Path, name: str = "s", storage=None) -> optuna.Study:
     from optuna.storages.journal import JournalFileBackend
 
     if storage is None:
@@ -244,19 +260,19 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, sig):
         """, "resume", extra=("train.max_steps=150",))
     # NOTE: a shell starting CI in the background ignores SIGINT, and children inherit that;
     # restore the default so Python turns Ctrl-C into KeyboardInterrupt as in a terminal.
-    proc = subprocess.Popen([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    seen = []
-    deadline = time.time() + 240
-    for line in proc.stdout:  # kill as soon as trial 1 has started (trial 0 is complete)
-        seen.append(line)
-        if "trial 1 started" in line:
-            time.sleep(2)
-            proc.send_signal(sig)
-            break
-        assert time.time() < deadline, "".join(seen)
-    proc.wait(timeout=60)
+    with spawned([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path)], cwd=tmp_path,
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as proc:
+        seen = []
+        for line in proc.stdout:  # kill as soon as trial 1 has started (trial 0 is complete); no clock:
+            seen.append(line)     # the loop ends at that line or when the sweep ends without it
+            if "trial 1 started" in line:
+                time.sleep(2)
+                proc.send_signal(sig)
+                break
+        assert any("trial 1 started" in line for line in seen), "".join(seen)
+        proc.wait()
+        rest = proc.stdout.read()
     study = load_study(tmp_path, "resume")
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL, "".join(seen)
@@ -264,7 +280,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, sig):
     else:  # Ctrl-C: the sweep ends the trial FAIL itself and says how to resume
         assert proc.returncode == 130, "".join(seen)
         assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]
-        assert "Rerun the same command to resume" in proc.stdout.read()
+        assert "Rerun the same command to resume" in rest
 
     summary = run_sweep(path, verbose=False)
     trials = load_study(tmp_path, "resume").get_trials()
@@ -330,8 +346,10 @@ def test_two_cpu_workers_share_one_study(tmp_path, stores):
     lines, storage, uri = stores
     path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2, 3, 4, 5]}}\nsampler: {name: grid, seed: 0}\n"
                        + lines, name="w", tracking_uri=uri)
-    out = subprocess.run([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path), "--workers", "2"],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    with spawned([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path), "--workers", "2"],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path) as proc:
+        stdout, stderr = proc.communicate()
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores split between the workers
     assert "worker 0 pid" in out.stdout and "worker 1 pid" in out.stdout and f"CPU, {threads} thread(s)" in out.stdout
@@ -373,32 +391,39 @@ def test_a_killed_worker_trial_is_failed_and_retried_by_the_other(tmp_path, stor
     lines, storage, uri = stores
     path = write_sweep(tmp_path, "params: {model.loops: {choices: [1, 2, 3, 4]}}\nsampler: {name: grid, seed: 0}\n"
                        + lines, name="k", extra=("train.max_steps=200", "train.val_every=50"), tracking_uri=uri)
-    proc = subprocess.Popen([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path), "--workers", "2"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline, victim = time.time() + 240, None
-    while victim is None:  # stop the worker of the first trial seen running
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.5)
-        try:
-            running = load_study(tmp_path, "k", storage).get_trials(states=(TrialState.RUNNING,))
-        except (KeyError, FileNotFoundError):  # the study is not created yet
-            continue
-        if running and "worker" in running[0].user_attrs:
-            victim = running[0]
-    time.sleep(1)
-    pid = int(victim.user_attrs["worker"].rpartition(":")[2])
-    if storage is None:
-        os.kill(pid, signal.SIGKILL)
-    else:
-        os.kill(pid, signal.SIGSTOP)
-        while sum(t.state == TrialState.COMPLETE for t in load_study(tmp_path, "k", storage).get_trials()) < 4:
-            assert time.time() < deadline + 200, "the budget was not completed without the frozen worker"
-            time.sleep(1)
-        os.kill(pid, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=400)
+    # NOTE: one storage object for all the polling below: a URL per load_study opened a new
+    # connection pool each time ("too many clients" on PostgreSQL under load)
+    polled = optuna.storages.RDBStorage(storage) if storage else None
+    log = tmp_path / "sweep.log"  # (a file, not a pipe nobody reads while we poll)
+    with open(log, "w") as out_file, spawned([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path), "--workers", "2"],
+                                             cwd=tmp_path, stdout=out_file, stderr=subprocess.STDOUT, text=True) as proc:
+        victim = None
+        while victim is None:  # stop the worker of the first trial seen running
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+            try:
+                running = load_study(tmp_path, "k", polled).get_trials(states=(TrialState.RUNNING,))
+            except (KeyError, FileNotFoundError):  # the study is not created yet
+                continue
+            if running and "worker" in running[0].user_attrs:
+                victim = running[0]
+        time.sleep(1)
+        pid = int(victim.user_attrs["worker"].rpartition(":")[2])
+        if storage is None:
+            os.kill(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGSTOP)
+            while sum(t.state == TrialState.COMPLETE for t in load_study(tmp_path, "k", polled).get_trials()) < 4:
+                assert proc.poll() is None, "the sweep ended before the budget was completed without the frozen worker"
+                time.sleep(1)
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        out = log.read_text()
     assert proc.returncode == 0, out[-3000:]
     assert "ended with status -9" in out
-    trials = load_study(tmp_path, "k", storage).get_trials()
+    trials = load_study(tmp_path, "k", polled).get_trials()
+    if polled is not None:
+        polled.engine.dispose()
     killed = trials[victim.number]
     assert killed.state == TrialState.FAIL
     done = [t for t in trials if t.state == TrialState.COMPLETE]

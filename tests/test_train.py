@@ -250,6 +250,26 @@ def test_stage2_trains_only_the_gate_and_names_its_stage1_run(tiny_config, track
         build_module(tiny_config("model.loops=3", "train.max_steps=5", f"stage2.init_from={stage1.checkpoint}"))
 
 
+def test_stage2_after_stage1_in_one_run(tiny_config, tracking_uri):
+    """stage2.steps: Stage I for train.max_steps, then the gate alone in the same run, whose
+    metrics go on at the steps after Stage I's; Stage I's checkpoint is kept beside the final."""
+    result = train(tiny_config("train.max_steps=20", "train.val_every=10", "eval.test=false", "stage2.steps=10",
+                               "stage2.k=5", "train.lr=1e-2"), verbose=False)
+    folder = Path(result.checkpoint).parent
+    before = torch.load(folder / "stage1.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    after = torch.load(result.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("model.exit_gate.") for name in changed), changed
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.data.tags["ouro.stage"] == "1+2" and run.data.params["stage2.steps"] == "10"
+    assert "stage2" in run.info.run_name
+    assert [m.step for m in client.get_metric_history(result.run_id, "val/gate_efficiency")] == [9, 19, 29]
+    assert max(m.step for m in client.get_metric_history(result.run_id, "train/loss")) == 29
+    stage1_exit = client.get_metric_history(result.run_id, "val/exit_expected_step")[1].value
+    assert result.val["val/exit_expected_step"] == run.data.metrics["val/exit_expected_step"] != stage1_exit
+
+
 def test_stage2_gate_exits_earlier_on_the_easiest_positions(tmp_path):
     """The default task at a small size (L=8, 2x3; ~15 s): after Stage II the gate's expected
     exit step is lower on the first quarter of positions (few group elements composed) than

@@ -20,7 +20,8 @@ Data flows one way (STYLE.md): MLflow runs -> tidy DataFrames -> statistics -> p
 """
 
 from ouro_lab.analysis.frontier import frontier_summary, frontier_table, gate_table, plot_frontier, plot_oracle
-from ouro_lab.analysis.load import ALL, AnalysisError, StudyData, difficulty_order, group_label, load_study, resolve_store
+from ouro_lab.analysis.load import (ALL, AnalysisError, StudyData, difficulty_order, group_label, list_studies,
+                                   load_study, resolve_store)
 from ouro_lab.analysis.optuna_view import optuna_study, param_importances, param_value, plot_optuna
 from ouro_lab.analysis.plots import plot_compute, plot_exit, plot_vs_loops, plot_vs_step
 from ouro_lab.analysis.report import Report, summary, write_report
@@ -30,7 +31,7 @@ from ouro_lab.analysis.stats import (Saturation, compute_table, curve_table, exi
 __all__ = [
     "ALL", "AnalysisError", "Report", "Saturation", "StudyData", "compute_table", "curve_table", "difficulty_order",
     "exit_table", "exit_wide", "extrapolation_table", "final_values", "frontier_summary", "frontier_table", "gate_table",
-    "plot_frontier", "plot_oracle", "group_label", "key_table", "load_study",
+    "plot_frontier", "plot_oracle", "group_label", "key_table", "list_studies", "load_study",
     "mean_ci", "optuna_study", "param_importances", "param_value", "plot_compute", "plot_exit", "plot_optuna",
     "plot_vs_loops", "plot_vs_step", "resolve_store", "saturation", "saturation_point", "saturation_table",
     "summary", "write_report",

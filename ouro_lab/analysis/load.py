@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from ouro_lab import tracking
-from ouro_lab.config import ModelConfig
+from ouro_lab.config import ExperimentConfig, ModelConfig, flatten, to_dict
 from ouro_lab.metric_names import (EXIT_METRIC, EXIT_RULE_METRIC, GATE_METRIC, GATE_SCALARS, ORACLE_METRIC,
                                    STEP_METRIC, objective_kind)
 
@@ -76,12 +76,17 @@ class StudyData:
 
     @property
     def kind(self) -> str:
-        """The metric kind the objective is about: 'acc' for val/acc_final, 'loss' for val/loss_step3."""
-        return objective_kind(self.objective_metric)
+        """The per-step metric kind the report reads: the objective's ('acc' for val/acc_final,
+        'loss' for val/loss_step3), or for an objective that is no per-step metric (the gate's
+        val/gate_efficiency) the task's own: bpb if logged, else acc."""
+        kind = objective_kind(self.objective_metric)
+        if kind in self.steps.columns:
+            return kind
+        return "bpb" if "bpb" in self.steps.columns else "acc"
 
     def direction_of(self, kind: str) -> str:
         """Which way is better for a metric kind: the sweep's direction for its own kind."""
-        if kind == self.kind:
+        if kind == objective_kind(self.objective_metric):
             return self.direction
         return "minimize" if kind in LOWER_IS_BETTER else "maximize"
 
@@ -138,7 +143,8 @@ def load_study(study: str, store: str | None = None) -> StudyData:
     sweep = _sweep_definition(client, parent.info.run_id) if parent else {}
     # unit runs carry a model config; a trial run with seed runs under it only holds their means
     with_seeds = {r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags.get("ouro.role") == "seed"}
-    units = [r for r in runs if "model.arch" in r.data.params and r.info.run_id not in with_seeds]
+    units = [r for r in runs if "model.arch" in r.data.params and r.info.run_id not in with_seeds
+             and r.data.tags.get("ouro.role") != "eval"]  # (`ouro-lab eval` runs re-score a unit run)
     counts: dict[str, int] = {}
     for r in units:
         state = _state(r)
@@ -174,10 +180,33 @@ def _sweep_distributions(sweep: Mapping[str, Any]) -> dict[str, optuna.distribut
     return {k: distribution(ParamSpec(**spec), sampler) for k, spec in (sweep.get("params") or {}).items()}
 
 
-def _search_all(client: MlflowClient, experiment_id: str) -> list:
+def list_studies(store: str | None = None) -> pd.DataFrame:
+    """The studies (sweeps) in a store: one row per study run, with its trials' run states
+    (trial-level runs by `optuna.state`), when it last changed and where it was run from."""
+    uri = resolve_store(store)
+    client = MlflowClient(uri)
+    rows = []
+    for experiment in client.search_experiments():
+        parents = client.search_runs([experiment.experiment_id], "tags.`ouro.role` = 'study'")
+        for parent in parents:
+            trials = _search_all(client, experiment.experiment_id, "tags.`ouro.role` = 'trial'")
+            states: dict[str, int] = {}
+            for r in trials:
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id:
+                    states[_state(r)] = states.get(_state(r), 0) + 1
+            rows.append({"study": experiment.name, "trials": sum(states.values()),
+                         "states": ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none",
+                         "objective": parent.data.params.get("sweep.objective", "?"),
+                         "last change": pd.Timestamp(max([parent.info.start_time] + [r.info.start_time for r in trials]),
+                                                     unit="ms").strftime("%Y-%m-%d %H:%M"),
+                         "study run": parent.info.run_id})
+    return pd.DataFrame(rows, columns=["study", "trials", "states", "objective", "last change", "study run"])
+
+
+def _search_all(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list:
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token)
         runs.extend(page)
         token = page.token
         if not token:
@@ -230,13 +259,23 @@ def typed_value(text: str) -> Any:
     return {"True": True, "False": False, "None": None}.get(text, text)
 
 
+_DEFAULTS = {k: str(v) for k, v in flatten(to_dict(ExperimentConfig())).items()}
+
+
+def _logged_config(params: Mapping[str, str]) -> dict[str, str]:
+    """A run's params with the config keys it does not log at their schema defaults: a run logs
+    the stage2.* section only when it trains Stage II, and runs made before a key existed ran
+    at its default (so stage2.steps=0 and =300 runs compare as two values of one key)."""
+    return {k: v for k, v in _DEFAULTS.items() if k.startswith("stage2.")} | dict(params)
+
+
 def _runs_frame(done: list, sampled: Mapping[str, dict[str, str]],
                 continuous: Sequence[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
     """Unit runs as rows. Group keys: what varies besides T, arch and seed; a param the sweep
     samples from a range (or, outside sweeps, a key with many values) is averaged over instead."""
     rows, params = [], []
     for r in done:
-        p = r.data.params | sampled.get(r.data.tags.get("mlflow.parentRunId"), {})
+        p = _logged_config(r.data.params | sampled.get(r.data.tags.get("mlflow.parentRunId"), {}))
         m = r.data.metrics
         task = p.get("data.task", r.data.tags.get("ouro.task", "?"))
         # NOTE: runs log only their own task's data.<task> section; runs logged before that (and
@@ -349,7 +388,7 @@ def _trials_frame(runs: list, sweep: Mapping[str, Any]) -> pd.DataFrame:
         rows.append({"number": int(r.data.tags["ouro.trial"]), "state": _state(r),
                      "value": r.data.metrics.get(metric, math.nan) if metric else math.nan,
                      "std": r.data.metrics.get(f"seeds/{metric}_std", math.nan),
-                     **{k: r.data.params.get(k) for k in keys}})
+                     **{k: _logged_config(r.data.params).get(k) for k in keys}})
     return pd.DataFrame(rows, columns=["number", "state", "value", "std", *keys]).sort_values("number").reset_index(drop=True)
 
 

@@ -42,7 +42,9 @@ def _figure_legend(fig, axes, title: str | None = None) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, handle)
     if seen:
-        fits = max(1, int(fig.get_figwidth() / 2.4))  # entries per legend row that fit the figure's width
+        # entries per legend row that fit the figure's width (at fontsize 8, ~14 characters an inch)
+        entry = max(2.4, max(len(str(label)) for label in seen) / 14 + 0.7)
+        fits = max(1, int(fig.get_figwidth() / entry))
         fig.legend(seen.values(), seen.keys(), loc="outside lower center", ncols=min(len(seen), fits), fontsize=8,
                    title=title, title_fontsize=8)
 
@@ -158,16 +160,18 @@ def plot_exit(data: StudyData, split: str | None = None):
     varied = [k for k in EXIT_KEYS if k in data.group_keys + data.averaged_keys]
     groups = [g for g in data.groups if g in set(table["group"])]
     loops = [t for t in sorted(table["loops"].unique()) if t > 1] or sorted(table["loops"].unique())
-    colors = {t: plt.cm.viridis(x) for t, x in zip(loops, np.linspace(0, 0.9, len(loops)))}
-    dashes = ("-", "--", ":", "-.")
+    # colour = group, line style = T (a gate study has many groups at one T; a loops study the reverse)
+    palette = plt.cm.tab20 if len(groups) > 10 else plt.cm.tab10
+    colors = {g: palette(i % palette.N) for i, g in enumerate(groups)}
+    dashes = dict(zip(loops, ("-", "--", ":", "-.") * len(loops)))
     stats_ = (("exit_expected_step", "expected exit step E[t]"), ("exit_entropy", "exit entropy (nats)"))
     fig, axes = _grid(1 + len(varied), 2, width=4.6, height=3.2)
     for j, (col, label) in enumerate(stats_):
         ax = axes[0, j]
-        for gi, group in enumerate(groups):
+        for group in groups:
             for t in loops:
                 c = table[(table["group"] == group) & (table["loops"] == t)].set_index("difficulty").reindex(levels)
-                ax.plot(range(1, len(levels) + 1), c[col], marker="o", color=colors[t], linestyle=dashes[gi % 4])
+                ax.plot(range(1, len(levels) + 1), c[col], marker="o", color=colors[group], linestyle=dashes[t])
         ax.set_xticks(range(1, len(levels) + 1), [lv.removeprefix("d") for lv in levels])
         _panel(ax, f"{label} by {data.difficulty_name}", data.difficulty_name, label)
     e = data.exits[(data.exits["split"] == split) & (data.exits["difficulty"] == ALL)]
@@ -178,16 +182,17 @@ def plot_exit(data: StudyData, split: str | None = None):
             ax = axes[i, j]
             for t in loops:
                 c = m[m["loops"] == t].sort_values(key)
-                ax.plot(c[key] if numeric else c[key].astype(str), c[col], marker="o", color=colors[t])
+                ax.plot(c[key] if numeric else c[key].astype(str), c[col], marker="o", color="black",
+                        linestyle=dashes[t])
             if numeric and key == "objective.entropy_weight" and (m[key] > 0).all():
                 ax.set_xscale("log")
-            _panel(ax, f"{label} (all positions) vs {key}", key, label)
-    # legend: colour = T, line style = group
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], color=colors[t], marker="o", label=f"T={t}") for t in loops]
-    if len(groups) > 1:
-        handles += [Line2D([], [], color="black", linestyle=dashes[gi % 4], label=g) for gi, g in enumerate(groups)]
-    axes[0, 0].legend(handles=handles, fontsize=7, ncols=2)
+            _panel(ax, f"{label} vs {key}\n(all positions, mean over the other keys)", key, label)
+    # legend below the panels: one entry per group (colour) and per T (line style), as proxies
+    ax = axes[0, 0]
+    for group in groups if len(groups) > 1 else []:
+        ax.plot([], [], color=colors[group], marker="o", label=group)
+    for t in loops if len(loops) > 1 or len(groups) == 1 else []:
+        ax.plot([], [], color="gray", linestyle=dashes[t], label=f"T={t}")
+    _figure_legend(fig, axes)
     fig.suptitle(f"{data.name}: exit gate of the looped runs ({split}, seed means)")
     return fig

@@ -79,7 +79,8 @@ def summary(data: StudyData, sat: pd.DataFrame, importances: Mapping[str, float]
             # NOTE: which end is harder is the task's business (more hops; but less context for text)
             lines.append(f"Exit gate at T={t_max} ({group}): expected exit step {by[lo]:.2f} at "
                          f"{data.difficulty_name} {lo[1:]} vs {by[hi]:.2f} at {hi[1:]}: it spends {trend} "
-                         f"{data.difficulty_name} {hi[1:]} than at {lo[1:]} (a difference under {EXIT_TREND} "
+                         f"{data.difficulty_name} {hi[1:]} {'as' if trend.startswith('about') else 'than'} at "
+                         f"{lo[1:]} (a difference under {EXIT_TREND} "
                          "steps counts as none).")
     if importances:
         lines.append("Parameter importance for the objective (fANOVA): "
@@ -142,6 +143,10 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     if log:
         attach_report(data, files)
     printed = _terminal_table(table, sat, kind, split, level)
+    gates = gate_table(data, split, level)
+    if len(gates):
+        printed += f"\n\n{split} early exit (the gate within epsilon of full depth; README \"Early exit\"):\n" \
+            + gates.to_string(index=False, float_format=lambda v: f"{v:.2f}")
     return Report(folder, text, printed, files)
 
 
@@ -170,8 +175,9 @@ def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, li
                 "final trained step (and per step / per difficulty below).", ""]
     out += ["## Summary", "", *[f"- {line}" for line in lines], "",
             "## Metric vs trained loop count T", "",
-            f"Mean ± half-width of the {level:.0%} Student-t interval over seeds (all positions). "
-            "param_matched (N layers, one pass) does not depend on T: one model per seed, shown at every T.", "",
+            f"Mean ± half-width of the {level:.0%} Student-t interval over seeds (all positions)."
+            + (" param_matched (N layers, one pass) does not depend on T: one model per seed, shown at every T."
+               if "param_matched" in set(data.runs["arch"]) else ""), "",
             _markdown_table(table), ""]
     if "vs_loops.png" in figures:
         out += ["![metric vs T](vs_loops.png)", ""]

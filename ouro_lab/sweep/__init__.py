@@ -7,6 +7,7 @@ under one MLflow parent run; pruning, failure handling, resume and worker proces
     pruning.py   the Lightning callback that reports to the pruner (also under DDP)
     budget.py    which trials count toward the budget, and which claim a place in it
     recovery.py  trials of dead processes: failed, their runs ended, retries queued
+    repair.py    a study journal a crash cut mid-record: checked, repaired with a backup, or named
     runner.py    run_sweep / run_worker / run_workers: the trial loop and the summary
 
 Layout of one study in MLflow (experiment = the study name):
@@ -16,7 +17,8 @@ Layout of one study in MLflow (experiment = the study name):
 
 Resume: rerunning the same command loads the study from its storage. Trials left RUNNING by
 a dead process (journal storage has no heartbeat) are marked FAIL and, if `retries` allows,
-re-enqueued with the same params; finished trials are kept and never repeated.
+re-enqueued with the same params; finished trials are kept and never repeated; a retry whose
+trial's run had finished (killed before Optuna recorded it) takes that run over (trial.py).
 """
 
 import importlib

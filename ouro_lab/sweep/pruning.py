@@ -30,7 +30,7 @@ class PruningCallback(L.Callback):
         if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
             return
         value = float(trainer.callback_metrics[self.metric])
-        step = self.offset + trainer.global_step
+        step = self.offset + module.step_offset + trainer.global_step  # (step_offset: Stage I's steps, in Stage II)
         if not math.isfinite(value):
             return  # NaN weights fail the trial in training_step (checked at log steps and the last), with its reason
         if trainer.world_size == 1:

@@ -46,7 +46,7 @@ def recover_interrupted(s: Study, verbose: bool) -> None:
         trial_no = run.data.tags.get("ouro.trial")
         if trial_no is not None and int(trial_no) in states and states[int(trial_no)].state.is_finished():
             s.experiment.run(run.info.run_id).end(status="KILLED", tags={
-                "optuna.state": "FAIL", "error": "interrupted: the sweep process was killed"})
+                "optuna.state": "FAIL", "interrupted": "the sweep process was killed"})
     trials = list(states.values())
     retried = retried_trials(trials)
     for t in trials:

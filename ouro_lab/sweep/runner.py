@@ -3,10 +3,12 @@ up, in this process or in worker processes sharing the study; then summarise it.
 
 from __future__ import annotations
 
+import _thread
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,8 @@ class SweepSummary:
             spread = f" ± {row['std']:.4f}" if row.get("std") is not None else ""
             lines.append(f"  trial {row['number']:>3}  {row['value']:.4f}{spread}  "
                          + " ".join(f"{p}={v}" for p, v in row["params"].items()))
+        if self.best and self.best[0].get("checkpoint"):
+            lines.append(f"best trial's checkpoint (its first seed): {self.best[0]['checkpoint']}")
         return "\n".join(lines)
 
 
@@ -100,9 +104,28 @@ def run_worker(path: str | Path, overrides: list[str] | tuple[str, ...], index: 
         import torch
 
         torch.set_num_threads(threads)
+    _exit_with_coordinator(int(os.environ.get("OURO_COORDINATOR_PID", "0")))
     sweep, base = load_sweep(path, overrides)
     s = open_study(sweep, base, worker=f"{socket.gethostname()}:{index}")
     work(s, budget(sweep), time.perf_counter(), f"{sweep.name} w{index}", verbose)
+
+
+def _exit_with_coordinator(pid: int, every: float = 1.0) -> None:
+    """A worker whose coordinator died (killed, its terminal closed) interrupts itself like a
+    Ctrl-C: its trial ends FAIL (interrupted) and is retried by the rerun, and no worker runs
+    on beside a second set started by that rerun. NOTE: a thread polling the parent pid, as
+    Linux's PR_SET_PDEATHSIG is not portable and would kill without the trial's clean-up."""
+    if not pid:
+        return
+
+    def watch() -> None:
+        while os.getppid() == pid:
+            time.sleep(every)
+        print(f"[sweep] worker pid {os.getpid()}: its coordinator (pid {pid}) is gone; interrupting its trial",
+              file=sys.stderr, flush=True)
+        _thread.interrupt_main()  # a KeyboardInterrupt at the main thread's next Python step (as Ctrl-C)
+
+    threading.Thread(target=watch, name="ouro-coordinator-watch", daemon=True).start()
 
 
 def run_workers(path: str | Path, overrides: Sequence[str], workers: int, gpus: Sequence[str], verbose: bool) -> None:
@@ -117,7 +140,7 @@ def run_workers(path: str | Path, overrides: Sequence[str], workers: int, gpus: 
     threads = max(1, len(os.sched_getaffinity(0)) // n)
     procs = []
     for i in range(n):
-        env = os.environ | {"OURO_WORKER_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+        env = os.environ | {"OURO_COORDINATOR_PID": str(os.getpid()), "OURO_WORKER_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
                             "MKL_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": gpus[i] if gpus else ""}
         cmd = [sys.executable, "-m", "ouro_lab.cli", "sweep", str(path), *overrides, "--as-worker", str(i)]
         procs.append(subprocess.Popen(cmd, env=env))
@@ -222,7 +245,8 @@ def summarize(s: Study, seconds: float, storage_desc: str) -> SweepSummary:
         run_id = t.user_attrs.get("mlflow_run_id")
         if s.sweep.seeds > 1 and run_id:
             std = s.experiment.run(run_id).fetch().data.metrics.get(f"seeds/{s.sweep.objective.metric}_std")
-        best.append({"number": t.number, "value": t.value, "std": std, "params": t.params, "run_id": run_id})
+        best.append({"number": t.number, "value": t.value, "std": std, "params": t.params, "run_id": run_id,
+                     "checkpoint": t.user_attrs.get("checkpoint")})
     return SweepSummary(s.sweep.name, s.study_dir, storage_desc, s.tracking_uri, s.experiment.id, s.parent.id,
                         counts, best, seconds)
 

@@ -28,11 +28,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ouro_lab import metric_names
-from ouro_lab.config import ConfigError, load_config, override_key, read_yaml
+from ouro_lab.config import ConfigError, load_config, override_key, read_yaml, tracking_uri_problem
 
 if TYPE_CHECKING:
     import optuna
 
+STORAGE_SCHEMES = ("postgresql", "mysql", "sqlite:///")  # SQLAlchemy URLs Optuna's RDBStorage takes
 SAMPLERS = ("grid", "tpe", "random", "cmaes")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
 DIRECTIONS = ("maximize", "minimize")
@@ -169,6 +170,12 @@ def validate_sweep(sweep: SweepConfig, base: Path | None, path: Path) -> None:
         problems.append("params: empty; give at least one config key to sweep, e.g. model.loops: {choices: [1, 2, 4]}")
     for key, spec in sweep.params.items():
         problems += [f"params.{key}: {m}" for m in _check_param(spec, sweep.sampler.name)]
+    if sweep.tracking_uri is not None and tracking_uri_problem(sweep.tracking_uri):
+        problems.append(f"tracking_uri: {tracking_uri_problem(sweep.tracking_uri)}")
+    if sweep.storage is not None and not sweep.storage.startswith(STORAGE_SCHEMES):
+        problems.append(f"storage: {sweep.storage!r} is not an Optuna storage URL; use postgresql://user@host/db "
+                        "(several hosts), mysql://... or sqlite:///path.db, or leave it out for the journal file "
+                        "in study_dir")
     if sweep.trials < 0:
         problems.append(f"trials: must be >= 0, got {sweep.trials}")
     elif sweep.trials == 0 and sweep.sampler.name != "grid":
@@ -185,6 +192,9 @@ def _check_param(spec: ParamSpec, sampler: str) -> list[str]:
             return ["give either choices or low/high, not both"]
         if len(spec.choices) == 0:
             return ["choices is empty"]
+        repeated = sorted({str(c) for c in spec.choices if list(spec.choices).count(c) > 1})
+        if repeated:
+            return [f"choices repeat {', '.join(repeated)} (a grid would train the same point twice)"]
         return []
     if spec.low is None or spec.high is None:
         return ["needs choices: [...] or a range low: .. high: .."]
@@ -299,3 +309,33 @@ def _yaml_value(value: Any) -> str:
 
 def override_for(key: str, value: Any) -> str:
     return f"{key}={_yaml_value(value)}"
+
+
+def describe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """`ouro-lab sweep ... --dry-run`: the validated sweep, the trials it would run (the grid's
+    points, or the search space and budget) and the state of its study, touching nothing."""
+    import itertools
+
+    from ouro_lab.sweep.budget import budget
+
+    sweep, base = load_sweep(path, overrides)
+    total = budget(sweep)
+    lines = [f"sweep {sweep.name!r} ({path}) is valid: base {base}, objective {sweep.objective.direction} "
+             f"{sweep.objective.metric}; {total} trial(s) x {sweep.seeds} seed(s) = {total * sweep.seeds} training "
+             f"run(s) (fewer where an identical run is reused)"]
+    if sweep.overrides:
+        lines.append(f"fixed overrides: {' '.join(sweep.overrides)}")
+    if sweep.sampler.name == "grid":
+        points = list(itertools.product(*(grid_values(spec) for spec in sweep.params.values())))
+        lines.append(f"grid sampler (seed {sweep.sampler.seed}; visits its points in a shuffled order), {len(points)} points:")
+        lines += [f"  {' '.join(override_for(k, v) for k, v in zip(sweep.params, point))}" for point in points[:total]]
+    else:
+        lines.append(f"{sweep.sampler.name} sampler (seed {sweep.sampler.seed}) over:")
+        for key, spec in sweep.params.items():
+            space = (f"choices {list(spec.choices)}" if spec.choices is not None else
+                     f"[{spec.low}, {spec.high}]" + (" log" if spec.log else "") + (f" step {spec.step}" if spec.step else ""))
+            lines.append(f"  {key}: {space}")
+    journal = Path(sweep.study_dir or Path("studies") / sweep.name) / "optuna.journal"
+    where = sweep.storage or journal
+    lines.append(f"study: {where} ({'exists: a run resumes it' if sweep.storage or journal.exists() else 'new'})")
+    return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import zlib
@@ -17,11 +18,24 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from ouro_lab import tracking
-from ouro_lab.config import ConfigError, ExperimentConfig, load_config, to_dict
+from ouro_lab.config import ConfigError, ExperimentConfig, StoreError, load_config, to_dict, writable_dir
 from ouro_lab.sweep.budget import counts_toward_budget, retried_trials
+from ouro_lab.sweep.repair import repair_journal
 from ouro_lab.sweep.schema import SweepConfig, grid_values
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class _NoFailureTracebacks(logging.Filter):
+    """NOTE: Optuna logs ~90 lines of traceback for every failed trial; the sweep prints one
+    line per trial with its error, and the traceback goes to the trial's run (error.txt)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Trial ") and " failed" in message)
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_NoFailureTracebacks())
 
 
 @dataclass
@@ -115,19 +129,23 @@ def make_pruner(sweep: SweepConfig) -> optuna.pruners.BasePruner:
 def make_storage(sweep: SweepConfig, study_dir: Path) -> optuna.storages.BaseStorage | str:
     """Default: a journal file under the study folder, safe for several processes on one host.
     Any Optuna storage URL otherwise (e.g. postgresql://... for several hosts)."""
-    if sweep.storage:
-        if sweep.storage.startswith(("postgresql", "mysql", "sqlite")):
-            # NOTE: journal storage has no heartbeat; RDB has: a trial whose worker stops beating
-            # is failed by the next worker that looks (our callback queues its retry)
-            return optuna.storages.RDBStorage(sweep.storage, heartbeat_interval=sweep.heartbeat_interval,
-                                              grace_period=sweep.grace_period,
-                                              heartbeat_stale_trial_callback=RetryStaleTrial(sweep.retries))
-        return sweep.storage
+    if sweep.storage:  # (validated: one of STORAGE_SCHEMES)
+        # NOTE: journal storage has no heartbeat; RDB has: a trial whose worker stops beating
+        # is failed by the next worker that looks (our callback queues its retry)
+        return optuna.storages.RDBStorage(sweep.storage, heartbeat_interval=sweep.heartbeat_interval,
+                                          grace_period=sweep.grace_period,
+                                          heartbeat_stale_trial_callback=RetryStaleTrial(sweep.retries))
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+    from optuna.storages.journal._file import get_lock_file  # NOTE: not exported; the lock Optuna appends under
 
-    study_dir.mkdir(parents=True, exist_ok=True)
+    writable_dir(study_dir, "study_dir")
     path = str(study_dir / "optuna.journal")
-    return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    lock = JournalFileOpenLock(path)
+    with get_lock_file(lock):
+        repaired = repair_journal(Path(path))
+    if repaired:
+        print(f"[sweep {sweep.name}] {repaired}", flush=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=lock))
 
 
 class RetryStaleTrial:
@@ -159,6 +177,7 @@ def open_study(sweep: SweepConfig, base: Path, worker: str | None = None) -> Stu
     study_dir = Path(sweep.study_dir or Path("studies") / sweep.name).resolve()
     storage = make_storage(sweep, study_dir)
     base_cfg = load_config(base, sweep.overrides)
+    writable_dir(Path(base_cfg.tracking.output_dir), "tracking.output_dir")  # not found in trial 1's last step
     definition = definition_hash(sweep, base_cfg)
     study = optuna.create_study(study_name=sweep.name, storage=storage, pruner=make_pruner(sweep),
                                 direction=sweep.objective.direction, load_if_exists=True)
@@ -178,6 +197,7 @@ def open_study(sweep: SweepConfig, base: Path, worker: str | None = None) -> Stu
     uri = tracking.resolve_tracking_uri(sweep.tracking_uri or base_cfg.tracking.uri)
     experiment = tracking.Experiment.open(uri, sweep.name)
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
+    _check_same_study(sweep, study, experiment, parent_id, sweep.storage or study_dir / "optuna.journal")
     if parent_id is None or not experiment.has_run(parent_id):
         parent = experiment.create_run(f"study-{sweep.name}", {
             "ouro.study": sweep.name, "ouro.role": "study", **tracking.reproducibility_tags()})
@@ -190,10 +210,33 @@ def open_study(sweep: SweepConfig, base: Path, worker: str | None = None) -> Stu
     return Study(sweep, base, study, experiment, parent, study_dir)
 
 
+def _check_same_study(sweep: SweepConfig, study: optuna.Study, experiment: tracking.Experiment,
+                      parent_id: str | None, where: Path | str) -> None:
+    """The Optuna study and the MLflow experiment must be one study's two halves: refused when
+    one of them was deleted (or is looked for elsewhere) while the other holds finished work,
+    as going on would silently start a second copy of every run or orphan the finished ones."""
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    if parent_id is not None and finished and not experiment.has_run(parent_id):
+        raise StoreError(
+            f"study {sweep.name!r} ({where}) has {len(finished)} finished trial(s), but its MLflow runs are not in "
+            f"{experiment.tracking_uri} (study run {parent_id} not found): the store was deleted or moved, or "
+            "tracking.uri points elsewhere. Point tracking_uri (sweep) or tracking.uri (config) at the store that "
+            f"holds them, or give the sweep a new name= to start over (nothing was changed)")
+    if parent_id is None:
+        others = experiment.find_runs("tags.`ouro.role` = 'study'", max_results=1)
+        if others:
+            trials = experiment.find_runs("tags.`ouro.role` = 'trial'")
+            raise StoreError(
+                f"MLflow experiment {sweep.name!r} in {experiment.tracking_uri} already holds study run "
+                f"{others[0].info.run_id} with {len(trials)} trial run(s), but the Optuna study ({where}) is new: "
+                "its journal was deleted or moved, or study_dir / storage points elsewhere. Point study_dir (or "
+                f"storage) at the study's journal, or give the sweep a new name= to start over (nothing was changed)")
+
+
 # config keys added after studies were made with this code (their definition hash left them out)
 LATER_KEYS = (("train", "strategy"), ("eval", "exit_q"), ("eval", "exit_confidence"), ("eval", "exit_step_change"),
               ("eval", "exit_epsilon"), ("eval", "oracle_tolerance"), ("stage2", "init_from"), ("stage2", "k"),
-              ("stage2", "gamma"), ("stage2", "improvement"))
+              ("stage2", "gamma"), ("stage2", "improvement"), ("stage2", "steps"))
 
 
 def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:

@@ -12,9 +12,12 @@ import hashlib
 import json
 import math
 import statistics
+import time
 from typing import Any
 
+import lightning as L
 import optuna
+from optuna.trial import TrialState
 
 from ouro_lab import tracking
 from ouro_lab.config import ExperimentConfig, load_config, to_dict, used_params
@@ -56,7 +59,7 @@ def canonical_hash(cfg: ExperimentConfig) -> str:
     param-matched baseline is trained once per study and reused at every T."""
     d = to_dict(cfg)
     d.pop("tracking")
-    if cfg.stage2.init_from is None:
+    if not cfg.has_stage2:
         d.pop("stage2")  # Stage I (hashes made before the section existed stay valid)
     d["train"].pop("progress_bar")
     d["train"]["precision"] = resolve_precision(cfg)  # 'auto' means fp32 on CPU, bf16 on GPU
@@ -125,20 +128,28 @@ def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int,
     tags = tags | {"ouro.config_hash": digest}
     metric = s.sweep.objective.metric
     reused = _find_finished(s, digest)
+    if reused is not None and _orphaned(s, reused):
+        return _adopt(s, trial, reused, parent, index, verbose)
     if reused is not None:
         value = reused.data.metrics.get(metric)
         if verbose:
             print(f"[sweep] trial {trial.number}: reusing identical run {reused.info.run_id} ({label})", flush=True)
         if value is None:
             raise KeyError(f"objective metric {metric!r} was not logged by run {reused.info.run_id}")
+        if index == 0 and reused.data.tags.get("ouro.checkpoint"):
+            trial.set_user_attr("checkpoint", reused.data.tags["ouro.checkpoint"])
         return value, _copy_run(s, reused, cfg, parent, tags)
-    offset = index * cfg.train.max_steps
+    offset = index * cfg.total_steps
     with _trial_run(s, cfg.tracking.run_name, tags, parent) as run:
         if s.sweep.seeds == 1:
             trial.set_user_attr("mlflow_run_id", run.id)
         if verbose:
             print(f"[sweep {s.sweep.name}] trial {trial.number} started: {label}", flush=True)
-        result = train(cfg, run=run, callbacks=[PruningCallback(trial, metric, offset)], verbose=False)
+        progress = [TrialProgress(f"[sweep {s.sweep.name}] trial {trial.number}", label, metric, cfg.total_steps)] \
+            if verbose else []
+        result = train(cfg, run=run, callbacks=[PruningCallback(trial, metric, offset), *progress], verbose=False)
+        if index == 0 and result.checkpoint:
+            trial.set_user_attr("checkpoint", result.checkpoint)  # (the first seed's; every run has its own tag)
         value = (result.val | result.test).get(metric)
         if value is None:
             raise ValueError(f"objective metric {metric!r} was not logged; available e.g. "
@@ -148,9 +159,31 @@ def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int,
     return value, run
 
 
+class TrialProgress(L.Callback):
+    """One line per validation while a trial trains: its step, objective and an ETA. NOTE:
+    not Lightning's progress bar: trials run in worker processes and their output goes to
+    logs as often as to a terminal, where a bar's carriage returns garble."""
+
+    def __init__(self, prefix: str, label: str, metric: str, total_steps: int):
+        self.prefix, self.label, self.metric, self.total = prefix, label, metric, total_steps
+        self.start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        step = module.step_offset + trainer.global_step
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / max(step, 1) * (self.total - step)
+        value = trainer.callback_metrics.get(self.metric)
+        shown = f" {self.metric}={float(value):.4f}" if value is not None else ""
+        print(f"{self.prefix} step {step}/{self.total}{shown} | {elapsed:.0f} s, ~{left:.0f} s left | {self.label}",
+              flush=True)
+
+
 def _trial_run(s: Study, name: str, tags: dict[str, str], parent: str) -> tracking.Run:
     """A run of this study that ends with its Optuna state: FINISHED + optuna.state COMPLETE;
-    KILLED + PRUNED (tag `pruned`: why); FAILED (or KILLED if interrupted) + FAIL (tag `error`)."""
+    KILLED + PRUNED (tag `pruned`: why); FAILED + FAIL (tag `error`, the traceback in error.txt);
+    KILLED + FAIL (tag `interrupted`)."""
     run = s.experiment.create_run(name, tags, parent)
     run.ending = trial_ending
     return run
@@ -172,6 +205,41 @@ def _find_finished(s: Study, digest: str):
                                   "and tags.`optuna.state` = 'COMPLETE'", max_results=10)
     originals = [r for r in runs if "ouro.reused_from" not in r.data.tags]
     return originals[0] if originals else None
+
+
+def _orphaned(s: Study, run) -> bool:
+    """A finished run whose trial failed (its process was killed after the run ended and
+    before the trial's result reached the study). NOTE: not a RUNNING trial's: with seeds > 1
+    a live trial has finished seed runs too."""
+    number = run.data.tags.get("ouro.trial")
+    if number is None:
+        return False
+    states = {t.number: t.state for t in s.study.get_trials(deepcopy=False)}
+    return states.get(int(number)) == TrialState.FAIL
+
+
+def _adopt(s: Study, trial: optuna.Trial, source, parent: str, index: int, verbose: bool) -> tuple[float, tracking.Run]:
+    """Take over an orphaned finished run as this trial's (instead of training the same point
+    again): re-tagged and moved under this trial's parent; a trial-level run it hung under
+    (seeds > 1) is ended as superseded, so one FINISHED run per point remains."""
+    old_trial, old_parent = source.data.tags["ouro.trial"], source.data.tags.get("mlflow.parentRunId")
+    run = s.experiment.run(source.info.run_id)
+    run.set_tags({"ouro.trial": str(trial.number), "mlflow.parentRunId": parent, "ouro.recovered_from_trial": old_trial})
+    if old_parent and old_parent not in (parent, s.parent.id):
+        s.experiment.run(old_parent).end(status="KILLED", tags={
+            "optuna.state": "FAIL", "interrupted": f"superseded: its runs were recovered by trial {trial.number}"})
+    if s.sweep.seeds == 1:
+        trial.set_user_attr("mlflow_run_id", run.id)
+    if index == 0 and source.data.tags.get("ouro.checkpoint"):
+        trial.set_user_attr("checkpoint", source.data.tags["ouro.checkpoint"])
+    trial.set_user_attr("recovered_from_trial", int(old_trial))
+    if verbose:
+        print(f"[sweep {s.sweep.name}] trial {trial.number}: recovered finished run {run.id} of trial {old_trial} "
+              "(its result never reached the study); not retrained", flush=True)
+    value = source.data.metrics.get(s.sweep.objective.metric)
+    if value is None:
+        raise KeyError(f"objective metric {s.sweep.objective.metric!r} was not logged by run {run.id}")
+    return value, run
 
 
 def _copy_run(s: Study, source, cfg: ExperimentConfig, parent: str, tags: dict[str, str]) -> tracking.Run:
