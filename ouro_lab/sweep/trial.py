@@ -128,16 +128,16 @@ def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int,
     tags = tags | {"ouro.config_hash": digest}
     metric = s.sweep.objective.metric
     reused = _find_finished(s, digest)
-    if reused is not None and _orphaned(s, reused):
-        return _adopt(s, trial, reused, parent, index, verbose)
     if reused is not None:
         value = reused.data.metrics.get(metric)
-        if verbose:
-            print(f"[sweep] trial {trial.number}: reusing identical run {reused.info.run_id} ({label})", flush=True)
         if value is None:
             raise KeyError(f"objective metric {metric!r} was not logged by run {reused.info.run_id}")
         if index == 0 and reused.data.tags.get("ouro.checkpoint"):
             trial.set_user_attr("checkpoint", reused.data.tags["ouro.checkpoint"])
+        if _orphaned(s, reused):
+            return value, _adopt(s, trial, reused, parent, verbose)
+        if verbose:
+            print(f"[sweep] trial {trial.number}: reusing identical run {reused.info.run_id} ({label})", flush=True)
         return value, _copy_run(s, reused, cfg, parent, tags)
     offset = index * cfg.total_steps
     with _trial_run(s, cfg.tracking.run_name, tags, parent) as run:
@@ -218,7 +218,7 @@ def _orphaned(s: Study, run) -> bool:
     return states.get(int(number)) == TrialState.FAIL
 
 
-def _adopt(s: Study, trial: optuna.Trial, source, parent: str, index: int, verbose: bool) -> tuple[float, tracking.Run]:
+def _adopt(s: Study, trial: optuna.Trial, source, parent: str, verbose: bool) -> tracking.Run:
     """Take over an orphaned finished run as this trial's (instead of training the same point
     again): re-tagged and moved under this trial's parent; a trial-level run it hung under
     (seeds > 1) is ended as superseded, so one FINISHED run per point remains."""
@@ -230,16 +230,11 @@ def _adopt(s: Study, trial: optuna.Trial, source, parent: str, index: int, verbo
             "optuna.state": "FAIL", "interrupted": f"superseded: its runs were recovered by trial {trial.number}"})
     if s.sweep.seeds == 1:
         trial.set_user_attr("mlflow_run_id", run.id)
-    if index == 0 and source.data.tags.get("ouro.checkpoint"):
-        trial.set_user_attr("checkpoint", source.data.tags["ouro.checkpoint"])
     trial.set_user_attr("recovered_from_trial", int(old_trial))
     if verbose:
         print(f"[sweep {s.sweep.name}] trial {trial.number}: recovered finished run {run.id} of trial {old_trial} "
               "(its result never reached the study); not retrained", flush=True)
-    value = source.data.metrics.get(s.sweep.objective.metric)
-    if value is None:
-        raise KeyError(f"objective metric {s.sweep.objective.metric!r} was not logged by run {run.id}")
-    return value, run
+    return run
 
 
 def _copy_run(s: Study, source, cfg: ExperimentConfig, parent: str, tags: dict[str, str]) -> tracking.Run:
