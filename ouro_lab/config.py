@@ -328,16 +328,16 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(e.exit_epsilon >= 0, "eval.exit_epsilon", f"must be >= 0, got {e.exit_epsilon}")
     s2 = cfg.stage2
     if s2.init_from is not None:
-        check(m.arch == "looped", "stage2.init_from", f"Stage II trains the exit gate of a looped model; model.arch={m.arch}")
-        check(m.loops >= 2, "stage2.init_from", f"Stage II needs model.loops >= 2 (the gate labels compare steps), got {m.loops}")
         check(Path(s2.init_from).expanduser().is_file(), "stage2.init_from", f"checkpoint not found: {s2.init_from}")
     check(s2.steps >= 0, "stage2.steps", f"must be >= 0 (0 = no Stage II after Stage I), got {s2.steps}")
     if s2.steps > 0:
         check(s2.init_from is None, "stage2.steps",
               "runs Stage II after this run's own Stage I; stage2.init_from runs Stage II alone from a checkpoint "
               "(for train.max_steps): set one of them")
-        check(m.arch == "looped", "stage2.steps", f"Stage II trains the exit gate of a looped model; model.arch={m.arch}")
-        check(m.loops >= 2, "stage2.steps", f"Stage II needs model.loops >= 2 (the gate labels compare steps), got {m.loops}")
+    if cfg.has_stage2:  # from a checkpoint or after Stage I: the key that asked for it is named
+        key = "stage2.init_from" if s2.init_from is not None else "stage2.steps"
+        check(m.arch == "looped", key, f"Stage II trains the exit gate of a looped model; model.arch={m.arch}")
+        check(m.loops >= 2, key, f"Stage II needs model.loops >= 2 (the gate labels compare steps), got {m.loops}")
     check(s2.k > 0, "stage2.k", f"must be > 0, got {s2.k}")
     check(s2.gamma >= 0, "stage2.gamma", f"must be >= 0, got {s2.gamma}")
     choice("stage2.improvement", s2.improvement, STAGE2_IMPROVEMENT)

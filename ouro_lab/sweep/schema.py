@@ -170,8 +170,9 @@ def validate_sweep(sweep: SweepConfig, base: Path | None, path: Path) -> None:
         problems.append("params: empty; give at least one config key to sweep, e.g. model.loops: {choices: [1, 2, 4]}")
     for key, spec in sweep.params.items():
         problems += [f"params.{key}: {m}" for m in _check_param(spec, sweep.sampler.name)]
-    if sweep.tracking_uri is not None and tracking_uri_problem(sweep.tracking_uri):
-        problems.append(f"tracking_uri: {tracking_uri_problem(sweep.tracking_uri)}")
+    uri_problem = tracking_uri_problem(sweep.tracking_uri) if sweep.tracking_uri is not None else None
+    if uri_problem:
+        problems.append(f"tracking_uri: {uri_problem}")
     if sweep.storage is not None and not sweep.storage.startswith(STORAGE_SCHEMES):
         problems.append(f"storage: {sweep.storage!r} is not an Optuna storage URL; use postgresql://user@host/db "
                         "(several hosts), mysql://... or sqlite:///path.db, or leave it out for the journal file "
