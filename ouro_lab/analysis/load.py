@@ -188,12 +188,12 @@ def list_studies(store: str | None = None) -> pd.DataFrame:
     rows = []
     for experiment in client.search_experiments():
         parents = client.search_runs([experiment.experiment_id], "tags.`ouro.role` = 'study'")
+        every_trial = _search_all(client, experiment.experiment_id, "tags.`ouro.role` = 'trial'") if parents else []
         for parent in parents:
-            trials = _search_all(client, experiment.experiment_id, "tags.`ouro.role` = 'trial'")
+            trials = [r for r in every_trial if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
             states: dict[str, int] = {}
             for r in trials:
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id:
-                    states[_state(r)] = states.get(_state(r), 0) + 1
+                states[_state(r)] = states.get(_state(r), 0) + 1
             rows.append({"study": experiment.name, "trials": sum(states.values()),
                          "states": ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none",
                          "objective": parent.data.params.get("sweep.objective", "?"),
@@ -263,9 +263,9 @@ _DEFAULTS = {k: str(v) for k, v in flatten(to_dict(ExperimentConfig())).items()}
 
 
 def _logged_config(params: Mapping[str, str]) -> dict[str, str]:
-    """A run's params with the config keys it does not log at their schema defaults: a run logs
-    the stage2.* section only when it trains Stage II, and runs made before a key existed ran
-    at its default (so stage2.steps=0 and =300 runs compare as two values of one key)."""
+    """A run's params with the stage2.* keys it does not log at their schema defaults: a run
+    logs that section only when it trains Stage II (so stage2.steps=0 and =300 runs compare as
+    two values of one key)."""
     return {k: v for k, v in _DEFAULTS.items() if k.startswith("stage2.")} | dict(params)
 
 
