@@ -2,6 +2,10 @@
 
     ouro-lab train conf/state.yaml model.loops=4 model.arch=depth_matched
     ouro-lab eval outputs/ouro-lab/<run_id>/checkpoints/last.ckpt eval.extra_loops=4
+    ouro-lab eval CKPT infer.exit_rule=q infer.exit_threshold=0.5   # + skip semantics vs selection
+    ouro-lab generate CKPT infer.prompt='def main(' infer.cache=last infer.exit_rule=q
+    ouro-lab decode CKPT infer.exit_rule=q infer.exit_threshold=0.5 # cache strategies: bpb, bytes, tokens/s
+    ouro-lab import-hf path/to/Ouro-1.4B out.ckpt data.task=text     # a released checkpoint as an ouro-lab one
     ouro-lab sweep sweeps/loops.yaml seeds=1 train.max_steps=500
     ouro-lab sweep sweeps/gate.yaml --dry-run        # validate, list the trials, train nothing
     ouro-lab report loops --epsilon 0.01
@@ -15,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ouro_lab.config import ConfigError, StoreError, load_config
+from ouro_lab.models.hf import HFImportError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--split", choices=("val", "test"), default="test")
     p_eval.add_argument("--no-log", action="store_true",
                         help="do not log the evaluation to MLflow (default: a run of its own, linked to the trained run)")
+    p_gen = sub.add_parser("generate", help="generate from a checkpoint with a KV cache and per-token early exit (infer.*)")
+    p_gen.add_argument("checkpoint", help="a .ckpt written by `ouro-lab train` (or `ouro-lab import-hf`)")
+    p_gen.add_argument("overrides", nargs="*", help="infer.* keys, e.g. infer.prompt='def f(' infer.cache=last "
+                                                   "infer.exit_rule=q infer.exit_threshold=0.5")
+    p_dec = sub.add_parser("decode", help="teacher-forced cached decoding of test text per cache strategy: "
+                                          "bits per byte, cache bytes, tokens/s, mean loops")
+    p_dec.add_argument("checkpoint", help="a .ckpt of a byte-level (text) model")
+    p_dec.add_argument("overrides", nargs="*", help="infer.* keys, e.g. infer.exit_rule=q infer.windows=64")
+    p_imp = sub.add_parser("import-hf", help="a released Ouro checkpoint (Hugging Face folder) as an ouro-lab .ckpt")
+    p_imp.add_argument("folder", help="folder with config.json and model.safetensors")
+    p_imp.add_argument("out", help="the .ckpt to write")
+    p_imp.add_argument("overrides", nargs="*", help="data.*, eval.*, infer.* keys, e.g. data.task=text "
+                                                   "data.text.paths='~/corpus/*.txt'")
     p_sweep = sub.add_parser("sweep", help="run or resume an Optuna study declared in sweeps/*.yaml")
     p_sweep.add_argument("sweep", help="sweep YAML, e.g. sweeps/loops.yaml")
     p_sweep.add_argument("overrides", nargs="*",
@@ -67,6 +85,19 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(args.sweep, args.overrides))
         elif args.command == "studies":
             return _studies(args)
+        elif args.command == "import-hf":
+            from ouro_lab.evaluate import import_hf
+
+            cfg, out = import_hf(Path(args.folder), Path(args.out), args.overrides)
+            m = cfg.model
+            print(f"[import-hf] {args.folder}: looped {m.n_layers} layers x {m.loops} loops, d={m.d_model}, "
+                  f"RoPE {m.rope_layout} base {m.rope_base:g} -> {out}\n"
+                  f"  evaluate it: ouro-lab eval {out}   generate: ouro-lab generate {out}")
+        elif args.command in ("generate", "decode"):
+            from ouro_lab.inference import run_decode, run_generate
+
+            run = run_generate if args.command == "generate" else run_decode
+            print(run(Path(args.checkpoint), args.overrides))
         elif args.command == "sweep":
             from ouro_lab.sweep import run_sweep, run_worker
 
@@ -96,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ConfigError as err:
         print(f"ouro-lab: config error: {err}", file=sys.stderr)
+        return 2
+    except HFImportError as err:
+        print(f"ouro-lab: cannot import: {err}", file=sys.stderr)
         return 2
     except FileNotFoundError as err:
         print(f"ouro-lab: {err}", file=sys.stderr)

@@ -26,12 +26,14 @@ from ouro_lab.data.multihop import MultihopConfig
 from ouro_lab.data.random_tokens import RandomConfig
 from ouro_lab.data.state import StateConfig
 from ouro_lab.data.text import TextConfig
-from ouro_lab.models.transformer import CHECKPOINTING
+from ouro_lab.models.transformer import CHECKPOINTING, ROPE_LAYOUTS
 from ouro_lab.objectives import PRIORS, STAGE2_IMPROVEMENT
 
 ARCHS = ("looped", "param_matched", "depth_matched")
 POSITIONS = ("rope", "learned")
 LOOP_STATES = ("normed", "residual")
+EXIT_RULES = ("none", "q", "conf", "change")  # online exit rules of skip-semantics eval and decoding (infer.exit_rule)
+CACHE_STRATEGIES = ("full", "last", "first", "mean")  # decode-time KV cache of looped models (infer.cache)
 # NOTE: "ddp" (Lightning's subprocess launcher) re-runs the whole command line in every rank, a
 # sweep included; "ddp_spawn" starts the ranks from the training call itself.
 STRATEGIES = ("auto", "ddp_spawn", "ddp_fork", "ddp", "ddp_notebook", "fsdp", "deepspeed", "single_device")
@@ -59,6 +61,9 @@ class ModelConfig:
     embed_init_std: float = 0.02  # init std of token/position embeddings when untied (tied: 0.02, the head's)
     positions: str = "rope"  # rope | learned (absolute, learned embeddings)
     loop_state: str = "normed"  # normed: final_norm(h_t) feeds loop t+1 (Ouro) | residual: raw h_t does
+    rope_layout: str = "interleaved"  # RoPE pairs dims (2i, 2i+1) | rotate_half: (i, i + Dh/2), the released Ouro weights
+    rope_base: float = 10000.0  # RoPE base (HF config.json `rope_theta`; Ouro-1.4B: 1e6)
+    norm_eps: float = 1e-6  # RMSNorm epsilon (HF `rms_norm_eps`)
 
     # --- derived, in one place (litgpt's Config): every caller asks these ---------------------
     @property
@@ -127,6 +132,23 @@ class EvalConfig:
 
 
 @dataclass
+class InferConfig:
+    # Inference that really skips compute (README "Skip semantics and cached decoding"): read by
+    # `ouro-lab eval` (infer.exit_rule != none adds the skip-semantics evaluation), `ouro-lab
+    # generate` and `ouro-lab decode`; never by training
+    exit_rule: str = "none"  # none (full depth) | q (gate CDF >= threshold) | conf (max prob >= threshold) | change (KL(p_t||p_t-1) < threshold)
+    exit_threshold: float = 0.5  # q, tau or delta of exit_rule
+    cache: str = "full"  # decode-time KV cache: full (one per loop step and layer) | last | first | mean (one per layer)
+    prompt: Optional[str] = None  # `generate`: text prompt (byte-level tasks); None = prompts from the test split
+    max_new_tokens: int = 64  # `generate`: tokens to generate (at most the model's context)
+    samples: int = 3  # `generate`: prompts taken from the test split when prompt is None
+    temperature: float = 0.0  # `generate`: 0 = greedy, else sampling at this temperature
+    seed: int = 0  # `generate`: test prompts and sampling
+    windows: int = 64  # `decode`: test windows decoded token by token per cache strategy
+    prefill: int = 32  # `decode`: tokens of each window prefilled at full depth; the rest is decoded and scored
+
+
+@dataclass
 class Stage2Config:
     # Stage II, focused adaptive gate training (DESIGN.md Part 1): only the exit gate trains,
     # every other parameter is frozen at Stage I's values. Either in the same run, after Stage I
@@ -174,6 +196,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    infer: InferConfig = field(default_factory=InferConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
@@ -290,6 +313,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     choice("model.arch", m.arch, ARCHS)
     choice("model.positions", m.positions, POSITIONS)
     choice("model.loop_state", m.loop_state, LOOP_STATES)
+    choice("model.rope_layout", m.rope_layout, ROPE_LAYOUTS)
+    check(m.rope_base > 0, "model.rope_base", f"must be > 0, got {m.rope_base}")
+    check(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}")
     for key in ("d_model", "n_heads", "n_layers", "loops"):
         check(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
     check(m.embed_init_std > 0, "model.embed_init_std", f"must be > 0, got {m.embed_init_std}")
@@ -342,6 +368,17 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(s2.gamma >= 0, "stage2.gamma", f"must be >= 0, got {s2.gamma}")
     choice("stage2.improvement", s2.improvement, STAGE2_IMPROVEMENT)
     check(e.oracle_tolerance >= 0, "eval.oracle_tolerance", f"must be >= 0, got {e.oracle_tolerance}")
+    i = cfg.infer
+    choice("infer.exit_rule", i.exit_rule, EXIT_RULES)
+    choice("infer.cache", i.cache, CACHE_STRATEGIES)
+    if i.exit_rule in ("q", "conf"):
+        check(0 < i.exit_threshold <= 1, "infer.exit_threshold", f"must be in (0, 1] for rule {i.exit_rule!r}, got {i.exit_threshold}")
+    if i.exit_rule == "change":
+        check(i.exit_threshold > 0, "infer.exit_threshold", f"must be > 0 for rule 'change', got {i.exit_threshold}")
+    check(i.prefill >= 0, "infer.prefill", f"must be >= 0, got {i.prefill}")
+    for key in ("max_new_tokens", "samples", "windows"):
+        check(getattr(i, key) >= 1, f"infer.{key}", f"must be >= 1, got {getattr(i, key)}")
+    check(i.temperature >= 0, "infer.temperature", f"must be >= 0 (0 = greedy), got {i.temperature}")
     for key in ("batch_size", "eval_batch_size", "n_val", "n_test"):
         check(getattr(d, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(d, key)}")
     choice("data.task", d.task, sorted(TASKS))
@@ -415,6 +452,8 @@ def used_params(cfg: ExperimentConfig) -> dict[str, Any]:
             d["data"].pop(task, None)
     if not cfg.has_stage2:
         d.pop("stage2")
+    if cfg.infer == InferConfig():  # inference settings: logged only when an evaluation used them
+        d.pop("infer")
     return flatten(d)
 
 

@@ -154,3 +154,14 @@ def frontier_names(trained_loops: int, levels: list[int], kinds: tuple[str, ...]
             names.update(oracle(which, kind, level) for which in ORACLES)
         names.update(oracle_share(t, level) for t in range(1, trained_loops + 1))
     return names  # gate_step_at_oracle{t} is left out: logged only where some token's oracle exit is t
+
+
+# --- inference that skips compute (ouro_lab/inference.py; `ouro-lab eval` with infer.exit_rule) --
+SEMANTICS = ("skip", "select", "full")  # skip semantics | selection semantics, the same rule | full depth
+
+
+def inference(semantics: str, kind: str, level: int | None = None) -> str:
+    """'skip_acc', 'select_loops_d2', 'full_flops': kind acc | loss | bpb | loops (mean loop steps
+    of scored tokens) | flops (forward FLOPs per token executed) | seconds (wall time, forward only)."""
+    assert semantics in SEMANTICS, semantics
+    return f"{semantics}_{kind}{_level(level)}"

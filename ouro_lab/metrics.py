@@ -194,3 +194,51 @@ class ExitFrontierMetrics(Metric):
         efficiency = saved / possible if possible > 1e-6 else torch.ones((), dtype=torch.float64)
         return {"gate_q_at_eps": best_q, "gate_loops_at_eps": best_loops, "gate_saved_loops": saved,
                 "gate_flops_at_eps": best_loops * self.flops_per_loop, "gate_efficiency": efficiency}
+
+
+class SkipEvalMetrics(Metric):
+    """One exit rule in skip semantics next to the same rule in selection semantics and full
+    depth (ouro_lab/inference.py): summed correctness, loss and loop steps of scored tokens per
+    difficulty level for each semantics; executed FLOPs and tokens; forward wall time."""
+
+    full_state_update = False
+
+    def __init__(self, n_levels: int, bpb: bool = False):
+        super().__init__()
+        self.n_levels, self.bpb = n_levels, bpb
+        n = len(names.SEMANTICS)
+        for state in ("correct", "loss", "loops"):
+            self.add_state(state, torch.zeros(n, n_levels, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(n_levels, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("flops", torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("seconds", torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, losses: torch.Tensor, correct: torch.Tensor, loops: torch.Tensor, difficulty: torch.Tensor,
+               flops: torch.Tensor, seconds: torch.Tensor, tokens: int) -> None:
+        """losses, correct, loops: (3, B, S) per semantics (skip, select, full); difficulty: (B, S)
+        in 1..n_levels, 0 = not scored; flops, seconds: (3,) for the batch; tokens: positions run."""
+        counted = difficulty > 0
+        one_hot = torch.nn.functional.one_hot((difficulty[counted] - 1).long(), self.n_levels).double()  # (N, K)
+        self.correct += correct[:, counted].double() @ one_hot
+        self.loss += losses[:, counted].double() @ one_hot
+        self.loops += loops[:, counted].double() @ one_hot
+        self.count += one_hot.sum(0)
+        self.flops += flops.double()
+        self.seconds += seconds.double()
+        self.tokens += tokens
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        total = self.count.sum().clamp_min(1)
+        levels = [k for k in range(self.n_levels) if self.count[k] > 0]
+        kinds = [("acc", self.correct, 1.0), ("loss", self.loss, 1.0), ("loops", self.loops, 1.0)]
+        kinds += [("bpb", self.loss, math.log(2))] if self.bpb else []
+        for i, semantics in enumerate(names.SEMANTICS):
+            for kind, sums, scale in kinds:
+                out[names.inference(semantics, kind)] = sums[i].sum() / total / scale
+                for k in levels:
+                    out[names.inference(semantics, kind, k + 1)] = sums[i, k] / self.count[k] / scale
+            out[names.inference(semantics, "flops")] = self.flops[i] / self.tokens.clamp_min(1)
+            out[names.inference(semantics, "seconds")] = self.seconds[i]
+        return {k: v.float() for k, v in out.items()}

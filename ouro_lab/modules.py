@@ -42,6 +42,9 @@ def model_spec(cfg: ExperimentConfig, task: Task) -> ModelSpec:
         embed_init_std=m.embed_init_std,
         positions=m.positions,
         loop_state=m.loop_state,
+        rope_base=m.rope_base,
+        rope_layout=m.rope_layout,
+        norm_eps=m.norm_eps,
     )
 
 

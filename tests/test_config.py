@@ -52,6 +52,11 @@ def test_schema_defaults_without_a_file():
         (["stage2.steps=100", "model.arch=depth_matched"], "stage2.steps: Stage II trains the exit gate of a looped"),
         (["stage2.steps=100", "model.loops=1"], "stage2.steps: Stage II needs model.loops >= 2"),
         (["stage2.steps=100", "stage2.init_from=pyproject.toml"], "stage2.steps: runs Stage II after this run's own"),
+        (["model.rope_layout=halves"], "model.rope_layout: 'halves' is not one of: interleaved, rotate_half"),
+        (["model.rope_base=0"], "model.rope_base: must be > 0"),
+        (["infer.cache=some"], "infer.cache: 'some' is not one of: full, last, first, mean"),
+        (["infer.exit_rule=q", "infer.exit_threshold=1.5"], "infer.exit_threshold: must be in (0, 1] for rule 'q'"),
+        (["infer.exit_rule=change", "infer.exit_threshold=0"], "infer.exit_threshold: must be > 0 for rule 'change'"),
     ],
 )
 def test_bad_config_messages(overrides, message):

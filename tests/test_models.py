@@ -159,3 +159,24 @@ def test_compiled_blocks_match_eager_and_loops_change_without_recompiling():
             torch.testing.assert_close(compiled(x, loops=loops).logits, eager(x, loops=loops).logits, rtol=1e-4, atol=1e-4)
         _grads(compiled, x, loops=loops)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_rope_layouts_are_one_function_under_a_permutation_of_qk_rows():
+    """DESIGN.md: rotate_half (i, i + Dh/2) and interleaved (2i, 2i+1) RoPE differ by a
+    permutation of each head's q/k rows; weights moved across layouts unpermuted are wrong."""
+    spec = dict(vocab_size=11, max_seq_len=9, d_model=16, n_heads=2, n_layers=2, loops=2, rope_base=500.0)
+    torch.manual_seed(0)
+    half = LoopedLM(ModelSpec(**spec, rope_layout="rotate_half")).eval()
+    inter = LoopedLM(ModelSpec(**spec, rope_layout="interleaved")).eval()
+    inter.load_state_dict(half.state_dict())
+    idx = torch.randint(0, 11, (2, 9))
+    with torch.no_grad():
+        assert not torch.allclose(inter(idx).logits, half(idx).logits, atol=1e-4)
+        Dh, D = 8, 16
+        perm = torch.tensor([j // 2 + (Dh // 2 if j % 2 else 0) for j in range(Dh)])  # interleaved row j <- rotate_half row
+        rows = torch.cat([h * Dh + perm for h in range(2)])  # within each head
+        for block in inter.blocks:
+            w = block.attn.qkv.weight  # [q; k; v]
+            w[:D] = w[:D][rows]
+            w[D:2 * D] = w[D:2 * D][rows]
+        assert torch.allclose(inter(idx).logits, half(idx).logits, atol=1e-5)

@@ -65,6 +65,11 @@ class ArithTask(Task):
     def difficulty_levels(self) -> list[int]:
         return list(range(1, self.cfg.max_ops + 1))
 
+    def render(self, ids) -> str:
+        p = self.cfg.modulus
+        special = {self.bos: "<bos>", self.ans: "<ans>", self.pad: "<pad>", **{v: k for k, v in self.op_ids.items()}}
+        return " ".join(str(i) if i < p else special.get(i, f"<len_{i - self.len_base + 1}>") for i in map(int, ids))
+
     def train_max_ops(self, step: int) -> int:
         if self.cfg.curriculum_steps <= 0:
             return self.cfg.max_ops

@@ -81,6 +81,10 @@ class Task:
         """The levels val/test score (all of them unless a task holds some out of evaluation)."""
         return self.difficulty_levels
 
+    def render(self, ids) -> str:
+        """Token ids as a person reads them (`ouro-lab generate`); the ids themselves by default."""
+        return " ".join(str(int(i)) for i in ids)
+
     def generate(self, rng: np.random.Generator, n: int, split: str, step: int = 0) -> Batch:
         """n raw examples (before the split filter). `step` is the training step, for curricula."""
         raise NotImplementedError

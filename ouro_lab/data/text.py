@@ -163,6 +163,9 @@ class TextTask(PositionBucketTask):
     def seq_len(self) -> int:
         return self.cfg.context
 
+    def render(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
     def split_bytes(self, split: str) -> np.ndarray:
         """The split's files, concatenated (read once per process)."""
         if split not in self._bytes:

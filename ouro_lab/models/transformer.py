@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 CHECKPOINTING = ("none", "block", "loop")  # activation checkpointing: off | per block | per loop step
+ROPE_LAYOUTS = ("interleaved", "rotate_half")  # which dimensions RoPE rotates together (RotaryEmbedding)
 
 
 @dataclass
@@ -36,22 +37,40 @@ class ModelSpec:
     loop_state: str = "normed"  # normed (Ouro) | residual
     embed_init_std: float = 0.02  # token/position embedding init std (untied); 1.0 = PyTorch default
     rope_base: float = 10000.0
+    rope_layout: str = "interleaved"  # interleaved (2i, 2i+1) | rotate_half (i, i + Dh/2; the released Ouro weights)
     norm_eps: float = 1e-6
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed RoPE tables; `forward` rotates (B, H, S, Dh) queries/keys."""
+    """Precomputed RoPE tables; `forward` rotates (B, H, S, Dh) queries/keys.
 
-    def __init__(self, head_dim: int, max_seq_len: int, base: float):
+    NOTE: two layouts of the same rotation (DESIGN.md "Looped model"): `interleaved` pairs
+    dimensions (2i, 2i+1), ouro-lab's default; `rotate_half` pairs (i, i + Dh/2), the released
+    Ouro/Llama code (`cat(freqs, freqs)`). They differ by a permutation of each head's q/k
+    rows, so weights trained in one layout are wrong in the other.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float, layout: str = "interleaved"):
         super().__init__()
+        if layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
+        self.layout = layout
         inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (S, Dh/2)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seq_len = x.shape[-2]
-        cos, sin = self.cos[:seq_len].to(x.dtype), self.sin[:seq_len].to(x.dtype)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., S, Dh) at positions 0..S-1; or, with `positions` (n,), x (n, H, Dh) packed rows,
+        row i at position positions[i] (cached decoding, models/decoding.py)."""
+        if positions is None:
+            cos, sin = self.cos[: x.shape[-2]], self.sin[: x.shape[-2]]
+        else:
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # (n, 1, Dh/2)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if self.layout == "rotate_half":
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         return rotated.flatten(-2)
@@ -61,17 +80,30 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, rope: RotaryEmbedding | None):
         super().__init__()
         self.n_heads = spec.n_heads
-        self.qkv = nn.Linear(spec.d_model, 3 * spec.d_model, bias=False)
+        self.qkv = nn.Linear(spec.d_model, 3 * spec.d_model, bias=False)  # rows: [q; k; v], each head-major
         self.out = nn.Linear(spec.d_model, spec.d_model, bias=False)
         self.rope = rope  # shared table, not a parameter
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Causal self-attention over x (B, S, D); `kv_out`: (B, H, S, Dh) buffers that receive
+        the keys and values (skip-semantics / cached decoding, models/decoding.py)."""
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
+        if kv_out is not None:
+            kv_out[0].copy_(k)
+            kv_out[1].copy_(v)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, S, Dh)
         return self.out(y.transpose(1, 2).reshape(B, S, D))
+
+    def project_rows(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v of packed token rows x (n, D) at `positions` (n,): each (n, H, Dh)."""
+        n, D = x.shape
+        q, k, v = self.qkv(x).view(n, 3, self.n_heads, D // self.n_heads).unbind(1)
+        if self.rope is not None:
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        return q, k, v
 
 
 class SwiGLU(nn.Module):
@@ -97,8 +129,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(spec.d_model, spec.d_ff)
         self.norm4 = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.norm2(self.attn(self.norm1(h)))
+    def forward(self, h: torch.Tensor, kv_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        h = h + self.norm2(self.attn(self.norm1(h), kv_out))
         return h + self.norm4(self.mlp(self.norm3(h)))
 
 
@@ -134,7 +166,7 @@ class _DecoderLM(nn.Module):
         if spec.positions == "rope":
             if head_dim % 2:
                 raise ValueError(f"RoPE needs an even head dim, got d_model/n_heads={head_dim}")
-            rope = RotaryEmbedding(head_dim, spec.max_seq_len, spec.rope_base)
+            rope = RotaryEmbedding(head_dim, spec.max_seq_len, spec.rope_base, spec.rope_layout)
             self.pos_emb = None
         elif spec.positions == "learned":
             rope = None
@@ -166,10 +198,11 @@ class _DecoderLM(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token (+ learned position) embeddings of idx (B, S) at positions start..start+S-1."""
         h = self.tok_emb(idx)  # (B, S, D)
         if self.pos_emb is not None:
-            h = h + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+            h = h + self.pos_emb(torch.arange(start, start + idx.shape[1], device=idx.device))
         return h
 
     def run_stack(self, h: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import zlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from ouro_lab import tracking
-from ouro_lab.config import ConfigError, ExperimentConfig, StoreError, load_config, to_dict, writable_dir
+from ouro_lab.config import ConfigError, ExperimentConfig, InferConfig, StoreError, load_config, to_dict, writable_dir
 from ouro_lab.sweep.budget import counts_toward_budget, retried_trials
 from ouro_lab.sweep.repair import repair_journal
 from ouro_lab.sweep.schema import SweepConfig, grid_values
@@ -236,7 +237,8 @@ def _check_same_study(sweep: SweepConfig, study: optuna.Study, experiment: track
 # config keys added after studies were made with this code (their definition hash left them out)
 LATER_KEYS = (("train", "strategy"), ("eval", "exit_q"), ("eval", "exit_confidence"), ("eval", "exit_step_change"),
               ("eval", "exit_epsilon"), ("eval", "oracle_tolerance"), ("stage2", "init_from"), ("stage2", "k"),
-              ("stage2", "gamma"), ("stage2", "improvement"), ("stage2", "steps"))
+              ("stage2", "gamma"), ("stage2", "improvement"), ("stage2", "steps"), ("model", "rope_layout"),
+              ("model", "rope_base"), ("model", "norm_eps"), *(("infer", f.name) for f in dataclasses.fields(InferConfig)))
 
 
 def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:

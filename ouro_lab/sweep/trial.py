@@ -59,6 +59,10 @@ def canonical_hash(cfg: ExperimentConfig) -> str:
     param-matched baseline is trained once per study and reused at every T."""
     d = to_dict(cfg)
     d.pop("tracking")
+    d.pop("infer")  # inference settings do not change what training produces
+    for key, default in (("rope_layout", "interleaved"), ("rope_base", 10000.0), ("norm_eps", 1e-6)):
+        if d["model"][key] == default:  # keys added later: hashes made before them stay valid
+            d["model"].pop(key)
     if not cfg.has_stage2:
         d.pop("stage2")  # Stage I (hashes made before the section existed stay valid)
     d["train"].pop("progress_bar")

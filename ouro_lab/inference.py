@@ -1,0 +1,261 @@
+"""Inference that really saves compute, on a trained checkpoint (README "Skip semantics and
+cached decoding"); the forward passes are `ouro_lab.models.decoding`.
+
+    skip_evaluate   an exit rule in skip semantics vs the same rule in selection semantics
+                    vs full depth: accuracy, loss, mean loops, executed FLOPs, wall time
+                    (`ouro-lab eval CKPT infer.exit_rule=q infer.exit_threshold=0.5`)
+    decode_table    teacher-forced cached decoding of test windows per cache strategy:
+                    bits per byte, cache bytes, tokens/s, mean loops (`ouro-lab decode CKPT`)
+    sample_text     generation from prompts (`ouro-lab generate CKPT`)
+
+NOTE: plain `torch.no_grad` loops, not a Lightning Trainer: the point is the wall time of
+each forward, which Trainer hooks and callbacks would blur.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ouro_lab import exits
+from ouro_lab import metric_names as names
+from ouro_lab.config import ConfigError, ExperimentConfig
+from ouro_lab.data import IGNORE_INDEX
+from ouro_lab.metrics import SkipEvalMetrics
+from ouro_lab.models.decoding import STRATEGIES, ExitRule, executed_flops, forward_chunk, generate, teacher_forced
+from ouro_lab.models.transformer import LoopedLM
+
+
+def exit_rule(cfg: ExperimentConfig) -> ExitRule:
+    return ExitRule(cfg.infer.exit_rule, cfg.infer.exit_threshold)
+
+
+def device_for(cfg: ExperimentConfig) -> torch.device:
+    """Where inference runs: a GPU when train.accelerator allows one and there is one, else the CPU."""
+    gpu = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return torch.device("cuda" if gpu else "cpu")
+
+
+def _clock(device: torch.device) -> float:
+    """Wall time, after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _selection_steps(rule: ExitRule, gate_logits: torch.Tensor | None, logits: list[torch.Tensor]) -> torch.Tensor:
+    """Exit steps (B, S) of `rule` in selection semantics: every step computed, the rule read off
+    them (`ouro_lab.exits`, as in the frontier)."""
+    T = len(logits)
+    B, S = logits[0].shape[:2]
+    if rule.name == "none" or T == 1:
+        return torch.full((B, S), T, dtype=torch.long, device=logits[0].device)
+    if rule.name == "q":
+        return exits.q_exit(gate_logits.reshape(B * S, T), [rule.threshold])[0].reshape(B, S)
+    log_probs = [torch.log_softmax(x.float(), -1) for x in logits]
+    if rule.name == "conf":
+        confidence = torch.stack([lp.max(-1).values.exp() for lp in log_probs]).reshape(T, -1)
+        return exits.confidence_exit(confidence, [rule.threshold])[0].reshape(B, S)
+    change = torch.stack([torch.full((B, S), float("inf"), device=logits[0].device)]
+                         + [exits.step_change(log_probs[t], log_probs[t - 1]) for t in range(1, T)]).reshape(T, -1)
+    return exits.step_change_exit(change, [rule.threshold])[0].reshape(B, S)
+
+
+@torch.no_grad()
+def skip_evaluate(model: torch.nn.Module, loader, rule: ExitRule, n_levels: int, bpb: bool,
+                  seq_len: int) -> dict[str, float]:
+    """`rule` in skip semantics, in selection semantics, and full depth over `loader`'s
+    (tokens, targets, difficulty) batches; metric names `names.inference` (skip_acc, select_loops,
+    full_flops ...) plus skip_minus_select_acc. Full depth's wall time is the ordinary forward
+    with the head at step T; FLOPs of selection equal full depth's (every step runs)."""
+    model.eval()
+    device = next(model.parameters()).device
+    metrics = SkipEvalMetrics(n_levels, bpb)
+    T = model.spec.loops if isinstance(model, LoopedLM) else 1
+    gate = 2 * model.spec.d_model if isinstance(model, LoopedLM) else 0  # the exit gate runs every step
+    per_loop = len(model.blocks) * model.block_flops_per_token(seq_len) + gate
+    for batch in loader:
+        tokens, targets, difficulty = (x.to(device) for x in batch)
+        scored = difficulty * (targets != IGNORE_INDEX)
+        began = _clock(device)
+        out = model(tokens)
+        final_logits = out.head(out.hidden[-1])
+        full_seconds = _clock(device) - began
+        began = _clock(device)
+        chunk = forward_chunk(model, tokens, rule=rule)
+        skip_seconds = _clock(device) - began
+        step_logits = [out.head(h) for h in out.hidden]  # (B, S, V) per step, for selection
+        sel_steps = _selection_steps(rule, out.gate_logits, step_logits)
+        step_losses = torch.stack([_token_losses(x, targets) for x in step_logits])  # (T, B, S)
+        step_correct = torch.stack([x.argmax(-1) == targets for x in step_logits])
+        losses = torch.stack([_token_losses(chunk.exit_logits, targets), step_losses.gather(0, sel_steps[None] - 1)[0],
+                              _token_losses(final_logits, targets)])
+        correct = torch.stack([chunk.exit_logits.argmax(-1) == targets, step_correct.gather(0, sel_steps[None] - 1)[0],
+                               final_logits.argmax(-1) == targets])
+        loops = torch.stack([chunk.exit_steps, sel_steps, torch.full_like(sel_steps, T)])
+        n = tokens.numel()
+        full_flops = n * (T * per_loop + model.head_flops_per_token())
+        flops = torch.tensor([executed_flops(model, chunk, seq_len), full_flops, full_flops], dtype=torch.float64)
+        seconds = torch.tensor([skip_seconds, full_seconds, full_seconds], dtype=torch.float64)
+        metrics.update(losses, correct, loops, scored, flops, seconds, n)
+    values = {k: float(v) for k, v in metrics.compute().items()}
+    values["skip_minus_select_acc"] = values[names.inference("skip", "acc")] - values[names.inference("select", "acc")]
+    return values
+
+
+def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy (B, S), 0 where the target is ignored."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="none").view_as(targets)
+
+
+def skip_table(values: dict[str, float], split: str, bpb: bool) -> str:
+    """The skip / selection / full-depth comparison as a plain-text table."""
+    kinds = ["acc", "bpb"] if bpb else ["acc"]
+    rows = [["semantics", *kinds, "loss", "mean loops", "MFLOPs/token", "forward s"]]
+    for semantics in names.SEMANTICS:
+        get = lambda k: values[f"{split}/{names.inference(semantics, k)}"]  # noqa: E731
+        rows.append([semantics, *(f"{get(k):.4f}" for k in kinds), f"{get('loss'):.4f}", f"{get('loops'):.3f}",
+                     f"{get('flops') / 1e6:.3f}", f"{get('seconds'):.2f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    diff = values[f"{split}/skip_minus_select_acc"]
+    return "\n".join(lines) + f"\naccuracy, skip minus selection: {diff:+.4f} (selection's forward is full depth's)"
+
+
+@dataclass
+class DecodeRow:
+    strategy: str
+    rule: str
+    bpb: float  # teacher-forced, decoded positions only
+    loss: float
+    mean_loops: float
+    cache_bytes: int
+    tokens_per_s: float  # all windows decoded side by side (throughput)
+    tokens_per_s_b1: float  # one window alone (latency-bound, where skipped loops show most)
+    flops_per_token: float
+
+
+@torch.no_grad()
+def decode_table(model: torch.nn.Module, tokens: torch.Tensor, prefill: int, rules: list[ExitRule],
+                 strategies: tuple[str, ...] = STRATEGIES, progress=print) -> list[DecodeRow]:
+    """Teacher-forced cached decoding of windows `tokens` (B, S+1): prefill the first `prefill`
+    positions at full depth, then decode the rest one token at a time with each cache strategy
+    and exit rule; scored on the decoded positions. Tokens/s are timed for all windows side by
+    side and for the first window alone."""
+    model.eval()
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    rows = []
+    for rule in rules:
+        for strategy in strategies:
+            began = _clock(device)
+            logits, steps, cache, flops = teacher_forced(model, inputs, prefill, rule, strategy)
+            seconds = _clock(device) - began
+            began = _clock(device)
+            single = teacher_forced(model, inputs[:1], prefill, rule, strategy)[1]
+            seconds_b1 = _clock(device) - began
+            loss = float(_token_losses(logits, targets[:, prefill:]).mean())
+            rows.append(DecodeRow(strategy, str(rule), loss / np.log(2), loss, float(steps.float().mean()),
+                                  cache.nbytes, steps.numel() / seconds, single.numel() / seconds_b1,
+                                  flops / inputs.numel()))
+            r = rows[-1]
+            progress(f"[decode] {strategy:5s} {str(rule):10s} bpb {r.bpb:.4f}  loops {r.mean_loops:.2f}  "
+                     f"{r.tokens_per_s:.0f} tok/s ({r.tokens_per_s_b1:.0f} alone)  cache {cache.nbytes / 1024:.0f} KiB")
+    return rows
+
+
+def decode_markdown(rows: list[DecodeRow]) -> str:
+    lines = ["| cache | exit rule | bits/byte | mean loops | cache KiB | tokens/s, batch | tokens/s, one window | "
+             "MFLOPs/token |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.strategy} | {r.rule} | {r.bpb:.4f} | {r.mean_loops:.2f} | {r.cache_bytes / 1024:.0f} | "
+              f"{r.tokens_per_s:.0f} | {r.tokens_per_s_b1:.0f} | {r.flops_per_token / 1e6:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def sample_text(model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, rule: ExitRule, strategy: str,
+                temperature: float, seed: int):
+    """Generate from prompts (B, P); returns the `Generation`."""
+    generator = torch.Generator().manual_seed(seed)
+    return generate(model, prompts, max_new_tokens, rule, strategy, temperature, generator)
+
+
+
+
+def run_decode(path, overrides: list[str] = ()) -> str:
+    """`ouro-lab decode CKPT`: teacher-forced cached decoding of `infer.windows` test windows with
+    every cache strategy, at full depth and (when infer.exit_rule is set) with early exit; the
+    Markdown table."""
+    from ouro_lab.evaluate import load_checkpoint
+    from ouro_lab.train import make_datamodule
+
+    cfg, module = load_checkpoint(path, overrides)
+    task = module.task
+    if not task.byte_level:
+        raise ConfigError(f"`ouro-lab decode` measures bits per byte, on byte-level tasks (text); data.task="
+                          f"{cfg.data.task}: use `ouro-lab generate` or `ouro-lab eval` with infer.exit_rule")
+    if cfg.infer.prefill >= task.seq_len:
+        raise ConfigError(f"infer.prefill: must be below the context ({task.seq_len}), got {cfg.infer.prefill}")
+    tokens, targets, _ = make_datamodule(cfg, task).eval_set("test")[: cfg.infer.windows]
+    windows = torch.cat([tokens, targets[:, -1:]], 1)  # (B, S + 1): the window and its last target
+    rules = [ExitRule()] + ([exit_rule(cfg)] if cfg.infer.exit_rule != "none" else [])
+    print(f"[decode] {len(windows)} test windows of {task.seq_len} tokens: {cfg.infer.prefill} prefilled, "
+          f"{task.seq_len - cfg.infer.prefill} decoded one at a time and scored", flush=True)
+    rows = decode_table(module.model.to(device_for(cfg)), windows, cfg.infer.prefill, rules)
+    return decode_markdown(rows)
+
+
+def run_generate(path, overrides: list[str] = ()) -> str:
+    """`ouro-lab generate CKPT`: generation from infer.prompt (byte-level tasks) or from
+    infer.samples test prompts (byte-level: the first half of a window; other tasks: up to the
+    first scored position, whose generated token is the answer); a readable report."""
+    from ouro_lab.evaluate import load_checkpoint
+
+    cfg, module = load_checkpoint(path, overrides)
+    task, i, rule = module.task, cfg.infer, exit_rule(cfg)
+    model = module.model.to(device_for(cfg))
+    device = next(model.parameters()).device
+    head = f"[generate] cache {i.cache}, exit rule: {rule}, {'greedy' if i.temperature == 0 else f'temperature {i.temperature:g}'}"
+    if i.prompt is not None:
+        if not task.byte_level:
+            raise ConfigError(f"infer.prompt is text, for byte-level tasks; data.task={cfg.data.task} takes its "
+                              "prompts from the test split (leave infer.prompt unset)")
+        prompts = [list(i.prompt.encode())]
+        answers = [None]
+    else:
+        rng = np.random.default_rng([cfg.data.seed, 3, i.seed])
+        batch = task.sample(rng, i.samples, "test")
+        if task.byte_level:
+            prompts, answers = [list(row[: task.seq_len // 2]) for row in batch.tokens], [None] * i.samples
+        else:
+            first = (batch.targets != IGNORE_INDEX).argmax(1)  # the first scored position of each example
+            prompts = [list(row[: f + 1]) for row, f in zip(batch.tokens, first)]
+            answers = [int(batch.targets[r, f]) for r, f in enumerate(first)]
+    lines = [head]
+    for n, (prompt, answer) in enumerate(zip(prompts, answers), 1):
+        room = task.seq_len - len(prompt) + 1
+        if room < 1:
+            raise ConfigError(f"infer.prompt: {len(prompt)} tokens; the model's context is {task.seq_len}")
+        new = min(i.max_new_tokens, room) if answer is None else 1
+        out = sample_text(model, torch.tensor([prompt], device=device), new, rule, i.cache, i.temperature, i.seed)
+        generated = out.tokens[0, len(prompt):].tolist()
+        steps = out.exit_steps[0].float()
+        stats = (f"{len(generated)} tokens, mean loops {float(steps.mean()):.2f}, {len(generated) / out.seconds:.0f} tokens/s, "
+                 f"cache {out.cache_bytes / 1024:.1f} KiB")
+        lines.append(f"--- sample {n} ({stats}) ---")
+        if answer is None:
+            lines.append(f"{task.render(prompt)}\u2588{task.render(generated)}")  # the block marks where generation starts
+        else:
+            verdict = "right" if generated[0] == answer else "wrong"
+            lines.append(f"{task.render(prompt)} -> {task.render(generated)} (expected {task.render([answer])}: {verdict}, "
+                         f"exit step {int(steps[0])})")
+    return "\n".join(lines)
+
+
+__all__ = ["DecodeRow", "decode_markdown", "decode_table", "exit_rule", "run_decode", "run_generate", "sample_text",
+           "skip_evaluate", "skip_table"]

@@ -1,0 +1,348 @@
+"""Skip-semantics forward passes and KV-cached decoding of looped and standard LMs.
+
+Skip semantics (DESIGN.md Part 1 "Inference"; README "Skip semantics and cached decoding"):
+a token that exits at loop step e is no longer computed. Its hidden state stays frozen at
+step e, and at every later step t > e the other tokens' attention reads its keys/values as
+computed at step e (at the same layer): the rule the paper decodes with. Selection semantics
+(`ouro_lab.exits.select`, the released code) computes all T steps and only reads each token
+at its exit step; the two differ because in skip semantics later tokens see frozen context.
+
+One function, `forward_chunk`, runs a chunk of new tokens against a `KVCache` of the tokens
+before it; everything else is a way of calling it:
+
+    the whole sequence, no cache        skip-semantics evaluation (`ouro-lab eval`, infer.exit_rule)
+    a prompt into an empty cache        prefill: every loop step's keys/values, full depth
+    one token at a time                 decoding (`generate`, `ouro-lab generate` / `decode`)
+
+Only executed work is done: after a token exits, its rows leave the matmuls (tokens still
+running are packed; attention pads them per sequence), and the counts of rows that went
+through the stack, the gate and the head are returned so FLOPs are counted from what ran.
+
+Cache strategies (DESIGN.md "KV cache"; paper: decode-time reuse of the last step's cache
+cuts cache memory T-fold at almost no loss, the first step's collapses):
+    full    one cache per (loop step, layer); step t reads step t's keys/values
+    last    one cache per layer, written by a decoded token from its last executed step
+    first   ... from its first step
+    mean    ... the mean over its executed steps
+Within a chunk the tokens read each other's per-step keys/values (prefill needs all caches);
+what a chunk leaves in a shared cache is reduced by the strategy when it is written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ouro_lab import exits
+from ouro_lab.models.transformer import LoopedLM, _DecoderLM
+
+RULES = ("none", "q", "conf", "change")
+STRATEGIES = ("full", "last", "first", "mean")
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """An online exit rule (`ouro_lab.exits`), decided at each step from what that step computed.
+
+    none: full depth. q: the gate's CDF reaches `threshold` (Q-exit; >= 1 = full depth).
+    conf: the step's max softmax probability reaches `threshold` (CALM).
+    change: KL(p_t || p_{t-1}) below `threshold`, from step 2 (Huginn).
+    NOTE: the oracles of the frontier need later steps, so no online rule can be one.
+    """
+
+    name: str = "none"
+    threshold: float = 1.0
+
+    def __post_init__(self):
+        if self.name not in RULES:
+            raise ValueError(f"exit rule must be one of {RULES}, got {self.name!r}")
+
+    @property
+    def needs_logits(self) -> bool:
+        """The rule reads each step's predictive distribution: the head runs at every step."""
+        return self.name in ("conf", "change")
+
+    def __str__(self) -> str:
+        return "full depth" if self.name == "none" else f"{self.name}={self.threshold:g}"
+
+
+class KVCache:
+    """Keys and values of the tokens processed so far, for every layer: one slot per loop step
+    (`full`) or one shared slot (`last`, `first`, `mean`; DESIGN.md "KV cache").
+
+    Preallocated for `max_len` positions; `nbytes` counts the filled part,
+    slots x layers x 2 (k, v) x B x heads x length x head_dim x element size.
+    """
+
+    def __init__(self, model: _DecoderLM, batch_size: int, strategy: str = "full", max_len: int | None = None,
+                 dtype: torch.dtype | None = None):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"cache strategy must be one of {STRATEGIES}, got {strategy!r}")
+        spec = model.spec
+        self.strategy, self.loops = strategy, _loops(model)
+        self.max_len = max_len or spec.max_seq_len
+        self.slots = self.loops if strategy == "full" else 1
+        param = model.tok_emb.weight
+        shape = (self.slots, len(model.blocks), batch_size, spec.n_heads, self.max_len, spec.d_model // spec.n_heads)
+        self.k = torch.zeros(shape, dtype=dtype or param.dtype, device=param.device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def keys_values(self, step: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What loop step `step` (1-based) at `layer` reads of the cached tokens: (B, H, length, Dh) each."""
+        slot = step - 1 if self.strategy == "full" else 0
+        return self.k[slot, layer, :, :, : self.length], self.v[slot, layer, :, :, : self.length]
+
+    def append(self, step_k: torch.Tensor, step_v: torch.Tensor, exit_steps: torch.Tensor) -> None:
+        """Write a chunk: step_k, step_v (T, L, B, H, C, Dh) per loop step, frozen after each
+        token's exit; exit_steps (B, C) in 1..T."""
+        C = step_k.shape[-2]
+        if self.length + C > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {self.length} used, {C} more asked")
+        new = slice(self.length, self.length + C)
+        if self.strategy == "full":
+            k, v = step_k, step_v
+        elif self.strategy == "last":  # the frozen rows after a token's exit hold its last executed step's
+            k, v = step_k[-1:], step_v[-1:]
+        elif self.strategy == "first":
+            k, v = step_k[:1], step_v[:1]
+        else:  # mean over each token's executed steps 1..exit
+            T = step_k.shape[0]
+            ran = torch.arange(1, T + 1, device=exit_steps.device)[:, None, None] <= exit_steps  # (T, B, C)
+            w = (ran / exit_steps).to(step_k.dtype)[:, None, :, None, :, None]  # (T, 1, B, 1, C, 1)
+            k, v = (step_k * w).sum(0, keepdim=True), (step_v * w).sum(0, keepdim=True)
+        self.k[..., new, :] = k
+        self.v[..., new, :] = v
+        self.length += C
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k[..., : self.length, :].numel() * self.k.element_size()
+
+
+@dataclass
+class ChunkOutput:
+    """hidden: (T, B, C, D) final-normed state per loop step, frozen after each token's exit
+    (the head reads it: per-step logits = head(hidden)); exit_steps: (B, C) in 1..T;
+    exit_logits: (B, C, V) at each token's exit step; gate_logits: (B, C, T) frozen after the
+    exit, None for standard models. *_rows: token rows that went through the stack (one per
+    token and executed loop step), the exit gate and the LM head."""
+
+    hidden: torch.Tensor
+    exit_steps: torch.Tensor
+    exit_logits: torch.Tensor
+    gate_logits: torch.Tensor | None
+    stack_rows: int
+    gate_rows: int
+    head_rows: int
+
+
+def executed_flops(model: _DecoderLM, out: ChunkOutput, seq_len: int) -> int:
+    """Forward FLOPs actually executed for a chunk, counted by structure from the rows that ran
+    (the platform's convention, `_DecoderLM.block_flops_per_token`: attention over the full
+    `seq_len`, norms and softmax ignored)."""
+    stack = len(model.blocks) * model.block_flops_per_token(seq_len)
+    return out.stack_rows * stack + out.gate_rows * 2 * model.spec.d_model + out.head_rows * model.head_flops_per_token()
+
+
+def _loops(model: _DecoderLM) -> int:
+    return model.spec.loops if isinstance(model, LoopedLM) else 1
+
+
+@torch.no_grad()
+def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = None, rule: ExitRule = ExitRule(),
+                  exit_from: int = 0) -> ChunkOutput:
+    """Run tokens idx (B, C) at positions cache.length.. (0 without a cache) in skip semantics
+    under `rule`, reading the cached tokens' keys/values, and append the chunk to `cache`.
+    Tokens before position `exit_from` run to full depth (decoding: the prefilled prompt).
+
+    With rule none and no cache, every operation is the ordinary forward's (same results)."""
+    B, C = idx.shape
+    start = cache.length if cache is not None else 0
+    spec, blocks = model.spec, model.blocks
+    if start + C > spec.max_seq_len:
+        raise ValueError(f"positions up to {start + C} asked; the model's context is {spec.max_seq_len} tokens")
+    T, L, H, D = _loops(model), len(blocks), spec.n_heads, spec.d_model
+    gate = model.exit_gate if isinstance(model, LoopedLM) else None
+    if rule.name == "q" and gate is None:
+        raise ValueError("the q exit rule reads the exit gate; this model has none")
+    device = idx.device
+    positions = torch.arange(start, start + C, device=device)
+    h = model.embed(idx, start)  # (B, C, D)
+    k_now = h.new_zeros(L, B, H, C, D // H)  # each token's latest keys/values per layer (frozen after exit)
+    v_now = torch.zeros_like(k_now)
+    step_k, step_v, step_hidden, step_gate = [], [], [], []
+    hidden_now = torch.zeros_like(h)
+    gate_now = h.new_zeros(B, C)
+    active = torch.ones(B, C, dtype=torch.bool, device=device)
+    exit_steps = torch.full((B, C), T, dtype=torch.long, device=device)
+    may_exit = (positions >= exit_from)[None].expand(B, C)
+    survival = torch.ones(B, C, dtype=torch.float64, device=device)  # prod_{j<=t} (1 - lambda_j), for Q-exit
+    exit_logits = prev_log_probs = None
+    if rule.needs_logits:
+        exit_logits = h.new_zeros(B, C, spec.vocab_size)
+        prev_log_probs = torch.zeros(B, C, spec.vocab_size, device=device)
+    stack_rows = gate_rows = head_rows = 0
+    for t in range(1, T + 1):
+        if active.any():
+            rows = active.nonzero(as_tuple=True)  # (b, c) of the tokens still running
+            if start == 0 and bool(active.all()):  # nothing cached, nothing exited: the ordinary blocks
+                for layer, block in enumerate(blocks):
+                    h = block(h, kv_out=(k_now[layer], v_now[layer]))
+                x = h.reshape(B * C, D)
+            else:
+                x = _packed_stack(model, cache, t, h[rows], rows, active, positions, k_now, v_now)
+            stack_rows += x.shape[0]
+            x_normed = model.final_norm(x)
+            if spec.loop_state == "normed":  # Ouro: the normed state is the next loop's input
+                x = x_normed
+            h = h.index_put(rows, x.reshape(-1, D))
+            hidden_now = hidden_now.index_put(rows, x_normed.reshape(-1, D))
+            x_normed = x_normed.reshape(-1, D)
+            fires = torch.zeros(x_normed.shape[0], dtype=torch.bool, device=device)
+            if gate is not None:
+                g = gate(x_normed).squeeze(-1)  # (n,)
+                gate_rows += g.shape[0]
+                gate_now = gate_now.index_put(rows, g)
+                survival[rows] = survival[rows] * (1.0 - torch.sigmoid(g.double()))
+                if rule.name == "q" and rule.threshold < 1.0:
+                    fires = 1.0 - survival[rows] >= rule.threshold
+            if rule.needs_logits:
+                logits = model.lm_head(x_normed)  # (n, V)
+                head_rows += logits.shape[0]
+                exit_logits[rows] = logits
+                log_probs = torch.log_softmax(logits.float(), dim=-1)
+                if rule.name == "conf":
+                    fires = log_probs.max(-1).values.exp() >= rule.threshold
+                elif t > 1:
+                    fires = exits.step_change(log_probs, prev_log_probs[rows]) < rule.threshold
+                prev_log_probs[rows] = log_probs
+            if t < T:
+                fires = fires & may_exit[rows]
+                stop = (rows[0][fires], rows[1][fires])
+                exit_steps[stop] = t
+                active[stop] = False
+        if cache is not None:  # what the chunk leaves in the cache, per step
+            step_k.append(k_now.clone())
+            step_v.append(v_now.clone())
+        step_hidden.append(hidden_now.clone())
+        step_gate.append(gate_now.clone())
+    hidden = torch.stack(step_hidden)  # (T, B, C, D)
+    if exit_logits is None:  # the head runs once per token, on its exit step's state
+        exit_logits = model.lm_head(hidden[-1])
+        head_rows += B * C
+    if cache is not None:
+        cache.append(torch.stack(step_k), torch.stack(step_v), exit_steps)
+    return ChunkOutput(hidden=hidden, exit_steps=exit_steps, exit_logits=exit_logits,
+                       gate_logits=torch.stack(step_gate, -1) if gate is not None else None,
+                       stack_rows=stack_rows, gate_rows=gate_rows, head_rows=head_rows)
+
+
+def _packed_stack(model: _DecoderLM, cache: KVCache | None, step: int, x: torch.Tensor, rows: tuple,
+                  active: torch.Tensor, positions: torch.Tensor, k_now: torch.Tensor, v_now: torch.Tensor) -> torch.Tensor:
+    """One pass of the blocks over the running tokens only: x (n, D) packed rows (b, c).
+
+    Matmuls see the n rows; attention packs each sequence's running queries into A slots
+    (A = the most running in one sequence) and reads the cached tokens, then the chunk's keys
+    (running tokens' new ones, exited tokens' frozen ones), causally within the chunk."""
+    B, C = active.shape
+    b, c = rows
+    slot = (active.long().cumsum(1) - 1)[rows]  # each running token's slot in its sequence's queries
+    A = int(active.sum(1).max())
+    query_c = torch.full((B, A), C - 1, dtype=torch.long, device=x.device)  # padding slots see all: finite, unused
+    query_c[b, slot] = c
+    P = cache.length if cache is not None else 0
+    sees = torch.arange(C, device=x.device)[None, None, :] <= query_c[:, :, None]  # (B, A, C)
+    mask = torch.cat([sees.new_ones(B, A, P), sees], dim=-1)[:, None]  # (B, 1, A, P + C)
+    pos = positions[c]
+    for layer, block in enumerate(model.blocks):
+        attn = block.attn
+        q, k, v = attn.project_rows(block.norm1(x), pos)  # (n, H, Dh)
+        k_now[layer][b, :, c] = k
+        v_now[layer][b, :, c] = v
+        keys, values = k_now[layer], v_now[layer]
+        if P:
+            cached_k, cached_v = cache.keys_values(step, layer)
+            keys, values = torch.cat([cached_k, keys], dim=2), torch.cat([cached_v, values], dim=2)
+        queries = q.new_zeros(B, q.shape[1], A, q.shape[2])
+        queries[b, :, slot] = q
+        y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)  # (B, H, A, Dh)
+        x = x + block.norm2(attn.out(y[b, :, slot].flatten(1)))
+        x = x + block.norm4(block.mlp(block.norm3(x)))
+    return x
+
+
+@dataclass
+class Generation:
+    """tokens: (B, P + new) prompt and generated ids; exit_steps: (B, new) the loop step each
+    generated token's prediction came from; seconds: wall time of prefill and decoding;
+    flops: forward FLOPs executed; cache_bytes: the cache's filled size at the end."""
+
+    tokens: torch.Tensor
+    exit_steps: torch.Tensor
+    seconds: float
+    flops: int
+    cache_bytes: int
+
+
+@torch.no_grad()
+def generate(model: _DecoderLM, prompt: torch.Tensor, max_new_tokens: int, rule: ExitRule = ExitRule(),
+             strategy: str = "full", temperature: float = 0.0, generator: torch.Generator | None = None) -> Generation:
+    """Autoregressive generation with a KV cache and per-token early exit under `rule`.
+
+    The prompt (B, P) but its last token is prefilled at full depth into every loop step's
+    cache; then each step decodes one token (the prompt's last first), exiting under `rule`,
+    and appends it to the cache by `strategy`. temperature 0 = greedy."""
+    B, P = prompt.shape
+    if P < 1:
+        raise ValueError("generation needs a prompt of at least one token")
+    total = P + max_new_tokens - 1  # the last generated token is never fed back
+    if total > model.spec.max_seq_len:
+        raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) needs {total} positions; "
+                         f"the model's context is {model.spec.max_seq_len}")
+    cache = KVCache(model, B, strategy, max_len=total)
+    seq_len = model.spec.max_seq_len
+    began = time.perf_counter()
+    flops = 0
+    if P > 1:
+        flops += executed_flops(model, forward_chunk(model, prompt[:, :-1], cache), seq_len)
+    tokens, steps, nxt = [prompt], [], prompt[:, -1:]
+    for _ in range(max_new_tokens):
+        out = forward_chunk(model, nxt, cache, rule)
+        flops += executed_flops(model, out, seq_len)
+        logits = out.exit_logits[:, -1].float()
+        if temperature > 0:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)
+        else:
+            nxt = logits.argmax(-1, keepdim=True)
+        tokens.append(nxt)
+        steps.append(out.exit_steps[:, -1])
+    return Generation(tokens=torch.cat(tokens, 1), exit_steps=torch.stack(steps, 1),
+                      seconds=time.perf_counter() - began, flops=flops, cache_bytes=cache.nbytes)
+
+
+def teacher_forced(model: _DecoderLM, tokens: torch.Tensor, prefill: int, rule: ExitRule = ExitRule(),
+                   strategy: str = "full") -> tuple[torch.Tensor, torch.Tensor, KVCache, int]:
+    """Decode `tokens` (B, S) one at a time after prefilling the first `prefill` at full depth,
+    feeding the true tokens: the logits (B, S - prefill, V) each decoded position predicts
+    with, their exit steps (B, S - prefill), the cache and the FLOPs executed."""
+    B, S = tokens.shape
+    if not 0 <= prefill < S:
+        raise ValueError(f"prefill must be in [0, {S}), got {prefill}")
+    cache = KVCache(model, B, strategy, max_len=S)
+    seq_len = model.spec.max_seq_len
+    flops = executed_flops(model, forward_chunk(model, tokens[:, :prefill], cache), seq_len) if prefill else 0
+    logits, steps = [], []
+    for j in range(prefill, S):
+        out = forward_chunk(model, tokens[:, j:j + 1], cache, rule)
+        flops += executed_flops(model, out, seq_len)
+        logits.append(out.exit_logits[:, 0])
+        steps.append(out.exit_steps[:, 0])
+    return torch.stack(logits, 1), torch.stack(steps, 1), cache, flops
+
+
+__all__ = ["ChunkOutput", "ExitRule", "Generation", "KVCache", "RULES", "STRATEGIES", "executed_flops",
+           "forward_chunk", "generate", "teacher_forced"]

@@ -1,0 +1,272 @@
+"""Skip semantics and KV-cached decoding (ouro_lab/models/decoding.py) against references
+written here, independently of the engine: the ordinary forward, and a dense masked
+re-implementation of the skip rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ouro_lab.models import LoopedLM, ModelSpec, StandardLM
+from ouro_lab.models.decoding import (STRATEGIES, ExitRule, KVCache, executed_flops, forward_chunk, generate,
+                                      teacher_forced)
+
+V, S, P = 19, 10, 4  # vocabulary, sequence length, prefilled prompt
+
+
+def make(kind: str = "looped", loop_state: str = "normed", positions: str = "rope", seed: int = 0):
+    torch.manual_seed(seed)
+    loops = 3 if kind == "looped" else 1
+    spec = ModelSpec(vocab_size=V, max_seq_len=S, d_model=16, n_heads=2, n_layers=2, loops=loops, d_ff=32,
+                     loop_state=loop_state, positions=positions, tie_embeddings=False)
+    model = (LoopedLM if kind == "looped" else StandardLM)(spec).eval()
+    with torch.no_grad():  # peaked predictions and a gate that varies across tokens and steps: varied exits
+        model.lm_head.weight.normal_(0, 1.0)
+        if kind == "looped":
+            model.exit_gate.weight.normal_(0, 0.3)
+            model.exit_gate.bias.fill_(-1.0)
+    return model
+
+
+def skip_reference(model, idx: torch.Tensor, rule: ExitRule, exit_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Skip semantics by brute force: every step runs every token densely with a causal mask;
+    an exited token's keys/values are replaced by those of its exit step and its state is not
+    updated. Returns the per-step normed states (T, B, S, D) and exit steps (B, S)."""
+    T = model.spec.loops if isinstance(model, LoopedLM) else 1
+    B, n = idx.shape
+    h = model.embed(idx)
+    done = torch.zeros(B, n, dtype=torch.bool)
+    exit_steps = torch.full((B, n), T)
+    frozen_k, frozen_v = {}, {}
+    survival = torch.ones(B, n, dtype=torch.float64)
+    prev = None
+    states, normed = [], torch.zeros_like(h)
+    for t in range(1, T + 1):
+        x = h
+        for layer, block in enumerate(model.blocks):
+            a = block.attn
+            z = block.norm1(x)
+            q, k, v = a.qkv(z).view(B, n, 3, a.n_heads, -1).permute(2, 0, 3, 1, 4)
+            if a.rope is not None:
+                q, k = a.rope(q), a.rope(k)
+            if layer in frozen_k:
+                keep = done[:, None, :, None]
+                k, v = torch.where(keep, frozen_k[layer], k), torch.where(keep, frozen_v[layer], v)
+            frozen_k[layer], frozen_v[layer] = k, v
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, n, -1)
+            x = x + block.norm2(a.out(y))
+            x = x + block.norm4(block.mlp(block.norm3(x)))
+        x_normed = model.final_norm(x)
+        new_h = x_normed if model.spec.loop_state == "normed" else x
+        h = torch.where(done[..., None], h, new_h)
+        normed = torch.where(done[..., None], normed, x_normed)
+        states.append(normed)
+        running = ~done
+        fires = torch.zeros(B, n, dtype=torch.bool)
+        if rule.name == "q":
+            survival = survival * (1 - torch.sigmoid(model.exit_gate(x_normed).squeeze(-1).double()))
+            fires = 1 - survival >= rule.threshold
+        elif rule.name in ("conf", "change"):
+            lp = torch.log_softmax(model.lm_head(x_normed).float(), -1)
+            if rule.name == "conf":
+                fires = lp.max(-1).values.exp() >= rule.threshold
+            elif prev is not None:
+                fires = (lp.exp() * (lp - prev)).sum(-1) < rule.threshold
+            prev = torch.where(done[..., None], prev, lp) if prev is not None else lp
+        fires &= running & (torch.arange(n) >= exit_from)[None]
+        if t < T:
+            exit_steps[fires] = t
+            done |= fires
+    return torch.stack(states), exit_steps
+
+
+CASES = [("looped", "normed", "rope"), ("looped", "residual", "learned"), ("standard", "normed", "rope")]
+
+
+@pytest.mark.parametrize("kind,loop_state,positions", CASES)
+def test_rule_off_skip_forward_is_the_ordinary_forward(kind, loop_state, positions):
+    model = make(kind, loop_state, positions)
+    idx = torch.randint(0, V, (3, S))
+    with torch.no_grad():
+        ref = model(idx)
+    out = forward_chunk(model, idx)
+    assert torch.equal(out.hidden, ref.hidden)  # bit for bit: the same operations
+    assert torch.equal(out.exit_steps, torch.full((3, S), ref.hidden.shape[0]))
+
+
+RULES = [ExitRule(), ExitRule("q", 0.6), ExitRule("conf", 0.6), ExitRule("change", 0.8)]  # varied exits (tuned)
+
+
+@pytest.mark.parametrize("kind,loop_state,positions,rule",
+                         [(*case, rule) for case in CASES for rule in RULES if case[0] == "looped" or rule.name != "q"])
+def test_full_cache_decoding_equals_the_uncached_forward(kind, loop_state, positions, rule):
+    """Prefill P tokens, then decode one at a time with the full cache: every loop step's logits
+    of every position equal the uncached pass over the whole sequence (the ordinary forward
+    without exit; the brute-force skip reference with exit from position P)."""
+    model = make(kind, loop_state, positions)
+    idx = torch.randint(0, V, (3, S))
+    with torch.no_grad():
+        ref_states, ref_exits = skip_reference(model, idx, rule, exit_from=P)
+        if rule.name == "none":
+            assert torch.allclose(ref_states, model(idx).hidden, atol=1e-6)  # the reference itself, checked
+    cache = KVCache(model, 3, "full")
+    states, steps = [forward_chunk(model, idx[:, :P], cache).hidden], []
+    for j in range(P, S):
+        out = forward_chunk(model, idx[:, j:j + 1], cache, rule)
+        states.append(out.hidden)
+        steps.append(out.exit_steps)
+    states, steps = torch.cat(states, dim=2), torch.cat(steps, dim=1)
+    assert torch.equal(steps, ref_exits[:, P:])
+    assert torch.allclose(model.lm_head(states), model.lm_head(ref_states), atol=1e-5)
+    if rule.name != "none" and kind == "looped":
+        assert 1 < steps.float().mean() < model.spec.loops  # the exits really varied
+    # the same rule over the whole sequence at once (skip-semantics evaluation) agrees too
+    whole = forward_chunk(model, idx, rule=rule, exit_from=P)
+    assert torch.equal(whole.exit_steps, ref_exits)
+    assert torch.allclose(whole.hidden, ref_states, atol=1e-5)
+
+
+def test_q_rule_on_a_model_without_gate_is_refused():
+    with pytest.raises(ValueError, match="gate"):
+        forward_chunk(make("standard"), torch.zeros(1, 3, dtype=torch.long), rule=ExitRule("q", 0.5))
+
+
+def test_executed_flops_match_a_hand_count():
+    """A constant gate lambda = 0.5 (weight 0, bias 0): CDF = 0.5, 0.75, 0.875, so q = 0.7 exits
+    every token at step 2, except the first `exit_from` positions, which run all 3 steps."""
+    model = make("looped")
+    with torch.no_grad():
+        model.exit_gate.weight.zero_()
+        model.exit_gate.bias.zero_()
+    B, exit_from = 2, 3
+    out = forward_chunk(model, torch.randint(0, V, (B, S)), rule=ExitRule("q", 0.7), exit_from=exit_from)
+    assert torch.equal(out.exit_steps[:, :exit_from], torch.full((B, exit_from), 3))
+    assert torch.equal(out.exit_steps[:, exit_from:], torch.full((B, S - exit_from), 2))
+    d, f, n_layers = 16, 32, 2
+    block = 2 * 4 * d * d + 2 * 3 * d * f + 4 * S * d  # qkv + out, SwiGLU, attention over S (the convention)
+    steps_run = B * (exit_from * 3 + (S - exit_from) * 2)
+    hand = steps_run * (n_layers * block + 2 * d) + B * S * 2 * d * V  # stack + gate per step, head once
+    assert executed_flops(model, out, S) == hand
+    assert out.stack_rows == out.gate_rows == steps_run and out.head_rows == B * S
+    # a rule that reads the predictions runs the head at every executed step
+    conf = forward_chunk(model, torch.randint(0, V, (B, S)), rule=ExitRule("conf", 1e-9), exit_from=exit_from)
+    assert conf.head_rows == conf.stack_rows == B * (exit_from * 3 + (S - exit_from) * 1)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cache_bytes_are_the_analytic_count(strategy):
+    model = make("looped")
+    B, T, L, H, Dh = 3, 3, 2, 2, 8
+    cache = KVCache(model, B, strategy)
+    forward_chunk(model, torch.randint(0, V, (B, P)), cache)
+    for j in range(2):
+        forward_chunk(model, torch.randint(0, V, (B, 1)), cache, ExitRule("q", 0.6))
+    slots = T if strategy == "full" else 1
+    assert cache.length == P + 2
+    assert cache.nbytes == slots * L * 2 * B * H * (P + 2) * Dh * 4  # k and v, fp32
+
+
+def test_shared_cache_strategies_write_what_they_say():
+    model = make("looped")
+    T, L, B, H, C, Dh = 3, 2, 1, 2, 2, 8
+    step_k = torch.arange(1, T + 1, dtype=torch.float32)[:, None, None, None, None, None].expand(T, L, B, H, C, Dh)
+    exit_steps = torch.tensor([[3, 2]])  # token 2 exited at step 2: its step-3 row is the frozen step-2 one
+    step_k = step_k.clone()
+    step_k[2, :, :, :, 1] = 2.0
+    expected = {"last": [3.0, 2.0], "first": [1.0, 1.0], "mean": [2.0, 1.5]}
+    for strategy, values in expected.items():
+        cache = KVCache(model, B, strategy)
+        cache.append(step_k, step_k, exit_steps)
+        k, _ = cache.keys_values(step=3, layer=1)
+        assert k[0, 0, :, 0].tolist() == values, strategy
+    full = KVCache(model, B, "full")
+    full.append(step_k, step_k, exit_steps)
+    assert [full.keys_values(step=t, layer=0)[0][0, 0, 1, 0].item() for t in (1, 2, 3)] == [1.0, 2.0, 2.0]
+
+
+def test_shared_caches_change_decoding_of_looped_models_only():
+    """One step, one cache: a standard model decodes identically under every strategy; a looped
+    model's `first` cache (step-1 keys for every later step) changes its predictions."""
+    idx = torch.randint(0, V, (2, S))
+    for model, differs in ((make("looped"), True), (make("standard"), False)):
+        logits = {s: teacher_forced(model, idx, P, strategy=s)[0] for s in STRATEGIES}
+        for strategy in ("last", "first", "mean"):
+            assert torch.allclose(logits["full"], logits[strategy], atol=1e-5) != differs, strategy
+
+
+def test_generation_is_greedy_decoding_of_the_ordinary_model():
+    model = make("looped", "residual", "learned")
+    prompt = torch.randint(0, V, (2, 3))
+    g = generate(model, prompt, S - 3 + 1)
+    assert g.tokens.shape == (2, S + 1) and g.exit_steps.shape == (2, S - 2)
+    with torch.no_grad():
+        logits = model(g.tokens[:, :S]).logits[-1]
+    assert torch.equal(logits[:, 2:].argmax(-1), g.tokens[:, 3:])  # each generated token is the argmax there
+    with pytest.raises(ValueError, match="context"):
+        generate(model, prompt, S)
+
+
+# --- on trained checkpoints: `ouro-lab eval` with an exit rule, `generate`, `decode` ----------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny looped model trained for real on `state` and one on `arith` (state: 40 steps)."""
+    from ouro_lab.config import load_config
+    from ouro_lab.train import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    base = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.loops=3", "data.batch_size=32",
+            "data.n_val=128", "data.n_test=128", "train.max_steps=40", "train.warmup_steps=5", "train.val_every=40",
+            "train.progress_bar=false", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+            f"tracking.output_dir={tmp / 'outputs'}", "eval.test=false"]
+    state = train(load_config(None, [*base, "data.state.length=8"]), verbose=False)
+    arith = train(load_config("conf/arith.yaml", [*base, "data.arith.max_ops=2", "train.max_steps=20"]), verbose=False)
+    return Path(state.checkpoint), Path(arith.checkpoint)
+
+
+def test_skip_eval_with_rule_off_is_the_ordinary_evaluation(trained):
+    from ouro_lab.evaluate import evaluate_checkpoint, load_checkpoint
+    from ouro_lab.inference import skip_evaluate
+    from ouro_lab.train import make_datamodule
+
+    ckpt = trained[0]
+    ordinary = evaluate_checkpoint(ckpt, [], "test").metrics
+    cfg, module = load_checkpoint(ckpt)
+    loader = make_datamodule(cfg, module.task).test_dataloader()
+    off = skip_evaluate(module.model, loader, ExitRule(), len(module.task.difficulty_levels), False, module.task.seq_len)
+    for semantics in ("skip", "select", "full"):
+        assert off[f"{semantics}_acc"] == ordinary["test/acc_final"]  # exactly
+        assert off[f"{semantics}_loss"] == pytest.approx(ordinary["test/loss_final"], abs=1e-6)
+        assert off[f"{semantics}_loops"] == 3
+        for k in (1, 2, 3):
+            assert off[f"{semantics}_acc_d{k}"] == ordinary[f"test/acc_final_d{k}"]
+    assert off["skip_flops"] == off["full_flops"] and off["skip_minus_select_acc"] == 0
+
+
+def test_eval_with_an_exit_rule_reports_skip_next_to_selection(trained, capsys):
+    from ouro_lab.cli import main
+
+    assert main(["eval", str(trained[0]), "infer.exit_rule=q", "infer.exit_threshold=0.3", "--no-log"]) == 0
+    out = capsys.readouterr().out
+    assert "skip semantics vs selection semantics (q=0.3)" in out and "accuracy, skip minus selection" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["skip"], ["select"], ["full"])}
+    skip_loops, full_loops = float(rows["skip"][3]), float(rows["full"][3])
+    assert full_loops == 3 and skip_loops < 3  # the rule exits some tokens early
+    assert float(rows["skip"][4]) < float(rows["full"][4])  # and fewer FLOPs were executed
+    assert main(["eval", str(trained[0]), "infer.exit_rule=nope"]) == 2
+    assert "infer.exit_rule: 'nope' is not one of: none, q, conf, change" in capsys.readouterr().err
+
+
+def test_generate_answers_arith_and_decode_refuses_non_text(trained, capsys):
+    from ouro_lab.cli import main
+
+    assert main(["generate", str(trained[1]), "infer.samples=2", "infer.cache=last", "infer.exit_rule=conf",
+                 "infer.exit_threshold=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("<ans> -> ") == 2 and "expected" in out and "<bos> <len_" in out
+    assert main(["decode", str(trained[0])]) == 2
+    assert "byte-level tasks" in capsys.readouterr().err
+    assert main(["generate", str(trained[0]), "infer.prompt=abc"]) == 2
+    assert "infer.prompt is text" in capsys.readouterr().err

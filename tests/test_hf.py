@@ -1,0 +1,160 @@
+"""Released Ouro checkpoints (Hugging Face layout): the test writes small ones itself (no
+network here) and checks the loaded LoopedLM against an independent forward pass written
+from the published architecture (modeling_ouro.py: sandwich norms, rotate-half RoPE at
+rope_theta, final norm inside the loop)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ouro_lab import cli
+from ouro_lab.evaluate import evaluate_checkpoint, import_hf, load_checkpoint
+from ouro_lab.models.hf import HFImportError
+
+D, HEADS, LAYERS, FF, LOOPS, VOCAB = 16, 2, 2, 24, 3, 256  # vocabulary = the text task's bytes
+THETA, EPS = 5e5, 1e-5
+
+
+def hf_config(**changes) -> dict:
+    return {"model_type": "ouro", "architectures": ["OuroForCausalLM"], "hidden_size": D, "intermediate_size": FF,
+            "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
+            "total_ut_steps": LOOPS, "rope_theta": THETA, "rms_norm_eps": EPS, "vocab_size": VOCAB,
+            "max_position_embeddings": 4096, "tie_word_embeddings": False, "hidden_act": "silu",
+            "rope_scaling": None, **changes}
+
+
+def hf_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=0.2: torch.randn(*shape, generator=g) * s  # noqa: E731
+    t = {"model.embed_tokens.weight": r(VOCAB, D, s=1.0), "model.norm.weight": 1 + r(D),
+         "model.early_exit_gate.weight": r(1, D, s=1.0), "model.early_exit_gate.bias": r(1), "lm_head.weight": r(VOCAB, D)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            t[p + f"self_attn.{name}.weight"] = r(D, D)
+        t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"], t[p + "mlp.down_proj.weight"] = r(FF, D), r(FF, D), r(D, FF)
+        for name in ("input_layernorm", "input_layernorm_2", "post_attention_layernorm", "post_attention_layernorm_2"):
+            t[p + f"{name}.weight"] = 1 + r(D)
+    return t
+
+
+def write_hf(folder, tensors=None, **config_changes):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config(**config_changes)))
+    save_file(tensors if tensors is not None else hf_tensors(), str(folder / "model.safetensors"))
+    return folder
+
+
+def reference_forward(t: dict[str, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ouro's forward from the published code, by hand: per-step logits (T, B, S, V) and gate
+    logits (T, B, S)."""
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS))
+
+    B, S = idx.shape
+    hd = D // HEADS
+    inv_freq = 1.0 / THETA ** (torch.arange(0, hd, 2).float() / hd)
+    freqs = torch.outer(torch.arange(S).float(), inv_freq)
+    emb = torch.cat((freqs, freqs), -1)  # HF Llama-style: cat(freqs, freqs), rotate_half pairs (i, i + hd/2)
+    cos, sin = emb.cos(), emb.sin()
+
+    def rotate_half(x):
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return torch.cat((-x2, x1), -1)
+
+    h = t["model.embed_tokens.weight"][idx]
+    logits, gates = [], []
+    for _ in range(LOOPS):
+        for i in range(LAYERS):
+            p = f"model.layers.{i}."
+            x = rms(h, t[p + "input_layernorm.weight"])
+            q, k, v = (F.linear(x, t[p + f"self_attn.{n}_proj.weight"]).view(B, S, HEADS, hd).transpose(1, 2) for n in "qkv")
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+            scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+            a = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, S, D)
+            h = h + rms(F.linear(a, t[p + "self_attn.o_proj.weight"]), t[p + "input_layernorm_2.weight"])
+            x = rms(h, t[p + "post_attention_layernorm.weight"])
+            m = F.linear(F.silu(F.linear(x, t[p + "mlp.gate_proj.weight"])) * F.linear(x, t[p + "mlp.up_proj.weight"]),
+                         t[p + "mlp.down_proj.weight"])
+            h = h + rms(m, t[p + "post_attention_layernorm_2.weight"])
+        h = rms(h, t["model.norm.weight"])  # the final norm inside the loop; its output is the next input
+        logits.append(F.linear(h, t["lm_head.weight"]))
+        gates.append(F.linear(h, t["model.early_exit_gate.weight"], t["model.early_exit_gate.bias"]).squeeze(-1))
+    return torch.stack(logits), torch.stack(gates)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    words = "loops exit gate token prior entropy depth cache".split()
+    for i in range(12):
+        (root / f"doc{i}.txt").write_text(" ".join(words[(i * j) % len(words)] for j in range(400)))
+    return f"data.text.paths={root}/*.txt"
+
+
+def overrides(corpus, tmp_path):
+    return [corpus, "data.text.context=32", "data.n_val=16", "data.n_test=16", "data.eval_batch_size=8",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
+def test_loaded_checkpoint_reproduces_the_reference_forward(tmp_path, corpus):
+    folder = write_hf(tmp_path / "ouro")
+    cfg, ckpt = import_hf(folder, tmp_path / "ouro.ckpt", overrides(corpus, tmp_path))
+    assert (cfg.model.rope_layout, cfg.model.rope_base, cfg.model.norm_eps, cfg.model.loops) == ("rotate_half", THETA, EPS, LOOPS)
+    _, module = load_checkpoint(ckpt)
+    idx = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = module.model(idx)
+    ref_logits, ref_gates = reference_forward(hf_tensors(), idx)
+    assert torch.allclose(out.logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(out.gate_logits.permute(2, 0, 1), ref_gates, atol=1e-4)
+    # the interleaved layout reads the same weights as a different function
+    _, wrong = load_checkpoint(ckpt)
+    wrong.model.blocks[0].attn.rope.layout = "interleaved"
+    with torch.no_grad():
+        assert not torch.allclose(wrong.model(idx).logits, ref_logits, atol=1e-2)
+    assert torch.load(ckpt, weights_only=False)["ouro_source"]["folder"] == str(folder.resolve())
+
+
+def test_evaluation_and_generation_run_on_the_imported_model(tmp_path, corpus, capsys):
+    folder = write_hf(tmp_path / "ouro")
+    ckpt = tmp_path / "ouro.ckpt"
+    assert cli.main(["import-hf", str(folder), str(ckpt), *overrides(corpus, tmp_path)]) == 0
+    result = evaluate_checkpoint(ckpt, ["infer.exit_rule=q", "infer.exit_threshold=0.5"], log=True)
+    assert {f"test/bpb_step{t}" for t in range(1, LOOPS + 1)} <= set(result.metrics)
+    assert "test/skip_bpb" in result.metrics and result.run_id
+    assert cli.main(["generate", str(ckpt), "infer.prompt=loops exit", "infer.max_new_tokens=5"]) == 0
+    assert "loops exit\u2588" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "'model.layers.1.mlp.up_proj.weight' is missing"),
+    (lambda t: t.__setitem__("model.layers.0.self_attn.k_proj.weight", torch.zeros(D, D + 2)),
+     "'model.layers.0.self_attn.k_proj.weight' has shape \\(16, 18\\); config.json implies \\(16, 16\\)"),
+    (lambda t: t.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(D)), "cannot place.*q_proj.bias"),
+])
+def test_bad_tensors_are_named(tmp_path, corpus, change, message):
+    tensors = hf_tensors()
+    change(tensors)
+    folder = write_hf(tmp_path / "ouro", tensors)
+    with pytest.raises(HFImportError, match=message):
+        import_hf(folder, tmp_path / "x.ckpt", overrides(corpus, tmp_path))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_key_value_heads": 1}, "grouped-query attention is not supported"),
+    ({"vocab_size": 49152}, "vocab_size 49152, but data.task=text has a vocabulary of 256"),
+    ({"model_type": "llama"}, "model_type 'llama'"),
+])
+def test_unrepresentable_configs_are_refused(tmp_path, corpus, changes, message, capsys):
+    folder = write_hf(tmp_path / "ouro", **changes)
+    assert cli.main(["import-hf", str(folder), str(tmp_path / "x.ckpt"), *overrides(corpus, tmp_path)]) == 2
+    assert message in capsys.readouterr().err
