@@ -26,14 +26,14 @@ from ouro_lab.data.multihop import MultihopConfig
 from ouro_lab.data.random_tokens import RandomConfig
 from ouro_lab.data.state import StateConfig
 from ouro_lab.data.text import TextConfig
+from ouro_lab.models.decoding import RULES as EXIT_RULES  # online exit rules (infer.exit_rule)
+from ouro_lab.models.decoding import STRATEGIES as CACHE_STRATEGIES  # decode-time KV caches (infer.cache)
 from ouro_lab.models.transformer import CHECKPOINTING, ROPE_LAYOUTS
 from ouro_lab.objectives import PRIORS, STAGE2_IMPROVEMENT
 
 ARCHS = ("looped", "param_matched", "depth_matched")
 POSITIONS = ("rope", "learned")
 LOOP_STATES = ("normed", "residual")
-EXIT_RULES = ("none", "q", "conf", "change")  # online exit rules of skip-semantics eval and decoding (infer.exit_rule)
-CACHE_STRATEGIES = ("full", "last", "first", "mean")  # decode-time KV cache of looped models (infer.cache)
 # NOTE: "ddp" (Lightning's subprocess launcher) re-runs the whole command line in every rank, a
 # sweep included; "ddp_spawn" starts the ranks from the training call itself.
 STRATEGIES = ("auto", "ddp_spawn", "ddp_fork", "ddp", "ddp_notebook", "fsdp", "deepspeed", "single_device")
@@ -370,6 +370,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(e.oracle_tolerance >= 0, "eval.oracle_tolerance", f"must be >= 0, got {e.oracle_tolerance}")
     i = cfg.infer
     choice("infer.exit_rule", i.exit_rule, EXIT_RULES)
+    check(i.exit_rule != "q" or m.arch == "looped", "infer.exit_rule",
+          f"the q rule reads the exit gate; model.arch={m.arch} has none (conf or change work on any model)")
     choice("infer.cache", i.cache, CACHE_STRATEGIES)
     if i.exit_rule in ("q", "conf"):
         check(0 < i.exit_threshold <= 1, "infer.exit_threshold", f"must be in (0, 1] for rule {i.exit_rule!r}, got {i.exit_threshold}")

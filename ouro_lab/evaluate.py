@@ -4,19 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ouro_lab import tracking
 from ouro_lab.config import ConfigError, ExperimentConfig, from_dict, used_params
 from ouro_lab.inference import device_for, exit_rule, skip_evaluate, skip_table
-from ouro_lab.modules import _LMModule, build_module, read_checkpoint
+from ouro_lab.modules import build_module, read_checkpoint
 from ouro_lab.train import make_datamodule, make_trainer
 from ouro_lab.views import run_tables
+
+if TYPE_CHECKING:
+    import lightning as L
 
 # Only evaluation and data-size keys may change on reload; anything else is a different model.
 EVAL_OVERRIDABLE = ("eval.", "infer.", "data.eval_batch_size", "data.n_val", "data.n_test", "train.accelerator",
                     "train.precision")
+IMPORT_OVERRIDABLE = ("data.", "eval.", "infer.", "tracking.")  # import-hf: the network is the file's
 
 
 @dataclass
@@ -35,7 +40,7 @@ class EvalResult:
                          if self.skip else "")
 
 
-def load_checkpoint(path: Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, _LMModule]:
+def load_checkpoint(path: Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, "L.LightningModule"]:
     """A checkpoint's config (with evaluation-time overrides) and its module, weights loaded, in eval mode."""
     for item in overrides:
         if not item.startswith(EVAL_OVERRIDABLE):
@@ -61,9 +66,9 @@ def import_hf(folder: Path, out: Path, overrides: list[str] = ()) -> tuple[Exper
     if not folder.is_dir():
         raise hf.HFImportError(f"{folder}: not a folder (a Hugging Face model folder: config.json + model.safetensors)")
     for item in overrides:
-        if item.startswith("model."):
+        if not item.startswith(IMPORT_OVERRIDABLE):
             raise ConfigError(f"override {item!r}: the network comes from {folder / 'config.json'}; "
-                              "only data.*, eval.*, infer.*, tracking.* can be set")
+                              f"only {', '.join(IMPORT_OVERRIDABLE)} can be set")
     hf_config = hf.read_hf_config(folder)
     # a language model: the text task unless asked otherwise
     cfg = load_config(None, ["data.task=text", *hf.model_overrides(hf_config, str(folder / "config.json")), *overrides])

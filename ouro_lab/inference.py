@@ -6,7 +6,7 @@ cached decoding"); the forward passes are `ouro_lab.models.decoding`.
                     (`ouro-lab eval CKPT infer.exit_rule=q infer.exit_threshold=0.5`)
     decode_table    teacher-forced cached decoding of test windows per cache strategy:
                     bits per byte, cache bytes, tokens/s, mean loops (`ouro-lab decode CKPT`)
-    sample_text     generation from prompts (`ouro-lab generate CKPT`)
+    run_generate    generation from prompts (`ouro-lab generate CKPT`)
 
 NOTE: plain `torch.no_grad` loops, not a Lightning Trainer: the point is the wall time of
 each forward, which Trainer hooks and callbacks would blur.
@@ -14,7 +14,6 @@ each forward, which Trainer hooks and callbacks would blur.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +25,8 @@ from ouro_lab import metric_names as names
 from ouro_lab.config import ConfigError, ExperimentConfig
 from ouro_lab.data import IGNORE_INDEX
 from ouro_lab.metrics import SkipEvalMetrics
-from ouro_lab.models.decoding import STRATEGIES, ExitRule, executed_flops, forward_chunk, generate, teacher_forced
+from ouro_lab.models.decoding import (STRATEGIES, ExitRule, clock, executed_flops, forward_chunk, generate, row_flops,
+                                      teacher_forced)
 from ouro_lab.models.transformer import LoopedLM
 
 
@@ -38,13 +38,6 @@ def device_for(cfg: ExperimentConfig) -> torch.device:
     """Where inference runs: a GPU when train.accelerator allows one and there is one, else the CPU."""
     gpu = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     return torch.device("cuda" if gpu else "cpu")
-
-
-def _clock(device: torch.device) -> float:
-    """Wall time, after the device's queued work is done (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _selection_steps(rule: ExitRule, gate_logits: torch.Tensor | None, logits: list[torch.Tensor]) -> torch.Tensor:
@@ -71,23 +64,24 @@ def skip_evaluate(model: torch.nn.Module, loader, rule: ExitRule, n_levels: int,
     """`rule` in skip semantics, in selection semantics, and full depth over `loader`'s
     (tokens, targets, difficulty) batches; metric names `names.inference` (skip_acc, select_loops,
     full_flops ...) plus skip_minus_select_acc. Full depth's wall time is the ordinary forward
-    with the head at step T; FLOPs of selection equal full depth's (every step runs)."""
+    with the head at step T. FLOPs: full depth runs the stack and gate T times and the head
+    once per token; selection the same, with the head at every step for the rules that read
+    predictions (conf, change)."""
     model.eval()
     device = next(model.parameters()).device
-    metrics = SkipEvalMetrics(n_levels, bpb)
-    T = model.spec.loops if isinstance(model, LoopedLM) else 1
-    gate = 2 * model.spec.d_model if isinstance(model, LoopedLM) else 0  # the exit gate runs every step
-    per_loop = len(model.blocks) * model.block_flops_per_token(seq_len) + gate
+    metrics = SkipEvalMetrics(n_levels, bpb).to(device)
+    looped = isinstance(model, LoopedLM)
+    T = model.spec.loops if looped else 1
     for batch in loader:
         tokens, targets, difficulty = (x.to(device) for x in batch)
         scored = difficulty * (targets != IGNORE_INDEX)
-        began = _clock(device)
+        began = clock(device)
         out = model(tokens)
         final_logits = out.head(out.hidden[-1])
-        full_seconds = _clock(device) - began
-        began = _clock(device)
+        full_seconds = clock(device) - began
+        began = clock(device)
         chunk = forward_chunk(model, tokens, rule=rule)
-        skip_seconds = _clock(device) - began
+        skip_seconds = clock(device) - began
         step_logits = [out.head(h) for h in out.hidden]  # (B, S, V) per step, for selection
         sel_steps = _selection_steps(rule, out.gate_logits, step_logits)
         step_losses = torch.stack([_token_losses(x, targets) for x in step_logits])  # (T, B, S)
@@ -98,9 +92,11 @@ def skip_evaluate(model: torch.nn.Module, loader, rule: ExitRule, n_levels: int,
                                final_logits.argmax(-1) == targets])
         loops = torch.stack([chunk.exit_steps, sel_steps, torch.full_like(sel_steps, T)])
         n = tokens.numel()
-        full_flops = n * (T * per_loop + model.head_flops_per_token())
-        flops = torch.tensor([executed_flops(model, chunk, seq_len), full_flops, full_flops], dtype=torch.float64)
-        seconds = torch.tensor([skip_seconds, full_seconds, full_seconds], dtype=torch.float64)
+        full_flops = row_flops(model, seq_len, n * T, n * T if looped else 0, n)
+        select_flops = row_flops(model, seq_len, n * T, n * T if looped else 0, n * T if rule.needs_logits else n)
+        flops = torch.tensor([executed_flops(model, chunk, seq_len), select_flops, full_flops], dtype=torch.float64,
+                             device=device)
+        seconds = torch.tensor([skip_seconds, full_seconds, full_seconds], dtype=torch.float64, device=device)
         metrics.update(losses, correct, loops, scored, flops, seconds, n)
     values = {k: float(v) for k, v in metrics.compute().items()}
     values["skip_minus_select_acc"] = values[names.inference("skip", "acc")] - values[names.inference("select", "acc")]
@@ -137,7 +133,7 @@ class DecodeRow:
     cache_bytes: int
     tokens_per_s: float  # all windows decoded side by side (throughput)
     tokens_per_s_b1: float  # one window alone (latency-bound, where skipped loops show most)
-    flops_per_token: float
+    flops_per_token: float  # executed forward FLOPs per decoded token
 
 
 @torch.no_grad()
@@ -145,8 +141,8 @@ def decode_table(model: torch.nn.Module, tokens: torch.Tensor, prefill: int, rul
                  strategies: tuple[str, ...] = STRATEGIES, progress=print) -> list[DecodeRow]:
     """Teacher-forced cached decoding of windows `tokens` (B, S+1): prefill the first `prefill`
     positions at full depth, then decode the rest one token at a time with each cache strategy
-    and exit rule; scored on the decoded positions. Tokens/s are timed for all windows side by
-    side and for the first window alone."""
+    and exit rule. Bits per byte, loops, FLOPs and tokens/s are of the decoded positions
+    (prefill excluded); tokens/s for all windows side by side and for the first window alone."""
     model.eval()
     device = next(model.parameters()).device
     tokens = tokens.to(device)
@@ -154,19 +150,16 @@ def decode_table(model: torch.nn.Module, tokens: torch.Tensor, prefill: int, rul
     rows = []
     for rule in rules:
         for strategy in strategies:
-            began = _clock(device)
-            logits, steps, cache, flops = teacher_forced(model, inputs, prefill, rule, strategy)
-            seconds = _clock(device) - began
-            began = _clock(device)
-            single = teacher_forced(model, inputs[:1], prefill, rule, strategy)[1]
-            seconds_b1 = _clock(device) - began
-            loss = float(_token_losses(logits, targets[:, prefill:]).mean())
+            out = teacher_forced(model, inputs, prefill, rule, strategy)
+            single = teacher_forced(model, inputs[:1], prefill, rule, strategy)
+            loss = float(_token_losses(out.logits, targets[:, prefill:]).mean())
+            steps = out.exit_steps
             rows.append(DecodeRow(strategy, str(rule), loss / np.log(2), loss, float(steps.float().mean()),
-                                  cache.nbytes, steps.numel() / seconds, single.numel() / seconds_b1,
-                                  flops / inputs.numel()))
+                                  out.cache.nbytes, steps.numel() / out.seconds, single.exit_steps.numel() / single.seconds,
+                                  out.flops / steps.numel()))
             r = rows[-1]
             progress(f"[decode] {strategy:5s} {str(rule):10s} bpb {r.bpb:.4f}  loops {r.mean_loops:.2f}  "
-                     f"{r.tokens_per_s:.0f} tok/s ({r.tokens_per_s_b1:.0f} alone)  cache {cache.nbytes / 1024:.0f} KiB")
+                     f"{r.tokens_per_s:.0f} tok/s ({r.tokens_per_s_b1:.0f} alone)  cache {r.cache_bytes / 1024:.0f} KiB")
     return rows
 
 
@@ -176,15 +169,6 @@ def decode_markdown(rows: list[DecodeRow]) -> str:
     lines += [f"| {r.strategy} | {r.rule} | {r.bpb:.4f} | {r.mean_loops:.2f} | {r.cache_bytes / 1024:.0f} | "
               f"{r.tokens_per_s:.0f} | {r.tokens_per_s_b1:.0f} | {r.flops_per_token / 1e6:.3f} |" for r in rows]
     return "\n".join(lines)
-
-
-def sample_text(model: torch.nn.Module, prompts: torch.Tensor, max_new_tokens: int, rule: ExitRule, strategy: str,
-                temperature: float, seed: int):
-    """Generate from prompts (B, P); returns the `Generation`."""
-    generator = torch.Generator().manual_seed(seed)
-    return generate(model, prompts, max_new_tokens, rule, strategy, temperature, generator)
-
-
 
 
 def run_decode(path, overrides: list[str] = ()) -> str:
@@ -242,11 +226,12 @@ def run_generate(path, overrides: list[str] = ()) -> str:
         if room < 1:
             raise ConfigError(f"infer.prompt: {len(prompt)} tokens; the model's context is {task.seq_len}")
         new = min(i.max_new_tokens, room) if answer is None else 1
-        out = sample_text(model, torch.tensor([prompt], device=device), new, rule, i.cache, i.temperature, i.seed)
+        generator = torch.Generator(device=device).manual_seed(i.seed)
+        out = generate(model, torch.tensor([prompt], device=device), new, rule, i.cache, i.temperature, generator)
         generated = out.tokens[0, len(prompt):].tolist()
         steps = out.exit_steps[0].float()
         stats = (f"{len(generated)} tokens, mean loops {float(steps.mean()):.2f}, {len(generated) / out.seconds:.0f} tokens/s, "
-                 f"cache {out.cache_bytes / 1024:.1f} KiB")
+                 f"cache {out.cache.nbytes / 1024:.1f} KiB")
         lines.append(f"--- sample {n} ({stats}) ---")
         if answer is None:
             lines.append(f"{task.render(prompt)}\u2588{task.render(generated)}")  # the block marks where generation starts
@@ -257,5 +242,5 @@ def run_generate(path, overrides: list[str] = ()) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DecodeRow", "decode_markdown", "decode_table", "exit_rule", "run_decode", "run_generate", "sample_text",
-           "skip_evaluate", "skip_table"]
+__all__ = ["DecodeRow", "decode_markdown", "decode_table", "exit_rule", "run_decode", "run_generate", "skip_evaluate",
+           "skip_table"]

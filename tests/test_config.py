@@ -57,6 +57,7 @@ def test_schema_defaults_without_a_file():
         (["infer.cache=some"], "infer.cache: 'some' is not one of: full, last, first, mean"),
         (["infer.exit_rule=q", "infer.exit_threshold=1.5"], "infer.exit_threshold: must be in (0, 1] for rule 'q'"),
         (["infer.exit_rule=change", "infer.exit_threshold=0"], "infer.exit_threshold: must be > 0 for rule 'change'"),
+        (["model.arch=param_matched", "infer.exit_rule=q"], "infer.exit_rule: the q rule reads the exit gate"),
     ],
 )
 def test_bad_config_messages(overrides, message):

@@ -4,8 +4,6 @@ re-implementation of the skip rule."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,17 +110,18 @@ def test_full_cache_decoding_equals_the_uncached_forward(kind, loop_state, posit
         ref_states, ref_exits = skip_reference(model, idx, rule, exit_from=P)
         if rule.name == "none":
             assert torch.allclose(ref_states, model(idx).hidden, atol=1e-6)  # the reference itself, checked
-    cache = KVCache(model, 3, "full")
-    states, steps = [forward_chunk(model, idx[:, :P], cache).hidden], []
-    for j in range(P, S):
-        out = forward_chunk(model, idx[:, j:j + 1], cache, rule)
-        states.append(out.hidden)
-        steps.append(out.exit_steps)
-    states, steps = torch.cat(states, dim=2), torch.cat(steps, dim=1)
-    assert torch.equal(steps, ref_exits[:, P:])
-    assert torch.allclose(model.lm_head(states), model.lm_head(ref_states), atol=1e-5)
-    if rule.name != "none" and kind == "looped":
-        assert 1 < steps.float().mean() < model.spec.loops  # the exits really varied
+    for chunk in (1, 2):  # one token at a time, and chunks of two (cached tokens + packed running ones)
+        cache = KVCache(model, 3, "full")
+        states, steps = [forward_chunk(model, idx[:, :P], cache, prefill=True).hidden], []
+        for j in range(P, S, chunk):
+            out = forward_chunk(model, idx[:, j:j + chunk], cache, rule)
+            states.append(out.hidden)
+            steps.append(out.exit_steps)
+        states, steps = torch.cat(states, dim=2), torch.cat(steps, dim=1)
+        assert torch.equal(steps, ref_exits[:, P:])
+        assert torch.allclose(model.lm_head(states), model.lm_head(ref_states), atol=1e-5)
+        if rule.name != "none" and kind == "looped":
+            assert 1 < steps.float().mean() < model.spec.loops  # the exits really varied
     # the same rule over the whole sequence at once (skip-semantics evaluation) agrees too
     whole = forward_chunk(model, idx, rule=rule, exit_from=P)
     assert torch.equal(whole.exit_steps, ref_exits)
@@ -161,12 +160,12 @@ def test_cache_bytes_are_the_analytic_count(strategy):
     model = make("looped")
     B, T, L, H, Dh = 3, 3, 2, 2, 8
     cache = KVCache(model, B, strategy)
-    forward_chunk(model, torch.randint(0, V, (B, P)), cache)
+    forward_chunk(model, torch.randint(0, V, (B, P)), cache, prefill=True)
     for j in range(2):
         forward_chunk(model, torch.randint(0, V, (B, 1)), cache, ExitRule("q", 0.6))
-    slots = T if strategy == "full" else 1
-    assert cache.length == P + 2
-    assert cache.nbytes == slots * L * 2 * B * H * (P + 2) * Dh * 4  # k and v, fp32
+    positions = T * (P + 2) if strategy == "full" else T * P + 2  # the prompt keeps every step's cache
+    assert (cache.length, cache.prefilled) == (P + 2, P)
+    assert cache.nbytes == positions * L * 2 * B * H * Dh * 4  # k and v, fp32
 
 
 def test_shared_cache_strategies_write_what_they_say():
@@ -189,12 +188,33 @@ def test_shared_cache_strategies_write_what_they_say():
 
 def test_shared_caches_change_decoding_of_looped_models_only():
     """One step, one cache: a standard model decodes identically under every strategy; a looped
-    model's `first` cache (step-1 keys for every later step) changes its predictions."""
+    model's shared caches change its predictions."""
     idx = torch.randint(0, V, (2, S))
     for model, differs in ((make("looped"), True), (make("standard"), False)):
-        logits = {s: teacher_forced(model, idx, P, strategy=s)[0] for s in STRATEGIES}
+        logits = {s: teacher_forced(model, idx, P, strategy=s).logits for s in STRATEGIES}
         for strategy in ("last", "first", "mean"):
             assert torch.allclose(logits["full"], logits[strategy], atol=1e-5) != differs, strategy
+
+
+@pytest.mark.parametrize("strategy", ["last", "first", "mean"])
+def test_shared_cache_reads_are_a_full_cache_with_the_decoded_rows_shared(strategy):
+    """Reference: decode with the full cache, then overwrite the decoded token's per-step rows
+    with the strategy's one row (last step's, first step's, their mean); the next token then
+    predicts exactly as under the shared strategy. The prompt's per-step rows stay."""
+    model = make("looped")
+    idx = torch.randint(0, V, (2, P + 2))
+    shared, full = KVCache(model, 2, strategy), KVCache(model, 2, "full")
+    for cache in (shared, full):
+        forward_chunk(model, idx[:, :P], cache, prefill=True)
+    first = [forward_chunk(model, idx[:, P:P + 1], cache).exit_logits for cache in (shared, full)]
+    assert torch.allclose(first[0], first[1], atol=1e-6)  # it read only the prompt's per-step rows and itself
+    rows = full.k[:, :, :, :, P], full.v[:, :, :, :, P]  # (T, L, B, H, Dh)
+    for per_step in rows:
+        one = {"last": per_step[-1], "first": per_step[0], "mean": per_step.mean(0)}[strategy]
+        per_step[:] = one
+    second = [forward_chunk(model, idx[:, P + 1:P + 2], cache).exit_logits for cache in (shared, full)]
+    assert torch.allclose(second[0], second[1], atol=1e-5)
+    assert not torch.allclose(second[0], forward_chunk(model, idx, rule=ExitRule()).exit_logits[:, -1:], atol=1e-4)
 
 
 def test_generation_is_greedy_decoding_of_the_ordinary_model():
@@ -207,66 +227,21 @@ def test_generation_is_greedy_decoding_of_the_ordinary_model():
     assert torch.equal(logits[:, 2:].argmax(-1), g.tokens[:, 3:])  # each generated token is the argmax there
     with pytest.raises(ValueError, match="context"):
         generate(model, prompt, S)
+    with pytest.raises(ValueError, match="max_new_tokens >= 1"):
+        generate(model, prompt, 0)
 
 
-# --- on trained checkpoints: `ouro-lab eval` with an exit rule, `generate`, `decode` ----------
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny looped model trained for real on `state` and one on `arith` (state: 40 steps)."""
-    from ouro_lab.config import load_config
-    from ouro_lab.train import train
-
-    tmp = tmp_path_factory.mktemp("trained")
-    base = ["model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.loops=3", "data.batch_size=32",
-            "data.n_val=128", "data.n_test=128", "train.max_steps=40", "train.warmup_steps=5", "train.val_every=40",
-            "train.progress_bar=false", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-            f"tracking.output_dir={tmp / 'outputs'}", "eval.test=false"]
-    state = train(load_config(None, [*base, "data.state.length=8"]), verbose=False)
-    arith = train(load_config("conf/arith.yaml", [*base, "data.arith.max_ops=2", "train.max_steps=20"]), verbose=False)
-    return Path(state.checkpoint), Path(arith.checkpoint)
-
-
-def test_skip_eval_with_rule_off_is_the_ordinary_evaluation(trained):
-    from ouro_lab.evaluate import evaluate_checkpoint, load_checkpoint
+@pytest.mark.gpu
+def test_decoding_and_skip_evaluation_run_on_cuda():
     from ouro_lab.inference import skip_evaluate
-    from ouro_lab.train import make_datamodule
 
-    ckpt = trained[0]
-    ordinary = evaluate_checkpoint(ckpt, [], "test").metrics
-    cfg, module = load_checkpoint(ckpt)
-    loader = make_datamodule(cfg, module.task).test_dataloader()
-    off = skip_evaluate(module.model, loader, ExitRule(), len(module.task.difficulty_levels), False, module.task.seq_len)
-    for semantics in ("skip", "select", "full"):
-        assert off[f"{semantics}_acc"] == ordinary["test/acc_final"]  # exactly
-        assert off[f"{semantics}_loss"] == pytest.approx(ordinary["test/loss_final"], abs=1e-6)
-        assert off[f"{semantics}_loops"] == 3
-        for k in (1, 2, 3):
-            assert off[f"{semantics}_acc_d{k}"] == ordinary[f"test/acc_final_d{k}"]
-    assert off["skip_flops"] == off["full_flops"] and off["skip_minus_select_acc"] == 0
-
-
-def test_eval_with_an_exit_rule_reports_skip_next_to_selection(trained, capsys):
-    from ouro_lab.cli import main
-
-    assert main(["eval", str(trained[0]), "infer.exit_rule=q", "infer.exit_threshold=0.3", "--no-log"]) == 0
-    out = capsys.readouterr().out
-    assert "skip semantics vs selection semantics (q=0.3)" in out and "accuracy, skip minus selection" in out
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["skip"], ["select"], ["full"])}
-    skip_loops, full_loops = float(rows["skip"][3]), float(rows["full"][3])
-    assert full_loops == 3 and skip_loops < 3  # the rule exits some tokens early
-    assert float(rows["skip"][4]) < float(rows["full"][4])  # and fewer FLOPs were executed
-    assert main(["eval", str(trained[0]), "infer.exit_rule=nope"]) == 2
-    assert "infer.exit_rule: 'nope' is not one of: none, q, conf, change" in capsys.readouterr().err
-
-
-def test_generate_answers_arith_and_decode_refuses_non_text(trained, capsys):
-    from ouro_lab.cli import main
-
-    assert main(["generate", str(trained[1]), "infer.samples=2", "infer.cache=last", "infer.exit_rule=conf",
-                 "infer.exit_threshold=0.5"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("<ans> -> ") == 2 and "expected" in out and "<bos> <len_" in out
-    assert main(["decode", str(trained[0])]) == 2
-    assert "byte-level tasks" in capsys.readouterr().err
-    assert main(["generate", str(trained[0]), "infer.prompt=abc"]) == 2
-    assert "infer.prompt is text" in capsys.readouterr().err
+    model = make("looped").cuda()
+    idx = torch.randint(0, V, (2, S), device="cuda")
+    g = generate(model, idx[:, :P], 3, ExitRule("q", 0.6), "mean", temperature=1.0,
+                 generator=torch.Generator(device="cuda").manual_seed(0))
+    assert g.tokens.device.type == "cuda" and g.seconds > 0
+    cpu = teacher_forced(make("looped"), idx.cpu(), P, ExitRule("conf", 0.6), "last").logits
+    assert torch.allclose(teacher_forced(model, idx, P, ExitRule("conf", 0.6), "last").logits.cpu(), cpu, atol=1e-4)
+    batch = [(idx, idx.roll(-1, 1), torch.ones_like(idx))]
+    values = skip_evaluate(model, batch, ExitRule("q", 0.6), 1, False, S)
+    assert values["skip_loops"] < 3 and values["skip_flops"] < values["full_flops"]

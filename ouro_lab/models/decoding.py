@@ -70,11 +70,13 @@ class ExitRule:
 
 
 class KVCache:
-    """Keys and values of the tokens processed so far, for every layer: one slot per loop step
-    (`full`) or one shared slot (`last`, `first`, `mean`; DESIGN.md "KV cache").
+    """Keys and values of the tokens processed so far, for every layer (DESIGN.md "KV cache").
 
-    Preallocated for `max_len` positions; `nbytes` counts the filled part,
-    slots x layers x 2 (k, v) x B x heads x length x head_dim x element size.
+    Prefilled positions (the prompt) keep one slot per loop step whatever the strategy: prefill
+    needs all caches. Decoded positions are written by the strategy: one slot per loop step
+    (`full`), or one shared slot per layer (`last`, `first`, `mean`) that every step reads.
+    `nbytes` counts what is filled: layers x 2 (k, v) x B x heads x head_dim x element size x
+    (T x length for `full`; T x prefilled + decoded for the shared strategies).
     """
 
     def __init__(self, model: _DecoderLM, batch_size: int, strategy: str = "full", max_len: int | None = None,
@@ -83,44 +85,64 @@ class KVCache:
             raise ValueError(f"cache strategy must be one of {STRATEGIES}, got {strategy!r}")
         spec = model.spec
         self.strategy, self.loops = strategy, _loops(model)
-        self.max_len = max_len or spec.max_seq_len
-        self.slots = self.loops if strategy == "full" else 1
+        self.max_len = max_len if max_len is not None else spec.max_seq_len
+        slots = self.loops if strategy == "full" else 1
         param = model.tok_emb.weight
-        shape = (self.slots, len(model.blocks), batch_size, spec.n_heads, self.max_len, spec.d_model // spec.n_heads)
-        self.k = torch.zeros(shape, dtype=dtype or param.dtype, device=param.device)
+        shape = (slots, len(model.blocks), batch_size, spec.n_heads, self.max_len, spec.d_model // spec.n_heads)
+        self.k = torch.zeros(shape, dtype=dtype or param.dtype, device=param.device)  # decoded (all, for full)
         self.v = torch.zeros_like(self.k)
-        self.length = 0
+        self.prefix_k = self.prefix_v = None  # shared strategies: (T, L, B, H, prefilled, Dh) of the prompt
+        self.length = self.prefilled = 0
 
     def keys_values(self, step: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What loop step `step` (1-based) at `layer` reads of the cached tokens: (B, H, length, Dh) each."""
-        slot = step - 1 if self.strategy == "full" else 0
-        return self.k[slot, layer, :, :, : self.length], self.v[slot, layer, :, :, : self.length]
+        if self.strategy == "full":
+            return self.k[step - 1, layer, :, :, : self.length], self.v[step - 1, layer, :, :, : self.length]
+        decoded = slice(self.prefilled, self.length)
+        k, v = self.k[0, layer, :, :, decoded], self.v[0, layer, :, :, decoded]
+        if self.prefix_k is None:
+            return k, v
+        return (torch.cat([self.prefix_k[step - 1, layer], k], dim=2),
+                torch.cat([self.prefix_v[step - 1, layer], v], dim=2))
 
-    def append(self, step_k: torch.Tensor, step_v: torch.Tensor, exit_steps: torch.Tensor) -> None:
+    def append(self, step_k: torch.Tensor, step_v: torch.Tensor, exit_steps: torch.Tensor, prefill: bool = False) -> None:
         """Write a chunk: step_k, step_v (T, L, B, H, C, Dh) per loop step, frozen after each
-        token's exit; exit_steps (B, C) in 1..T."""
+        token's exit; exit_steps (B, C) in 1..T. `prefill`: kept per step, whatever the strategy."""
         C = step_k.shape[-2]
         if self.length + C > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions; {self.length} used, {C} more asked")
+        if prefill and self.length != self.prefilled:
+            raise ValueError("prefill comes before decoding: this cache already holds decoded tokens")
         new = slice(self.length, self.length + C)
         if self.strategy == "full":
-            k, v = step_k, step_v
-        elif self.strategy == "last":  # the frozen rows after a token's exit hold its last executed step's
-            k, v = step_k[-1:], step_v[-1:]
-        elif self.strategy == "first":
-            k, v = step_k[:1], step_v[:1]
-        else:  # mean over each token's executed steps 1..exit
-            T = step_k.shape[0]
-            ran = torch.arange(1, T + 1, device=exit_steps.device)[:, None, None] <= exit_steps  # (T, B, C)
-            w = (ran / exit_steps).to(step_k.dtype)[:, None, :, None, :, None]  # (T, 1, B, 1, C, 1)
-            k, v = (step_k * w).sum(0, keepdim=True), (step_v * w).sum(0, keepdim=True)
-        self.k[..., new, :] = k
-        self.v[..., new, :] = v
+            self.k[..., new, :], self.v[..., new, :] = step_k, step_v
+        elif prefill:
+            cat = lambda old, x: x if old is None else torch.cat([old, x], dim=-2)  # noqa: E731
+            self.prefix_k, self.prefix_v = cat(self.prefix_k, step_k), cat(self.prefix_v, step_v)
+        else:
+            self.k[..., new, :], self.v[..., new, :] = self._reduce(step_k, exit_steps), self._reduce(step_v, exit_steps)
         self.length += C
+        self.prefilled += C if prefill else 0
+
+    def _reduce(self, per_step: torch.Tensor, exit_steps: torch.Tensor) -> torch.Tensor:
+        """A decoded chunk's one row per layer: (T, L, B, H, C, Dh) -> (1, L, B, H, C, Dh)."""
+        if self.strategy == "last":  # the frozen rows after a token's exit hold its last executed step's
+            return per_step[-1:]
+        if self.strategy == "first":
+            return per_step[:1]
+        T = per_step.shape[0]  # mean over each token's executed steps 1..exit
+        ran = torch.arange(1, T + 1, device=exit_steps.device)[:, None, None] <= exit_steps  # (T, B, C)
+        w = (ran / exit_steps).to(per_step.dtype)[:, None, :, None, :, None]  # (T, 1, B, 1, C, 1)
+        return (per_step * w).sum(0, keepdim=True)
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k[..., : self.length, :].numel() * self.k.element_size()
+        if self.strategy == "full":
+            elements = self.k[..., : self.length, :].numel()
+        else:
+            elements = self.k[..., self.prefilled: self.length, :].numel()
+            elements += self.prefix_k.numel() if self.prefix_k is not None else 0
+        return 2 * elements * self.k.element_size()
 
 
 @dataclass
@@ -140,12 +162,17 @@ class ChunkOutput:
     head_rows: int
 
 
-def executed_flops(model: _DecoderLM, out: ChunkOutput, seq_len: int) -> int:
-    """Forward FLOPs actually executed for a chunk, counted by structure from the rows that ran
-    (the platform's convention, `_DecoderLM.block_flops_per_token`: attention over the full
-    `seq_len`, norms and softmax ignored)."""
+def row_flops(model: _DecoderLM, seq_len: int, stack_rows: int, gate_rows: int, head_rows: int) -> int:
+    """Forward FLOPs of token rows through the stack (one per token and loop step), the exit
+    gate and the LM head, counted by structure (the platform's convention,
+    `_DecoderLM.block_flops_per_token`: attention over the full `seq_len`, norms and softmax ignored)."""
     stack = len(model.blocks) * model.block_flops_per_token(seq_len)
-    return out.stack_rows * stack + out.gate_rows * 2 * model.spec.d_model + out.head_rows * model.head_flops_per_token()
+    return stack_rows * stack + gate_rows * 2 * model.spec.d_model + head_rows * model.head_flops_per_token()
+
+
+def executed_flops(model: _DecoderLM, out: ChunkOutput, seq_len: int) -> int:
+    """Forward FLOPs a chunk actually executed (`row_flops` of the rows that ran)."""
+    return row_flops(model, seq_len, out.stack_rows, out.gate_rows, out.head_rows)
 
 
 def _loops(model: _DecoderLM) -> int:
@@ -154,10 +181,11 @@ def _loops(model: _DecoderLM) -> int:
 
 @torch.no_grad()
 def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = None, rule: ExitRule = ExitRule(),
-                  exit_from: int = 0) -> ChunkOutput:
+                  exit_from: int = 0, prefill: bool = False) -> ChunkOutput:
     """Run tokens idx (B, C) at positions cache.length.. (0 without a cache) in skip semantics
-    under `rule`, reading the cached tokens' keys/values, and append the chunk to `cache`.
-    Tokens before position `exit_from` run to full depth (decoding: the prefilled prompt).
+    under `rule`, reading the cached tokens' keys/values, and append the chunk to `cache`
+    (`prefill`: kept per loop step whatever the strategy). Tokens before position `exit_from`
+    run to full depth.
 
     With rule none and no cache, every operation is the ordinary forward's (same results)."""
     B, C = idx.shape
@@ -235,7 +263,7 @@ def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = 
         exit_logits = model.lm_head(hidden[-1])
         head_rows += B * C
     if cache is not None:
-        cache.append(torch.stack(step_k), torch.stack(step_v), exit_steps)
+        cache.append(torch.stack(step_k), torch.stack(step_v), exit_steps, prefill)
     return ChunkOutput(hidden=hidden, exit_steps=exit_steps, exit_logits=exit_logits,
                        gate_logits=torch.stack(step_gate, -1) if gate is not None else None,
                        stack_rows=stack_rows, gate_rows=gate_rows, head_rows=head_rows)
@@ -275,40 +303,56 @@ def _packed_stack(model: _DecoderLM, cache: KVCache | None, step: int, x: torch.
     return x
 
 
-@dataclass
-class Generation:
-    """tokens: (B, P + new) prompt and generated ids; exit_steps: (B, new) the loop step each
-    generated token's prediction came from; seconds: wall time of prefill and decoding;
-    flops: forward FLOPs executed; cache_bytes: the cache's filled size at the end."""
+def clock(device: torch.device) -> float:
+    """Wall time once the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
-    tokens: torch.Tensor
+
+@dataclass
+class Decoded:
+    """What decoding returns. tokens: (B, P + new) prompt and generated ids (`generate`);
+    logits: (B, new, V) each decoded position's prediction (`teacher_forced`); exit_steps:
+    (B, new) the loop step each decoded position's prediction came from; seconds and flops:
+    wall time and executed forward FLOPs of the decode steps (prefill excluded); cache: the
+    cache at the end."""
+
     exit_steps: torch.Tensor
     seconds: float
     flops: int
-    cache_bytes: int
+    cache: KVCache
+    tokens: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+def _prefill(model: _DecoderLM, prompt: torch.Tensor, strategy: str, max_len: int) -> KVCache:
+    """A cache holding `prompt` (B, P), run at full depth and kept per loop step."""
+    cache = KVCache(model, prompt.shape[0], strategy, max_len=max_len)
+    if prompt.shape[1]:
+        forward_chunk(model, prompt, cache, prefill=True)
+    return cache
 
 
 @torch.no_grad()
 def generate(model: _DecoderLM, prompt: torch.Tensor, max_new_tokens: int, rule: ExitRule = ExitRule(),
-             strategy: str = "full", temperature: float = 0.0, generator: torch.Generator | None = None) -> Generation:
+             strategy: str = "full", temperature: float = 0.0, generator: torch.Generator | None = None) -> Decoded:
     """Autoregressive generation with a KV cache and per-token early exit under `rule`.
 
     The prompt (B, P) but its last token is prefilled at full depth into every loop step's
     cache; then each step decodes one token (the prompt's last first), exiting under `rule`,
-    and appends it to the cache by `strategy`. temperature 0 = greedy."""
+    and appends it to the cache by `strategy`. temperature 0 = greedy; `generator` must live
+    on the model's device."""
     B, P = prompt.shape
-    if P < 1:
-        raise ValueError("generation needs a prompt of at least one token")
+    if P < 1 or max_new_tokens < 1:
+        raise ValueError(f"generation needs a prompt and max_new_tokens >= 1, got {P} tokens and {max_new_tokens}")
     total = P + max_new_tokens - 1  # the last generated token is never fed back
     if total > model.spec.max_seq_len:
         raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) needs {total} positions; "
                          f"the model's context is {model.spec.max_seq_len}")
-    cache = KVCache(model, B, strategy, max_len=total)
-    seq_len = model.spec.max_seq_len
-    began = time.perf_counter()
-    flops = 0
-    if P > 1:
-        flops += executed_flops(model, forward_chunk(model, prompt[:, :-1], cache), seq_len)
+    cache = _prefill(model, prompt[:, :-1], strategy, total)
+    seq_len, flops = model.spec.max_seq_len, 0
+    began = clock(prompt.device)
     tokens, steps, nxt = [prompt], [], prompt[:, -1:]
     for _ in range(max_new_tokens):
         out = forward_chunk(model, nxt, cache, rule)
@@ -320,29 +364,31 @@ def generate(model: _DecoderLM, prompt: torch.Tensor, max_new_tokens: int, rule:
             nxt = logits.argmax(-1, keepdim=True)
         tokens.append(nxt)
         steps.append(out.exit_steps[:, -1])
-    return Generation(tokens=torch.cat(tokens, 1), exit_steps=torch.stack(steps, 1),
-                      seconds=time.perf_counter() - began, flops=flops, cache_bytes=cache.nbytes)
+    return Decoded(exit_steps=torch.stack(steps, 1), seconds=clock(prompt.device) - began, flops=flops, cache=cache,
+                   tokens=torch.cat(tokens, 1))
 
 
+@torch.no_grad()
 def teacher_forced(model: _DecoderLM, tokens: torch.Tensor, prefill: int, rule: ExitRule = ExitRule(),
-                   strategy: str = "full") -> tuple[torch.Tensor, torch.Tensor, KVCache, int]:
+                   strategy: str = "full") -> Decoded:
     """Decode `tokens` (B, S) one at a time after prefilling the first `prefill` at full depth,
-    feeding the true tokens: the logits (B, S - prefill, V) each decoded position predicts
-    with, their exit steps (B, S - prefill), the cache and the FLOPs executed."""
+    feeding the true tokens; `logits` (B, S - prefill, V) are each decoded position's prediction."""
     B, S = tokens.shape
     if not 0 <= prefill < S:
         raise ValueError(f"prefill must be in [0, {S}), got {prefill}")
-    cache = KVCache(model, B, strategy, max_len=S)
-    seq_len = model.spec.max_seq_len
-    flops = executed_flops(model, forward_chunk(model, tokens[:, :prefill], cache), seq_len) if prefill else 0
+    cache = _prefill(model, tokens[:, :prefill], strategy, S)
+    seq_len, flops = model.spec.max_seq_len, 0
+    began = clock(tokens.device)
     logits, steps = [], []
     for j in range(prefill, S):
         out = forward_chunk(model, tokens[:, j:j + 1], cache, rule)
         flops += executed_flops(model, out, seq_len)
         logits.append(out.exit_logits[:, 0])
         steps.append(out.exit_steps[:, 0])
-    return torch.stack(logits, 1), torch.stack(steps, 1), cache, flops
+    return Decoded(exit_steps=torch.stack(steps, 1), seconds=clock(tokens.device) - began, flops=flops, cache=cache,
+                   logits=torch.stack(logits, 1))
 
 
-__all__ = ["ChunkOutput", "ExitRule", "Generation", "KVCache", "RULES", "STRATEGIES", "executed_flops",
+__all__ = ["ChunkOutput", "Decoded", "ExitRule", "KVCache", "RULES", "STRATEGIES", "clock", "executed_flops",
+           "row_flops",
            "forward_chunk", "generate", "teacher_forced"]

@@ -62,7 +62,7 @@ def model_overrides(hf: dict, where: str = "config.json") -> list[str]:
     if hf.get("model_type", "ouro") != "ouro":
         raise HFImportError(f"{where}: model_type {hf['model_type']!r}; this loader reads Ouro checkpoints (model_type 'ouro')")
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    kv_heads = hf.get("num_key_value_heads", heads)
+    kv_heads = hf.get("num_key_value_heads") or heads  # absent or null: multi-head
     problems = []
     if kv_heads != heads:
         problems.append(f"num_key_value_heads={kv_heads} != num_attention_heads={heads}: grouped-query attention "
@@ -75,8 +75,8 @@ def model_overrides(hf: dict, where: str = "config.json") -> list[str]:
         problems.append(f"rope_scaling={hf['rope_scaling']}: scaled RoPE is not supported")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         problems.append("attention_bias / mlp_bias: ouro-lab's blocks have no biases")
-    if hf.get("use_sliding_window"):
-        problems.append("use_sliding_window=true: sliding-window attention is not supported")
+    if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or []):
+        problems.append("sliding-window attention (use_sliding_window / layer_types) is not supported")
     if problems:
         raise HFImportError(f"{where}: cannot be represented: " + "; ".join(problems))
     return [
@@ -140,7 +140,13 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def source_record(folder: Path, hf: dict) -> dict:
     """Where an imported model came from: the folder, its config and weight files' SHA-256."""
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    def digest(path: Path) -> str:
+        h = hashlib.sha256()
+        with path.open("rb") as f:  # streamed: released weights are gigabytes
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        return h.hexdigest()
+
     return {"folder": str(folder.resolve()), "config_sha256": digest(folder / "config.json"),
             "weights_sha256": {f.name: digest(f) for f in sorted(folder.glob("model*.safetensors"))},
             "model_type": hf.get("model_type", "unknown"), "architectures": hf.get("architectures", [])}

@@ -3,13 +3,13 @@ the definition check that refuses to resume a changed sweep, and the study's MLf
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import socket
 import zlib
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
