@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "studies":
             return _studies(args)
         elif args.command == "import-hf":
-            from ouro_lab.evaluate import import_hf
+            from ouro_lab.checkpoints import import_hf
 
             cfg, out = import_hf(Path(args.folder), Path(args.out), args.overrides)
             m = cfg.model

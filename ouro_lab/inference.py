@@ -22,12 +22,14 @@ import torch.nn.functional as F
 
 from ouro_lab import exits
 from ouro_lab import metric_names as names
+from ouro_lab.checkpoints import load_checkpoint
 from ouro_lab.config import ConfigError, ExperimentConfig
 from ouro_lab.data import IGNORE_INDEX
 from ouro_lab.metrics import SkipEvalMetrics
 from ouro_lab.models.decoding import (STRATEGIES, ExitRule, clock, executed_flops, forward_chunk, generate, row_flops,
                                       teacher_forced)
 from ouro_lab.models.transformer import LoopedLM
+from ouro_lab.train import make_datamodule
 
 
 def exit_rule(cfg: ExperimentConfig) -> ExitRule:
@@ -175,9 +177,6 @@ def run_decode(path, overrides: list[str] = ()) -> str:
     """`ouro-lab decode CKPT`: teacher-forced cached decoding of `infer.windows` test windows with
     every cache strategy, at full depth and (when infer.exit_rule is set) with early exit; the
     Markdown table."""
-    from ouro_lab.evaluate import load_checkpoint
-    from ouro_lab.train import make_datamodule
-
     cfg, module = load_checkpoint(path, overrides)
     task = module.task
     if not task.byte_level:
@@ -198,8 +197,6 @@ def run_generate(path, overrides: list[str] = ()) -> str:
     """`ouro-lab generate CKPT`: generation from infer.prompt (byte-level tasks) or from
     infer.samples test prompts (byte-level: the first half of a window; other tasks: up to the
     first scored position, whose generated token is the answer); a readable report."""
-    from ouro_lab.evaluate import load_checkpoint
-
     cfg, module = load_checkpoint(path, overrides)
     task, i, rule = module.task, cfg.infer, exit_rule(cfg)
     model = module.model.to(device_for(cfg))

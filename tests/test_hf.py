@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ouro_lab import cli
-from ouro_lab.evaluate import evaluate_checkpoint, import_hf, load_checkpoint
+from ouro_lab.checkpoints import import_hf, load_checkpoint
+from ouro_lab.evaluate import evaluate_checkpoint
 from ouro_lab.models.hf import HFImportError
 
 D, HEADS, LAYERS, FF, LOOPS, VOCAB = 16, 2, 2, 24, 3, 256  # vocabulary = the text task's bytes

@@ -27,7 +27,8 @@ def trained(tmp_path_factory):
 
 
 def test_skip_eval_with_rule_off_is_the_ordinary_evaluation(trained):
-    from ouro_lab.evaluate import evaluate_checkpoint, load_checkpoint
+    from ouro_lab.checkpoints import load_checkpoint
+    from ouro_lab.evaluate import evaluate_checkpoint
     from ouro_lab.inference import skip_evaluate
     from ouro_lab.train import make_datamodule
 
@@ -75,7 +76,8 @@ def test_generate_answers_arith_and_decode_refuses_non_text(trained, capsys):
 @pytest.mark.parametrize("rule", [ExitRule("q", 0.3), ExitRule("conf", 0.9), ExitRule("change", 0.01)])
 def test_selection_semantics_is_the_frontier_of_the_ordinary_evaluation(trained, rule):
     """The selection column equals what the run's own frontier reports for the same rule."""
-    from ouro_lab.evaluate import evaluate_checkpoint, load_checkpoint
+    from ouro_lab.checkpoints import load_checkpoint
+    from ouro_lab.evaluate import evaluate_checkpoint
     from ouro_lab.inference import skip_evaluate
     from ouro_lab.train import make_datamodule
 
