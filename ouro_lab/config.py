@@ -28,7 +28,8 @@ from ouro_lab.data.state import StateConfig
 from ouro_lab.data.text import TextConfig
 from ouro_lab.models.decoding import RULES as EXIT_RULES  # online exit rules (infer.exit_rule)
 from ouro_lab.models.decoding import STRATEGIES as CACHE_STRATEGIES  # decode-time KV caches (infer.cache)
-from ouro_lab.models.transformer import CHECKPOINTING, ROPE_LAYOUTS
+from ouro_lab.models.transformer import CHECKPOINTING, INIT_STATES, INJECTIONS, ROPE_LAYOUTS
+from ouro_lab.objectives import LOOP_SAMPLING
 from ouro_lab.objectives import PRIORS, STAGE2_IMPROVEMENT
 
 ARCHS = ("looped", "param_matched", "depth_matched")
@@ -61,6 +62,11 @@ class ModelConfig:
     embed_init_std: float = 0.02  # init std of token/position embeddings when untied (tied: 0.02, the head's)
     positions: str = "rope"  # rope | learned (absolute, learned embeddings)
     loop_state: str = "normed"  # normed: final_norm(h_t) feeds loop t+1 (Ouro) | residual: raw h_t does
+    # loop recipes (README "Loop recipes"): 0/0/none/input is Ouro's whole-stack loop
+    prelude_layers: int = 0  # P distinct blocks run once before the loop (Huginn, Parcae); their output e is the input
+    coda_layers: int = 0  # C distinct blocks after the loop; every step's readout goes through them
+    injection: str = "none"  # e into every loop step: none (Ouro) | additive (h + e) | concat (Huginn: W[h; e]) | stable (Parcae)
+    init_state: str = "input"  # the state before loop 1: input (e, Ouro) | zeros | random (Huginn: truncated normal)
     rope_layout: str = "interleaved"  # RoPE pairs dims (2i, 2i+1) | rotate_half: (i, i + Dh/2), the released Ouro weights
     rope_base: float = 10000.0  # RoPE base (HF config.json `rope_theta`; Ouro-1.4B: 1e6)
     norm_eps: float = 1e-6  # RMSNorm epsilon (HF `rms_norm_eps`)
@@ -68,8 +74,15 @@ class ModelConfig:
     # --- derived, in one place (litgpt's Config): every caller asks these ---------------------
     @property
     def distinct_layers(self) -> int:
-        """Distinct blocks: N (looped, param_matched) or N*T (depth_matched)."""
-        return self.n_layers * self.loops if self.arch == "depth_matched" else self.n_layers
+        """Distinct blocks: P + N + C (looped, param_matched) or P + N*T + C (depth_matched)."""
+        core = self.n_layers * self.loops if self.arch == "depth_matched" else self.n_layers
+        return self.prelude_layers + core + self.coda_layers
+
+    @property
+    def is_recipe(self) -> bool:
+        """A looped model other than Ouro's whole-stack loop (prelude, coda, injection or initial state)."""
+        return (self.arch == "looped" and (self.prelude_layers, self.coda_layers, self.injection, self.init_state)
+                != (0, 0, "none", "input"))
 
     @property
     def trained_loops(self) -> int:
@@ -78,8 +91,10 @@ class ModelConfig:
 
     @property
     def effective_depth(self) -> int:
-        """Blocks a token passes through: distinct_layers x trained_loops."""
-        return self.distinct_layers * self.trained_loops
+        """Blocks a token passes through to its final readout: P + N*T + C (looped), distinct_layers (baselines)."""
+        if self.arch != "looped":
+            return self.distinct_layers
+        return self.prelude_layers + self.n_layers * self.loops + self.coda_layers
 
     @property
     def has_exit_gate(self) -> bool:
@@ -116,6 +131,11 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (fullgraph); the loop over T stays in Python, so T can change
     activation_checkpointing: str = "none"  # none | block | loop: recompute activations per block / per loop step in backward
     ce_chunk_tokens: int = 0  # tokens per chunk of the fused LM head + cross-entropy; 0 = ~256 MiB of fp32 logits
+    # loop count in training (looped models; README "Loop recipes"): evaluation always runs model.loops (+ extra)
+    loops_sampling: str = "fixed"  # fixed (model.loops) | lognormal_poisson (Huginn) | poisson (Parcae) | uniform, one draw per batch
+    loops_min: int = 1  # uniform: the range [loops_min, loops_max]
+    loops_max: int = 0  # uniform: upper end; other samplers: a cap on the draw (0 = none)
+    backprop_loops: int = 0  # truncated backprop: gradient through the last k loop steps only; 0 = all
 
 
 @dataclass
@@ -318,6 +338,19 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}")
     for key in ("d_model", "n_heads", "n_layers", "loops"):
         check(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
+    for key in ("prelude_layers", "coda_layers"):
+        check(getattr(m, key) >= 0, f"model.{key}", f"must be >= 0, got {getattr(m, key)}")
+    choice("model.injection", m.injection, INJECTIONS)
+    choice("model.init_state", m.init_state, INIT_STATES)
+    check(m.init_state == "input" or m.injection != "none", "model.init_state",
+          f"{m.init_state!r} with model.injection=none: the input would never reach the loop; set model.injection")
+    choice("train.loops_sampling", t.loops_sampling, LOOP_SAMPLING)
+    check(t.backprop_loops >= 0, "train.backprop_loops", f"must be >= 0 (0 = through every loop), got {t.backprop_loops}")
+    check(t.loops_max >= 0 and t.loops_min >= 1, "train.loops_min",
+          f"loops_min must be >= 1 and loops_max >= 0, got {t.loops_min} and {t.loops_max}")
+    if t.loops_sampling == "uniform":
+        check(t.loops_min <= t.loops_max, "train.loops_max",
+              f"the uniform range [train.loops_min, train.loops_max] = [{t.loops_min}, {t.loops_max}] is empty")
     check(m.embed_init_std > 0, "model.embed_init_std", f"must be > 0, got {m.embed_init_std}")
     check(m.d_ff >= 0, "model.d_ff", f"must be >= 0 (0 = 4 * d_model), got {m.d_ff}")
     if m.d_model >= 1 and m.n_heads >= 1:
@@ -370,6 +403,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(e.oracle_tolerance >= 0, "eval.oracle_tolerance", f"must be >= 0, got {e.oracle_tolerance}")
     i = cfg.infer
     choice("infer.exit_rule", i.exit_rule, EXIT_RULES)
+    check(i.exit_rule == "none" or not m.is_recipe, "infer.exit_rule",
+          "skip semantics and cached decoding support Ouro's whole-stack loop only (model.prelude_layers, "
+          "coda_layers, injection, init_state at their defaults)")
     check(i.exit_rule != "q" or m.arch == "looped", "infer.exit_rule",
           f"the q rule reads the exit gate; model.arch={m.arch} has none (conf or change work on any model)")
     choice("infer.cache", i.cache, CACHE_STRATEGIES)

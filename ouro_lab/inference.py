@@ -36,6 +36,12 @@ def exit_rule(cfg: ExperimentConfig) -> ExitRule:
     return ExitRule(cfg.infer.exit_rule, cfg.infer.exit_threshold)
 
 
+def _decodable(cfg: ExperimentConfig) -> None:
+    if cfg.model.is_recipe:
+        raise ConfigError("model: skip semantics and cached decoding support Ouro's whole-stack loop only "
+                          "(model.prelude_layers, coda_layers, injection, init_state at their defaults)")
+
+
 def device_for(cfg: ExperimentConfig) -> torch.device:
     """Where inference runs: a GPU when train.accelerator allows one and there is one, else the CPU."""
     gpu = cfg.train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
@@ -178,6 +184,7 @@ def run_decode(path, overrides: list[str] = ()) -> str:
     every cache strategy, at full depth and (when infer.exit_rule is set) with early exit; the
     Markdown table."""
     cfg, module = load_checkpoint(path, overrides)
+    _decodable(cfg)
     task = module.task
     if not task.byte_level:
         raise ConfigError(f"`ouro-lab decode` measures bits per byte, on byte-level tasks (text); data.task="
@@ -198,6 +205,7 @@ def run_generate(path, overrides: list[str] = ()) -> str:
     infer.samples test prompts (byte-level: the first half of a window; other tasks: up to the
     first scored position, whose generated token is the answer); a readable report."""
     cfg, module = load_checkpoint(path, overrides)
+    _decodable(cfg)
     task, i, rule = module.task, cfg.infer, exit_rule(cfg)
     model = module.model.to(device_for(cfg))
     device = next(model.parameters()).device

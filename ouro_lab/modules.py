@@ -24,7 +24,7 @@ from ouro_lab.data import IGNORE_INDEX, Task, build_task
 from ouro_lab.metrics import ExitFrontierMetrics, LoopStepMetrics
 from ouro_lab.models import LMOutput, LoopedLM, ModelSpec, StandardLM
 from ouro_lab.objectives import (LoopLoss, entropy, exit_distribution, loop_objective_from_hidden, per_step_token_losses,
-                                 stage2_gate_loss)
+                                 sample_loops, stage2_gate_loss)
 
 
 def model_spec(cfg: ExperimentConfig, task: Task) -> ModelSpec:
@@ -35,13 +35,17 @@ def model_spec(cfg: ExperimentConfig, task: Task) -> ModelSpec:
         max_seq_len=task.seq_len,
         d_model=m.d_model,
         n_heads=m.n_heads,
-        n_layers=m.distinct_layers,
+        n_layers=m.n_layers if m.arch == "looped" else m.distinct_layers,  # looped: the loop's blocks
         loops=m.trained_loops,
         d_ff=m.d_ff or 4 * m.d_model,
         tie_embeddings=m.tie_embeddings,
         embed_init_std=m.embed_init_std,
         positions=m.positions,
         loop_state=m.loop_state,
+        prelude_layers=m.prelude_layers if m.arch == "looped" else 0,  # baselines: inside their one stack
+        coda_layers=m.coda_layers if m.arch == "looped" else 0,
+        injection=m.injection,
+        init_state=m.init_state,
         rope_base=m.rope_base,
         rope_layout=m.rope_layout,
         norm_eps=m.norm_eps,
@@ -80,7 +84,7 @@ class _LMModule(L.LightningModule):
         if self.has_gate:  # the early-exit frontier (README "Early exit")
             e = cfg.eval
             rules = {"q": e.exit_q, "conf": e.exit_confidence, "change": e.exit_step_change}
-            per_loop = self.model.flops_per_token(self.task.seq_len, loops=1)
+            per_loop = self.model.flops_per_loop(self.task.seq_len)
             self.val_frontier, self.test_frontier = (
                 ExitFrontierMetrics(self.trained_loops, n_levels, rules, e.exit_epsilon, e.oracle_tolerance,
                                     loss_scored=self.task.byte_level, bpb=bpb, flops_per_loop=per_loop)
@@ -92,6 +96,10 @@ class _LMModule(L.LightningModule):
 
     def run(self, tokens: torch.Tensor, loops: int | None = None) -> LMOutput:
         return self.model(tokens)
+
+    def run_training(self, tokens: torch.Tensor) -> LMOutput:
+        """The forward pass of a training step (looped models may sample the loop count)."""
+        return self.run(tokens)
 
     # --- derived facts, logged with every run -------------------------------------------
     def flops_per_token(self) -> int:
@@ -121,7 +129,7 @@ class _LMModule(L.LightningModule):
     # --- training -------------------------------------------------------------------------
     def objective(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[LoopLoss, torch.Tensor]:
         """Forward pass and the training objective; also the (T, B, S) detached step losses."""
-        out = self.run(tokens)
+        out = self.run_training(tokens)
         o = self.cfg.objective
         return loop_objective_from_hidden(
             out.hidden, self.model.lm_head.weight, targets, out.gate_logits if self.has_gate else None,
@@ -144,7 +152,8 @@ class _LMModule(L.LightningModule):
         if log_step:
             mask = (targets != IGNORE_INDEX).float()
             per_step = (step_losses * mask).sum((1, 2)) / mask.sum().clamp_min(1)
-            logs = {f"train/{names.step('loss', t + 1)}": v for t, v in enumerate(per_step)}
+            # (the trained steps only: with a sampled loop count, later steps come and go)
+            logs = {f"train/{names.step('loss', t + 1)}": v for t, v in enumerate(per_step[: self.trained_loops])}
             if self.has_gate:
                 logs |= {f"train/{names.under_exit('loss')}": result.loss_exit, "train/exit_entropy": result.entropy,
                          "train/exit_kl": result.kl}
@@ -154,8 +163,10 @@ class _LMModule(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.cfg.train
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        # matrices decay; norms, biases and Parcae's injection (StableInjection.no_weight_decay) do not
+        trained = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in trained if p.dim() >= 2 and not getattr(p, "no_weight_decay", False)]
+        no_decay = [p for p in trained if p.dim() < 2 or getattr(p, "no_weight_decay", False)]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
@@ -253,6 +264,15 @@ class LoopedLMModule(_LMModule):
 
     def run(self, tokens: torch.Tensor, loops: int | None = None) -> LMOutput:
         return self.model(tokens, loops=loops)
+
+    def run_training(self, tokens: torch.Tensor) -> LMOutput:
+        """This batch's loop count from train.loops_sampling (one draw per optimizer step, seeded by
+        train.seed and the step, so every DDP rank draws the same) and truncated backprop through
+        the last train.backprop_loops steps."""
+        t = self.cfg.train
+        generator = torch.Generator().manual_seed(t.seed * 1_000_003 + self.global_step)
+        loops = sample_loops(t.loops_sampling, self.trained_loops, generator, t.loops_min, t.loops_max)
+        return self.model(tokens, loops=loops, grad_loops=t.backprop_loops or None)
 
     def _load_stage1(self, path: str) -> None:
         """Load a Stage-I checkpoint's weights and freeze all but the exit gate; the model and

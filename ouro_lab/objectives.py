@@ -5,6 +5,7 @@ Plain functions over tensors; the LightningModules call them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -257,3 +258,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 None,
                 losses * grad_total if needs[3] else None,
                 None, None)
+
+
+# --- the loop count in training (README "Loop recipes") -----------------------------------
+LOOP_SAMPLING = ("fixed", "lognormal_poisson", "poisson", "uniform")
+LOGNORMAL_SIGMA = 0.5  # Huginn's sigma (seal-rg/recurrent-pretraining, model_dynamic.randomized_iteration_sampler)
+
+
+def sample_loops(sampling: str, loops: int, generator: torch.Generator, low: int = 1, high: int = 0) -> int:
+    """One training batch's loop count (the whole batch runs it).
+
+    fixed: `loops`. lognormal_poisson (Huginn, Geiping et al. 2025): tau ~ N(log T - sigma^2/2,
+    sigma), r = Poisson(e^tau) + 1, so E[r] = T + 1 and Var[r] = T + T^2 (e^{sigma^2} - 1).
+    poisson (Parcae, Prairie et al. 2026): r = max(Poisson(T), 1). NOTE: Parcae draws one depth
+    per sequence; here the batch shares one (Huginn's way), which keeps the batch dense.
+    uniform: r uniform in [low, high]. `high` > 0 caps the other draws."""
+    if sampling == "fixed":
+        return loops
+    if sampling == "uniform":
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
+    if sampling == "lognormal_poisson":
+        tau = torch.empty(1).normal_(math.log(loops) - LOGNORMAL_SIGMA ** 2 / 2, LOGNORMAL_SIGMA, generator=generator)
+        r = int(torch.poisson(tau.exp(), generator=generator)) + 1
+    elif sampling == "poisson":
+        r = max(int(torch.poisson(torch.tensor([float(loops)]), generator=generator)), 1)
+    else:
+        raise ValueError(f"loop sampling must be one of {LOOP_SAMPLING}, got {sampling!r}")
+    return min(r, high) if high > 0 else r

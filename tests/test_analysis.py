@@ -125,11 +125,17 @@ def test_report_files_table_and_artifacts(tiny_study, tmp_path):
     report = analysis.write_report(data, tmp_path / "report", epsilon=0.01, n_boot=200)
     names = {f.name for f in report.files}
     assert {"report.md", "vs_loops.png", "vs_step.png", "compute.png", "exit_gate.png", "optuna_history.png",
-            "curves.csv", "saturation.csv"} <= names
+            "curves.csv", "saturation.csv", "law.csv", "law.png"} <= names
     assert all(f.stat().st_size > 0 for f in report.files)
     sat = analysis.saturation_table(data, 0.01, n_boot=200)
     assert set(sat["arch"]) == {"looped", "depth_matched"}  # param_matched does not depend on T
     assert len(sat) == 2 * 5  # x (all + 4 position buckets)
+    laws = analysis.law_table(data, 0.01, n_boot=50)  # each looped T over its loop steps (tiny study: T = 1, 2)
+    assert set(laws["over"]) == {"step"} and len(laws) == len(set(data.runs.query("arch == 'looped'")["loops"]))
+    fits = dict(zip(laws["loops"], laws["fit"]))
+    assert fits[1].startswith("no fit (3 points")  # T=1 + 2 extra steps: too few for 3 parameters
+    assert all("exp(-" in f or f.startswith("no fit (") for f in fits.values())
+    assert "## The saturating law" in report.markdown
     for heading in ("## Summary", "## Metric vs trained loop count T", "## Saturation points",
                     "## Metric vs evaluation loop step t", "## Compute-normalised", "## Exit gate", "## The sweep"):
         assert heading in report.markdown

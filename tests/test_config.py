@@ -30,7 +30,7 @@ def test_schema_defaults_without_a_file():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.foo=1"], "unknown config key 'model.foo'; valid keys under 'model': arch, d_ff"),
+        (["model.foo=1"], "unknown config key 'model.foo'; valid keys under 'model': arch, coda_layers, d_ff"),
         (["data.state.grp=S3"], "unknown config key 'data.state.grp'; valid keys under 'data.state': buckets, group, length"),
         (["loops=4"], "unknown config key 'loops'; valid keys at the top level"),
         (["model.loops=four"], "model.loops: Value 'four' of type 'str' could not be converted to Integer"),

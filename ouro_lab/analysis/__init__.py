@@ -5,6 +5,7 @@ Data flows one way (STYLE.md): MLflow runs -> tidy DataFrames -> statistics -> p
     load.py         MLflow -> `StudyData` (runs, steps, exits, trials); the only module that
                     talks to MLflow (it also attaches the report to the study run)
     stats.py        seed means + t-intervals, saturation points + seed bootstrap, the tables
+    law.py          the saturating law m(t) = m_inf + a exp(-k t) (Parcae): fits, seed bootstrap, plot
     optuna_view.py  the trials as an in-memory Optuna study: fANOVA importance, history
     plots.py        figures: metric vs T (with both baselines), vs loop step t, vs FLOPs, exit gate
     frontier.py     early exit: each rule's accuracy vs loops with fixed depth and the oracles, the
@@ -20,6 +21,7 @@ Data flows one way (STYLE.md): MLflow runs -> tidy DataFrames -> statistics -> p
 """
 
 from ouro_lab.analysis.frontier import frontier_summary, frontier_table, gate_table, plot_frontier, plot_oracle
+from ouro_lab.analysis.law import LawFit, fit_law, fit_law_seeds, law_table, plot_law
 from ouro_lab.analysis.load import (ALL, AnalysisError, StudyData, difficulty_order, group_label, list_studies,
                                    load_study, resolve_store)
 from ouro_lab.analysis.optuna_view import optuna_study, param_importances, param_value, plot_optuna
@@ -29,7 +31,7 @@ from ouro_lab.analysis.stats import (Saturation, compute_table, curve_table, exi
                                      final_values, key_table, mean_ci, saturation, saturation_point, saturation_table)
 
 __all__ = [
-    "ALL", "AnalysisError", "Report", "Saturation", "StudyData", "compute_table", "curve_table", "difficulty_order",
+    "ALL", "AnalysisError", "LawFit", "Report", "fit_law", "fit_law_seeds", "law_table", "plot_law", "Saturation", "StudyData", "compute_table", "curve_table", "difficulty_order",
     "exit_table", "exit_wide", "extrapolation_table", "final_values", "frontier_summary", "frontier_table", "gate_table",
     "plot_frontier", "plot_oracle", "group_label", "key_table", "list_studies", "load_study",
     "mean_ci", "optuna_study", "param_importances", "param_value", "plot_compute", "plot_exit", "plot_optuna",

@@ -12,6 +12,7 @@ import pandas as pd
 
 from ouro_lab import metric_names as names
 from ouro_lab.analysis.frontier import frontier_summary, frontier_table, gate_table, plot_frontier, plot_oracle
+from ouro_lab.analysis.law import law_table, plot_law
 from ouro_lab.analysis.load import ALL, MAX_GROUP_VALUES, StudyData, attach_report, difficulty_order
 from ouro_lab.analysis.optuna_view import optuna_study, param_importances, plot_optuna
 from ouro_lab.analysis.plots import plot_compute, plot_exit, plot_vs_loops, plot_vs_step
@@ -116,12 +117,14 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sat = saturation_table(data, epsilon, kind, split, level, n_boot)
+    laws = law_table(data, epsilon, kind, split, level)
     study = optuna_study(data)
     importances = param_importances(study)
     frontier_kind = "bpb" if "bpb" in data.frontier else "acc"
     figures = {"vs_loops.png": plot_vs_loops(data, sat, kind, split, level), "vs_step.png": plot_vs_step(data, kind, split),
                "compute.png": plot_compute(data, kind, split), "exit_gate.png": plot_exit(data, split),
-               "frontier.png": plot_frontier(data, split, frontier_kind), "oracle.png": plot_oracle(data, split)}
+               "frontier.png": plot_frontier(data, split, frontier_kind), "oracle.png": plot_oracle(data, split),
+               "law.png": plot_law(data, laws, kind, split)}
     optuna_figs = plot_optuna(study, importances, data.objective_metric)
     if optuna_figs:
         figures["optuna_history.png"], figures["optuna_importance.png"] = optuna_figs
@@ -133,10 +136,11 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
             files.append(folder / name)
     table = key_table(data, ALL, kind, split, level)
     lines = summary(data, sat, importances, kind, split, epsilon) + frontier_summary(data, split)
-    text = _report_markdown(data, sat, table, lines, importances, {f.name for f in files}, kind, split, epsilon, level, n_boot)
+    text = _report_markdown(data, sat, table, lines, importances, {f.name for f in files}, kind, split, epsilon, level, n_boot,
+                            laws)
     (folder / "report.md").write_text(text)
     files.insert(0, folder / "report.md")
-    for name, frame in (("curves.csv", curve_table(data, kind, split, level)), ("saturation.csv", sat),
+    for name, frame in (("curves.csv", curve_table(data, kind, split, level)), ("saturation.csv", sat), ("law.csv", laws),
                         ("steps.csv", data.steps), ("frontier.csv", frontier_table(data, split, frontier_kind))):
         frame.to_csv(folder / name, index=False)
         files.append(folder / name)
@@ -159,7 +163,7 @@ def _terminal_table(table: pd.DataFrame, sat: pd.DataFrame, kind: str, split: st
 
 def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, lines: list[str],
                      importances: Mapping[str, float], figures: set[str], kind: str, split: str,
-                     epsilon: float, level: float, n_boot: int) -> str:
+                     epsilon: float, level: float, n_boot: int, laws: pd.DataFrame | None = None) -> str:
     n_seeds = data.runs.groupby(["group", "arch", "loops"])["run_id"].nunique()
     out = [f"# {data.name}: when do extra loops stop helping?", "",
            f"Study `{data.name}` (MLflow experiment {data.experiment_id}, store `{data.tracking_uri}`"
@@ -195,6 +199,17 @@ def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, li
             _markdown_table(sat[["group", "arch", "difficulty", "text", "p_saturated", "n_seeds", "paired"]]
                             .rename(columns={"text": "saturation point [interval]"}), ".2f")
             if len(sat) else "No saturation point: every arch has runs at one trained T only.", ""]
+    if laws is not None and len(laws):
+        out += ["## The saturating law", "",
+                "m(t) = m_inf + a exp(-k t) (Parcae's form), least squares on the seed-mean curve: over the "
+                "evaluation loop steps of each looped trained T (`over` = step, steps past T included) and over "
+                "trained T for each arch with 4 or more T (`over` = T). 'within ε by' = the fitted loops at which "
+                f"|a| exp(-k t) <= ε = {epsilon:g}, with a {level:.0%} seed-bootstrap interval (over resamples the "
+                "law fits; p_fit = their share); compare it with the non-parametric saturation point above. "
+                "'no fit' when R² < 0.9 or the curve turns back (gets worse past its best by more than its noise): "
+                "the law is not forced onto such curves.", "",
+                _markdown_table(laws[["group", "arch", "over", "loops", "fit", "p_fit", "n_seeds"]], ".2f"), ""]
+        out += ["![saturating law](law.png)", ""] if "law.png" in figures else []
     extra = extrapolation_table(data, kind, split)
     out += ["## Metric vs evaluation loop step t", "",
             "Each looped model evaluated at every step up to its trained T and beyond (extrapolation).", ""]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 CHECKPOINTING = ("none", "block", "loop")  # activation checkpointing: off | per block | per loop step
 ROPE_LAYOUTS = ("interleaved", "rotate_half")  # which dimensions RoPE rotates together (RotaryEmbedding)
+INJECTIONS = ("none", "additive", "concat", "stable")  # how the input enters every loop step (LoopedLM)
+INIT_STATES = ("input", "zeros", "random")  # the state before loop step 1 (LoopedLM)
 
 
 @dataclass
@@ -35,6 +38,10 @@ class ModelSpec:
     tie_embeddings: bool = True
     positions: str = "rope"  # rope | learned
     loop_state: str = "normed"  # normed (Ouro) | residual
+    prelude_layers: int = 0  # looped: distinct blocks before the loop (Huginn, Parcae)
+    coda_layers: int = 0  # looped: distinct blocks after the loop, on every step's readout
+    injection: str = "none"  # looped: none | additive | concat | stable (INJECTIONS)
+    init_state: str = "input"  # looped: input | zeros | random (INIT_STATES)
     embed_init_std: float = 0.02  # token/position embedding init std (untied); 1.0 = PyTorch default
     rope_base: float = 10000.0
     rope_layout: str = "interleaved"  # interleaved (2i, 2i+1) | rotate_half (i, i + Dh/2; the released Ouro weights)
@@ -250,38 +257,149 @@ class StandardLM(_DecoderLM):
         return self.spec.n_layers * self.block_flops_per_token(seq_len) + self.head_flops_per_token()
 
 
+class StableInjection(nn.Module):
+    """Parcae's injection (Prairie et al. 2026; sandyresearch/parcae, parcae_lm/modules/injection.py
+    `DiagonalInjection`): u = exp(-dt * A) * h + dt * (B e), dt = softplus(dt_bias), A = exp(A_log),
+    per dimension. A discretised negative-diagonal system: every decay exp(-dt A) lies in (0, 1),
+    so the injection's spectral norm stays below 1 however long it loops. Init as theirs: A = 1,
+    decay sqrt(1/5), B = I; no weight decay on any of the three (`no_weight_decay`)."""
+
+    def __init__(self, d: int, decay: float = math.sqrt(1 / 5)):
+        super().__init__()
+        dt = -math.log(decay)
+        self.A_log = nn.Parameter(torch.zeros(d))
+        self.dt_bias = nn.Parameter(torch.full((d,), dt + math.log(-math.expm1(-dt))))  # softplus^-1(dt)
+        self.B = nn.Parameter(torch.eye(d))
+        for p in self.parameters():
+            p.no_weight_decay = True
+
+    def decay(self) -> torch.Tensor:
+        return torch.exp(-F.softplus(self.dt_bias) * self.A_log.exp())  # (d,) in (0, 1)
+
+    def input_term(self, e: torch.Tensor) -> torch.Tensor:
+        """dt * (B e): the same at every loop step, computed once."""
+        return F.softplus(self.dt_bias) * F.linear(e, self.B)
+
+    def forward(self, h: torch.Tensor, e_term: torch.Tensor) -> torch.Tensor:
+        return self.decay() * h + e_term
+
+
 class LoopedLM(_DecoderLM):
     """N shared blocks applied T times; an LM head and an exit gate read every step.
 
     Between loops (DESIGN.md): with loop_state='normed' the normalised h_t is the next
     loop's input (Ouro); with 'residual' the raw residual stream goes on and only the
     head and gate read final_norm(h_t). Both equal a standard model when T=1.
+
+    Loop recipes (README "Loop recipes"; all off = Ouro, the same operations as before):
+    - prelude (P blocks) runs once: e = prelude(embed(x)); with the stable injection e is
+      RMS-normalised (Parcae's `ln_prelude`);
+    - the state before step 1 is e (`input`), zeros, or Huginn's random truncated normal
+      (std sqrt(2/5), cut at 3 std: `raven_modeling_minimal.initialize_state`);
+    - before every step the input is injected: u = h + e (additive), u = W [h; e] with W a
+      bias-free Linear(2d, d) (concat, Huginn's adapter), or Parcae's StableInjection;
+    - coda (C blocks): every step's readout is final_norm(coda(h_t)) (Huginn applies its final
+      norm after the loop and again after the coda, as here with loop_state='normed'); without a
+      coda the readout is final_norm(h_t), as in Ouro. The head and gate read the readout.
     """
 
     def __init__(self, spec: ModelSpec):
         if spec.loop_state not in ("normed", "residual"):
             raise ValueError(f"loop_state must be 'normed' or 'residual', got {spec.loop_state!r}")
+        if spec.injection not in INJECTIONS or spec.init_state not in INIT_STATES:
+            raise ValueError(f"injection must be one of {INJECTIONS} and init_state one of {INIT_STATES}, "
+                             f"got {spec.injection!r}, {spec.init_state!r}")
         super().__init__(spec)
         self.exit_gate = nn.Linear(spec.d_model, 1, bias=True)  # lambda_t = sigmoid(w . h_t + b)
+        # NOTE: built only when asked for, so Ouro's model draws the same initial weights as before
+        rope = self.blocks[0].attn.rope if len(self.blocks) else None
+        depth = spec.prelude_layers + spec.n_layers * spec.loops + spec.coda_layers
+        self.prelude = self._extra_blocks(spec, spec.prelude_layers, rope, depth)
+        self.coda = self._extra_blocks(spec, spec.coda_layers, rope, depth)
+        d = spec.d_model
+        self.adapter = self.injector = self.prelude_norm = None
+        if spec.injection == "concat":  # Huginn's adapter: init trunc normal, std sqrt(2 / (5 d)) as theirs
+            self.adapter = nn.Linear(2 * d, d, bias=False)
+            std = math.sqrt(2 / (5 * d))
+            nn.init.trunc_normal_(self.adapter.weight, std=std, a=-3 * std, b=3 * std)
+        elif spec.injection == "stable":
+            self.injector = StableInjection(d)
+            self.prelude_norm = nn.RMSNorm(d, eps=spec.norm_eps)
 
-    def forward(self, idx: torch.Tensor, loops: int | None = None) -> LMOutput:
-        """Run `loops` steps (default: the trained T; more extrapolates)."""
+    def _extra_blocks(self, spec: ModelSpec, n: int, rope, depth: int) -> nn.ModuleList:
+        blocks = nn.ModuleList(Block(spec, rope) for _ in range(n))
+        blocks.apply(self._init_weights)
+        for name, p in blocks.named_parameters():
+            if name.endswith(("attn.out.weight", "mlp.down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * depth))
+        return blocks
+
+    def loop_input(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """e (the prelude's output), the state before loop step 1, and `inject(h) -> u`, the
+        input of the stack at every step (its e part computed once here)."""
+        e = self.embed(idx)
+        for block in self.prelude:
+            e = block(e)
+        if self.prelude_norm is not None:
+            e = self.prelude_norm(e)
+        init = self.spec.init_state
+        if init == "input":
+            h = e
+        elif init == "zeros":
+            h = torch.zeros_like(e)
+        else:  # Huginn: truncated normal, std sqrt(2/5), whatever the width
+            std = math.sqrt(2 / 5)
+            h = nn.init.trunc_normal_(torch.empty_like(e), std=std, a=-3 * std, b=3 * std)
+        kind = self.spec.injection
+        if kind == "none":
+            return e, h, lambda h: h
+        if kind == "additive":
+            return e, h, lambda h: h + e
+        if kind == "concat":  # W [h; e] = W_h h + W_e e, the second term once
+            d = self.spec.d_model
+            e_term = F.linear(e, self.adapter.weight[:, d:])
+            return e, h, lambda h: F.linear(h, self.adapter.weight[:, :d]) + e_term
+        e_term = self.injector.input_term(e)
+        return e, h, lambda h: self.injector(h, e_term)
+
+    def readout(self, h_state: torch.Tensor, h_normed: torch.Tensor) -> torch.Tensor:
+        """What the head and gate read at a step: final_norm(coda(state)), or final_norm(h_t) without a coda."""
+        if not len(self.coda):
+            return h_normed
+        for block in self.coda:
+            h_state = block(h_state)
+        return self.final_norm(h_state)
+
+    def forward(self, idx: torch.Tensor, loops: int | None = None, grad_loops: int | None = None) -> LMOutput:
+        """Run `loops` steps (default: the trained T; more extrapolates). `grad_loops` = k:
+        truncated backprop, the first loops - k steps run without a graph (Huginn's
+        `iterate_forward`); None or >= loops = every step."""
         loops = self.spec.loops if loops is None else loops
-        h = self.embed(idx)
+        _, h, inject = self.loop_input(idx)
+        no_graph = 0 if grad_loops is None else max(0, loops - grad_loops)
         step_hidden = []
-        for _ in range(loops):  # NOTE: a Python loop around the (compiled) blocks: T can change freely
-            h = self.run_stack(h)
-            h_normed = self.final_norm(h)
-            if self.spec.loop_state == "normed":
-                h = h_normed
-            step_hidden.append(h_normed)
+        for t in range(loops):  # NOTE: a Python loop around the (compiled) blocks: T can change freely
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= no_graph):
+                h = self.run_stack(inject(h))
+                h_normed = self.final_norm(h)
+                if self.spec.loop_state == "normed":
+                    h = h_normed
+                step_hidden.append(self.readout(h, h_normed))
         hidden = torch.stack(step_hidden)  # (T, B, S, D)
         gate_logits = self.exit_gate(hidden).squeeze(-1).permute(1, 2, 0)  # (B, S, T), one matmul for all steps
         return LMOutput(hidden=hidden, gate_logits=gate_logits, head=self.lm_head)
 
     def flops_per_token(self, seq_len: int, loops: int | None = None) -> int:
-        """Forward FLOPs per token for `loops` steps: the shared stack, the head and the gate
-        each count once per step they run (training costs ~3x)."""
+        """Forward FLOPs per token for `loops` steps, by structure: the prelude and the
+        injection's input term once; per step the shared stack, the coda, the head, the gate
+        and the injection's state term (concat: W_h h; training costs ~3x)."""
         loops = self.spec.loops if loops is None else loops
-        step = self.spec.n_layers * self.block_flops_per_token(seq_len) + self.head_flops_per_token()
-        return loops * (step + 2 * self.spec.d_model)
+        block, d = self.block_flops_per_token(seq_len), self.spec.d_model
+        once = self.spec.prelude_layers * block + (2 * d * d if self.spec.injection in ("concat", "stable") else 0)
+        step = ((self.spec.n_layers + self.spec.coda_layers) * block + self.head_flops_per_token() + 2 * d
+                + (2 * d * d if self.spec.injection == "concat" else 0))
+        return once + loops * step
+
+    def flops_per_loop(self, seq_len: int) -> int:
+        """What one more loop step costs (the frontier's FLOPs per loop)."""
+        return self.flops_per_token(seq_len, loops=2) - self.flops_per_token(seq_len, loops=1)

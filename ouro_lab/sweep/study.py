@@ -238,7 +238,9 @@ def _check_same_study(sweep: SweepConfig, study: optuna.Study, experiment: track
 LATER_KEYS = (("train", "strategy"), ("eval", "exit_q"), ("eval", "exit_confidence"), ("eval", "exit_step_change"),
               ("eval", "exit_epsilon"), ("eval", "oracle_tolerance"), ("stage2", "init_from"), ("stage2", "k"),
               ("stage2", "gamma"), ("stage2", "improvement"), ("stage2", "steps"), ("model", "rope_layout"),
-              ("model", "rope_base"), ("model", "norm_eps"), *(("infer", f.name) for f in dataclasses.fields(InferConfig)))
+              ("model", "rope_base"), ("model", "norm_eps"), *(("infer", f.name) for f in dataclasses.fields(InferConfig)),
+              ("model", "prelude_layers"), ("model", "coda_layers"), ("model", "injection"), ("model", "init_state"),
+              ("train", "loops_sampling"), ("train", "loops_min"), ("train", "loops_max"), ("train", "backprop_loops"))
 
 
 def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:

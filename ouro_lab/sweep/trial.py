@@ -60,9 +60,13 @@ def canonical_hash(cfg: ExperimentConfig) -> str:
     d = to_dict(cfg)
     d.pop("tracking")
     d.pop("infer")  # inference settings do not change what training produces
-    for key, default in (("rope_layout", "interleaved"), ("rope_base", 10000.0), ("norm_eps", 1e-6)):
-        if d["model"][key] == default:  # keys added later: hashes made before them stay valid
-            d["model"].pop(key)
+    later = {"model": {"rope_layout": "interleaved", "rope_base": 10000.0, "norm_eps": 1e-6, "prelude_layers": 0,
+                       "coda_layers": 0, "injection": "none", "init_state": "input"},
+             "train": {"loops_sampling": "fixed", "loops_min": 1, "loops_max": 0, "backprop_loops": 0}}
+    for section, defaults in later.items():  # keys added later: at their defaults, hashes made before stay valid
+        for key, default in defaults.items():
+            if d[section][key] == default:
+                d[section].pop(key)
     if not cfg.has_stage2:
         d.pop("stage2")  # Stage I (hashes made before the section existed stay valid)
     d["train"].pop("progress_bar")
@@ -73,6 +77,10 @@ def canonical_hash(cfg: ExperimentConfig) -> str:
         d.pop("objective")
         d["eval"] = {"test": d["eval"]["test"]}  # a standard model has no loops to extrapolate or exit from
         d["model"].pop("loop_state")
+        for key in ("injection", "init_state"):  # a single pass has no loop to inject into or start
+            d["model"].pop(key, None)
+        for key in ("loops_sampling", "loops_min", "loops_max", "backprop_loops"):
+            d["train"].pop(key, None)
         if cfg.model.arch == "param_matched":
             d["model"].pop("loops")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

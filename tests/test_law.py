@@ -1,0 +1,43 @@
+"""The saturating law m(t) = m_inf + a exp(-k t) (ouro_lab/analysis/law.py) on synthetic curves."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ouro_lab.analysis.law import fit_law, fit_law_seeds, law
+
+
+@pytest.mark.parametrize("m_inf,a,k,direction", [(0.9, -0.5, 0.7, "maximize"), (1.5, 2.0, 0.4, "minimize")])
+def test_fit_recovers_known_parameters_from_noisy_curves(m_inf, a, k, direction):
+    rng = np.random.default_rng(0)
+    t = np.arange(1, 13)
+    y = law(t, m_inf, a, k) + rng.normal(0, 0.005, len(t))
+    fit = fit_law(t, y, direction)
+    assert fit.ok, fit.reason
+    assert fit.m_inf == pytest.approx(m_inf, abs=0.02)
+    assert fit.a == pytest.approx(a, rel=0.15) and fit.k == pytest.approx(k, rel=0.15)
+    assert fit.loops_to_within(0.01) == pytest.approx(math.log(abs(a) / 0.01) / k, abs=1.0)
+    assert fit.r2 > 0.99
+
+
+def test_a_curve_that_rises_then_falls_has_no_fit():
+    t = np.arange(1, 13)
+    y = 0.5 + 0.4 * (1 - np.exp(-1.2 * t)) - 0.04 * np.clip(t - 4, 0, None)  # Ouro's decay past the trained T
+    fit = fit_law(t, y, "maximize")
+    assert not fit.ok and "turns back" in fit.reason and "best at 4" in fit.reason
+    assert math.isnan(fit.loops_to_within(0.01)) and str(fit).startswith("no fit")
+    noise = fit_law(t, np.random.default_rng(1).normal(0, 1, len(t)), "maximize")
+    assert not noise.ok  # no structure at all
+
+
+def test_seed_bootstrap_interval_covers_the_true_saturation_loops():
+    rng = np.random.default_rng(2)
+    steps = range(1, 11)
+    truth = math.log(0.4 / 0.01) / 0.6
+    curves = {s: list(law(s, 0.8, -0.4, 0.6) + rng.normal(0, 0.01, 5)) for s in steps}  # 5 seeds
+    boot = fit_law_seeds(curves, 0.01, "maximize", n_boot=200)
+    assert boot.fit.ok and boot.n_seeds == 5 and boot.p_fit > 0.9
+    assert boot.low <= truth <= boot.high and boot.low < boot.loops_eps < boot.high
