@@ -29,8 +29,7 @@ from ouro_lab.data.text import TextConfig
 from ouro_lab.models.decoding import RULES as EXIT_RULES  # online exit rules (infer.exit_rule)
 from ouro_lab.models.decoding import STRATEGIES as CACHE_STRATEGIES  # decode-time KV caches (infer.cache)
 from ouro_lab.models.transformer import CHECKPOINTING, INIT_STATES, INJECTIONS, ROPE_LAYOUTS
-from ouro_lab.objectives import LOOP_SAMPLING
-from ouro_lab.objectives import PRIORS, STAGE2_IMPROVEMENT
+from ouro_lab.objectives import LOOP_SAMPLING, PRIORS, STAGE2_IMPROVEMENT
 
 ARCHS = ("looped", "param_matched", "depth_matched")
 POSITIONS = ("rope", "learned")
