@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ouro_lab.config import ConfigError, load_config
 from ouro_lab.models import LoopedLM, ModelSpec
