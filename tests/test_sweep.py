@@ -517,3 +517,35 @@ def test_a_sweep_judged_on_a_frontier_scalar_runs_end_to_end(tmp_path):
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert t.value == pytest.approx(run.data.metrics["val/gate_efficiency"])
         assert len(t.intermediate_values) == 3  # reported to the pruner at every validation
+
+
+def test_bundle_params_choose_named_override_lists(tmp_path, capsys):
+    """A loop recipe is several keys: a bundle param picks one named list of overrides per trial;
+    the trial's runs carry the bundle's config and an `ouro.bundle.<param>` tag; a bad bundle
+    or an unknown choice fails before any trial, naming it."""
+    body = """
+        objective: {metric: val/acc_final, direction: maximize}
+        params:
+          recipe: {choices: [ouro, additive]}
+        bundles:
+          recipe:
+            ouro: []
+            additive: [model.injection=additive, model.init_state=zeros]
+        sampler: {name: grid}
+        """
+    path = write_sweep(tmp_path, body)
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "recipe=additive (model.injection=additive model.init_state=zeros)" in out and "recipe=ouro (no overrides)" in out
+    summary = run_sweep(path, [], verbose=False)
+    assert summary.counts == {"COMPLETE": 2}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("s").experiment_id], "tags.`ouro.role` = 'trial'")
+    by_bundle = {r.data.tags["ouro.bundle.recipe"]: r.data.params for r in runs}
+    assert by_bundle["additive"]["model.injection"] == "additive" and by_bundle["ouro"]["model.injection"] == "none"
+    bad = write_sweep(tmp_path, body.replace("[ouro, additive]", "[ouro, huginn]").replace("model.init_state=zeros",
+                                                                                         "model.init_state=zero"), "bad")
+    with pytest.raises(ConfigError) as err:
+        load_sweep(bad)
+    assert "bundles.recipe.additive: " in str(err.value) and "model.init_state: 'zero' is not one of" in str(err.value)
+    assert "params.recipe: a bundle param takes choices among its bundles (ouro, additive); got ['huginn']" in str(err.value)

@@ -9,6 +9,11 @@
       model.loops: {choices: [1, 2, 4, 8]}                        # categorical / grid
       objective.entropy_weight: {low: 0.001, high: 1.0, log: true}  # float range
       model.n_layers: {low: 1, high: 4}                            # int range (ints given)
+      recipe: {choices: [ouro, huginn]}                            # a bundle: named override lists
+    bundles:
+      recipe:
+        ouro: []
+        huginn: [model.prelude_layers=1, model.coda_layers=1, model.injection=concat, model.init_state=random]
     sampler: {name: grid, seed: 0}   # grid | tpe | random | cmaes
     pruner: {name: median, n_startup_trials: 4, n_warmup_steps: 250}
     trials: 24                        # budget: trials that end (complete, pruned or failed)
@@ -72,7 +77,9 @@ class SweepConfig:
     base: str = ""  # experiment config the trials start from (relative to the sweep file)
     overrides: list[str] = field(default_factory=list)  # fixed key=value overrides for every trial
     objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
-    params: dict[str, ParamSpec] = field(default_factory=dict)  # config key -> distribution
+    params: dict[str, ParamSpec] = field(default_factory=dict)  # config key (or bundle name) -> distribution
+    # a param named here chooses between named lists of overrides (several keys at once, e.g. a loop recipe)
+    bundles: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "none"})  # name + its settings
     trials: int = 0  # trial budget; 0 = the grid's size (grid sampler only)
@@ -248,9 +255,12 @@ def _check_against_base(sweep: SweepConfig, base: Path) -> list[str]:
         load_config(base, sweep.overrides)
     except ConfigError as err:
         return [f"overrides: {err}"]
+    problems += _check_bundles(sweep, base)
     if not problems:
         problems += _check_objective_exists(sweep, base)
     for key, spec in sweep.params.items():
+        if key in sweep.bundles:
+            continue
         values = spec.choices if spec.choices is not None else [spec.low, spec.high]
         if spec.choices is None and is_int_range(spec):
             values = [int(v) for v in values]
@@ -263,6 +273,24 @@ def _check_against_base(sweep: SweepConfig, base: Path) -> list[str]:
                     problems.append(f"params.{key}: not a key of the experiment config ({message})")
                     break
                 problems.append(f"params.{key}: value {value!r} is invalid: {message}")
+    return problems
+
+
+def _check_bundles(sweep: SweepConfig, base: Path) -> list[str]:
+    """Each bundle must make a valid config, and a bundle param choose among its bundles."""
+    problems = []
+    for key, named in sweep.bundles.items():
+        for label, bundle in named.items():
+            try:
+                load_config(base, [*sweep.overrides, *bundle])
+            except ConfigError as err:
+                problems.append(f"bundles.{key}.{label}: {err}")
+    for key, spec in sweep.params.items():
+        if key in sweep.bundles:
+            unknown = [c for c in (spec.choices or []) if str(c) not in sweep.bundles[key]]
+            if spec.choices is None or unknown:
+                problems.append(f"params.{key}: a bundle param takes choices among its bundles "
+                                f"({', '.join(sweep.bundles[key])}); got {unknown or 'a range'}")
     return problems
 
 
@@ -281,7 +309,7 @@ def _check_objective_exists(sweep: SweepConfig, base: Path, max_points: int = 25
         else:
             axes.append([int(spec.low), int(spec.high)] if is_int_range(spec) else [spec.low, spec.high])
     for point in itertools.islice(itertools.product(*axes), max_points):
-        overrides = [*sweep.overrides, *(override_for(k, v) for k, v in zip(keys, point))]
+        overrides = [*sweep.overrides, *point_overrides(sweep, dict(zip(keys, point)))]
         try:
             cfg = load_config(base, overrides)
         except ConfigError:
@@ -293,7 +321,7 @@ def _check_objective_exists(sweep: SweepConfig, base: Path, max_points: int = 25
                                           ("val", "test") if e.test else ("val",), bpb=task.byte_level,
                                           exit_rules={"q": e.exit_q, "conf": e.exit_confidence, "change": e.exit_step_change})
         if sweep.objective.metric not in names:
-            where = " ".join(override_for(k, v) for k, v in zip(keys, point))
+            where = " ".join(point_overrides(sweep, dict(zip(keys, point))))
             return [f"objective.metric: {sweep.objective.metric!r} is not logged at {where} "
                     f"(model.arch={cfg.model.arch}, {trained} trained loop step(s), eval.test={cfg.eval.test}); "
                     "pick a metric every trial logs, e.g. val/acc_final"]
@@ -310,6 +338,21 @@ def _yaml_value(value: Any) -> str:
 
 def override_for(key: str, value: Any) -> str:
     return f"{key}={_yaml_value(value)}"
+
+
+def point_overrides(sweep: SweepConfig, point: dict[str, Any]) -> list[str]:
+    """The experiment overrides of one point of the search space: `key=value` per param, a
+    bundle param's named override list in its place."""
+    out = []
+    for key, value in point.items():
+        out += list(sweep.bundles[key][str(value)]) if key in sweep.bundles else [override_for(key, value)]
+    return out
+
+
+def _point_text(sweep: SweepConfig, point: dict[str, Any]) -> str:
+    """'model.loops=4 recipe=huginn (model.prelude_layers=1 ...)' for the dry run."""
+    return " ".join(f"{k}={v} ({' '.join(sweep.bundles[k][str(v)]) or 'no overrides'})" if k in sweep.bundles
+                    else override_for(k, v) for k, v in point.items())
 
 
 def describe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
@@ -329,7 +372,7 @@ def describe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> s
     if sweep.sampler.name == "grid":
         points = list(itertools.product(*(grid_values(spec) for spec in sweep.params.values())))
         lines.append(f"grid sampler (seed {sweep.sampler.seed}; visits its points in a shuffled order), {len(points)} points:")
-        lines += [f"  {' '.join(override_for(k, v) for k, v in zip(sweep.params, point))}" for point in points[:total]]
+        lines += [f"  {_point_text(sweep, dict(zip(sweep.params, point)))}" for point in points[:total]]
     else:
         lines.append(f"{sweep.sampler.name} sampler (seed {sweep.sampler.seed}) over:")
         for key, spec in sweep.params.items():

@@ -250,6 +250,8 @@ def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:
     for key in ("trials", "timeout", "retries", "storage", "heartbeat_interval", "grace_period", "study_dir",
                 "tracking_uri", "pruner"):
         d.pop(key)
+    if not d["bundles"]:
+        d.pop("bundles")  # (studies made before bundles existed keep their hash)
     d["base_config"] = to_dict(base_cfg)
     d["base_config"].pop("tracking")
     defaults = to_dict(ExperimentConfig())

@@ -23,7 +23,7 @@ from ouro_lab import tracking
 from ouro_lab.config import ExperimentConfig, load_config, to_dict, used_params
 from ouro_lab.sweep.budget import claims_budget, retried_trials
 from ouro_lab.sweep.pruning import PruningCallback
-from ouro_lab.sweep.schema import SweepConfig, distribution, override_for
+from ouro_lab.sweep.schema import SweepConfig, distribution, point_overrides
 from ouro_lab.sweep.study import Study, this_process
 from ouro_lab.train import resolve_precision, train
 
@@ -106,12 +106,12 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = 
     if total is not None:
         claim(s, trial, total)
     sampled = suggest(trial, sweep)
-    overrides = [*sweep.overrides, *(override_for(k, v) for k, v in sampled.items()),
+    overrides = [*sweep.overrides, *point_overrides(sweep, sampled),
                  f"tracking.uri={s.tracking_uri}", f"tracking.experiment={sweep.name}", "train.progress_bar=false"]
     cfg = load_config(s.base, overrides)
     label = " ".join(f"{k}={v}" for k, v in sampled.items())
     tags = {"ouro.study": sweep.name, "ouro.trial": str(trial.number), "ouro.role": "trial",
-            "optuna.state": "RUNNING"}
+            "optuna.state": "RUNNING", **{f"ouro.bundle.{k}": str(v) for k, v in sampled.items() if k in sweep.bundles}}
     if sweep.seeds == 1:
         value, _ = _train_seed(s, trial, cfg, cfg.train.seed, 0, s.parent.id, tags, label, verbose)
         return value
