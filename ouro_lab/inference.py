@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ouro_lab import exits
 from ouro_lab import metric_names as names
@@ -29,6 +28,7 @@ from ouro_lab.metrics import SkipEvalMetrics
 from ouro_lab.models.decoding import (STRATEGIES, ExitRule, clock, executed_flops, forward_chunk, generate, row_flops,
                                       teacher_forced)
 from ouro_lab.models.transformer import LoopedLM
+from ouro_lab.objectives import per_step_token_losses
 from ouro_lab.train import make_datamodule
 
 
@@ -64,6 +64,11 @@ def _selection_steps(rule: ExitRule, gate_logits: torch.Tensor | None, logits: l
     change = torch.stack([torch.full((B, S), float("inf"), device=logits[0].device)]
                          + [exits.step_change(log_probs[t], log_probs[t - 1]) for t in range(1, T)]).reshape(T, -1)
     return exits.step_change_exit(change, [rule.threshold])[0].reshape(B, S)
+
+
+def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy (B, S), 0 where the target is ignored (one step of per_step_token_losses)."""
+    return per_step_token_losses(logits[None], targets)[0]
 
 
 @torch.no_grad()
@@ -109,12 +114,6 @@ def skip_evaluate(model: torch.nn.Module, loader, rule: ExitRule, n_levels: int,
     values = {k: float(v) for k, v in metrics.compute().items()}
     values["skip_minus_select_acc"] = values[names.inference("skip", "acc")] - values[names.inference("select", "acc")]
     return values
-
-
-def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy (B, S), 0 where the target is ignored."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="none").view_as(targets)
 
 
 def skip_table(values: dict[str, float], split: str, bpb: bool) -> str:
