@@ -41,3 +41,15 @@ def test_seed_bootstrap_interval_covers_the_true_saturation_loops():
     boot = fit_law_seeds(curves, 0.01, "maximize", n_boot=200)
     assert boot.fit.ok and boot.n_seeds == 5 and boot.p_fit > 0.9
     assert boot.low <= truth <= boot.high and boot.low < boot.loops_eps < boot.high
+
+
+def test_an_accuracy_asymptote_stays_within_its_range():
+    """An accuracy curve still rising at its last step: the unbounded fit puts m_inf past 1, the
+    report's (M_INF_RANGE['acc']) keeps it at or below 1 and still fits."""
+    from ouro_lab.analysis.law import M_INF_RANGE
+
+    t = np.arange(1, 9)
+    y = np.minimum(law(t, 1.08, -0.8, 0.25), 1.0)
+    assert fit_law(t, y, "maximize").m_inf > 1.02
+    bounded = fit_law(t, y, "maximize", m_range=M_INF_RANGE["acc"])
+    assert bounded.ok and 0.95 <= bounded.m_inf <= 1.0 and bounded.r2 > 0.99

@@ -28,6 +28,9 @@ from ouro_lab.analysis.load import ALL, StudyData  # noqa: E402
 from ouro_lab.analysis.stats import final_values  # noqa: E402
 
 MIN_R2 = 0.9  # below this the law explains too little of the curve: no fit
+# where each metric kind's asymptote can lie (an accuracy curve still rising at its last step
+# would otherwise extrapolate past 1)
+M_INF_RANGE = {"acc": (0.0, 1.0), "loss": (0.0, math.inf), "bpb": (0.0, math.inf)}
 
 
 def law(t, m_inf: float, a: float, k: float):
@@ -62,10 +65,12 @@ class LawFit:
 
 
 def fit_law(steps: Sequence[float], values: Sequence[float], direction: str = "maximize",
-            start: tuple[float, float, float] | None = None) -> LawFit:
-    """Least-squares fit of `law` (k > 0) to a curve; `direction` says which way is better
-    (a curve that gets better, then worse by more than its noise, has no fit). `start`: try
-    these parameters first (a bootstrap resample starts from the full fit: one solve, not three)."""
+            start: tuple[float, float, float] | None = None,
+            m_range: tuple[float, float] = (-math.inf, math.inf)) -> LawFit:
+    """Least-squares fit of `law` (k > 0, m_inf within `m_range`) to a curve; `direction` says
+    which way is better (a curve that gets better, then worse by more than its noise, has no
+    fit). `start`: try these parameters first (a bootstrap resample starts from the full fit:
+    one solve, not three)."""
     t = np.asarray(steps, dtype=float)
     y = np.asarray(values, dtype=float)
     keep = np.isfinite(y)
@@ -78,7 +83,8 @@ def fit_law(steps: Sequence[float], values: Sequence[float], direction: str = "m
     if span == 0:
         return LawFit(m_inf=float(y[0]), a=0.0, k=1.0, r2=1.0, rmse=0.0)  # flat: at its asymptote from the start
     sign = 1.0 if direction == "maximize" else -1.0
-    guesses = [(y[-1], y[0] - y[-1], k0) for k0 in (0.3, 1.0, 3.0)]
+    lo, hi = m_range
+    guesses = [(float(np.clip(y[-1], lo, hi)), y[0] - y[-1], k0) for k0 in (0.3, 1.0, 3.0)]
     best = None
     for p0 in ([start] if start is not None else []) + guesses:
         if best is not None and start is not None:
@@ -86,7 +92,7 @@ def fit_law(steps: Sequence[float], values: Sequence[float], direction: str = "m
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", OptimizeWarning)
-                params, _ = curve_fit(law, t, y, p0=p0, bounds=([-np.inf, -np.inf, 1e-4], [np.inf, np.inf, 50.0]),
+                params, _ = curve_fit(law, t, y, p0=p0, bounds=([lo, -np.inf, 1e-4], [hi, np.inf, 50.0]),
                                       maxfev=20000)
         except (RuntimeError, ValueError):
             continue
@@ -120,12 +126,13 @@ class LawBootstrap:
 
 
 def fit_law_seeds(curves: Mapping[int, Sequence[float]], epsilon: float, direction: str = "maximize",
-                  level: float = 0.95, n_boot: int = 200, seed: int = 0) -> LawBootstrap:
+                  level: float = 0.95, n_boot: int = 200, seed: int = 0,
+                  m_range: tuple[float, float] = (-math.inf, math.inf)) -> LawBootstrap:
     """Fit the law to the seed-mean curve {step: [value per seed]} (the i-th value of every step
     from the same seed) and bootstrap `loops_to_within(epsilon)` over seeds drawn with replacement."""
     steps = sorted(curves)
     matrix = np.asarray([list(curves[s]) for s in steps], dtype=float).T  # (seeds, steps)
-    fit = fit_law(steps, np.nanmean(matrix, 0), direction)
+    fit = fit_law(steps, np.nanmean(matrix, 0), direction, m_range=m_range)
     n_seeds = matrix.shape[0]
     if n_seeds < 2 or not fit.ok:
         return LawBootstrap(fit, fit.loops_to_within(epsilon), math.nan, math.nan, math.nan, n_seeds)
@@ -133,7 +140,7 @@ def fit_law_seeds(curves: Mapping[int, Sequence[float]], epsilon: float, directi
     boot = []
     for _ in range(n_boot):
         resample = fit_law(steps, np.nanmean(matrix[rng.integers(0, n_seeds, n_seeds)], 0), direction,
-                           start=(fit.m_inf, fit.a, fit.k))
+                           start=(fit.m_inf, fit.a, fit.k), m_range=m_range)
         boot.append(resample.loops_to_within(epsilon) if resample.ok else math.nan)
     boot = np.asarray(boot)
     fitted = boot[np.isfinite(boot)]
@@ -161,22 +168,25 @@ def law_table(data: StudyData, epsilon: float = 0.01, kind: str | None = None, s
     s = data.steps[(data.steps["split"] == split) & (data.steps["difficulty"] == ALL) & (data.steps["arch"] == "looped")]
     if kind in s:
         for (group, loops), g in s.rename(columns={kind: "value"}).groupby(["group", "loops"]):
-            rows.append(_law_row(group, "looped", "step", loops, _seed_curves(g, "step"), epsilon, direction, level, n_boot))
+            rows.append(_law_row(group, "looped", "step", loops, _seed_curves(g, "step"), epsilon, direction, level,
+                                 n_boot, kind))
     finals = final_values(data, kind, split)
     finals = finals[(finals["difficulty"] == ALL) & (finals["arch"] != "param_matched")]
     for (group, arch), g in finals.groupby(["group", "arch"]):
         if g["loops"].nunique() >= 4:
-            rows.append(_law_row(group, arch, "T", None, _seed_curves(g, "loops"), epsilon, direction, level, n_boot))
+            rows.append(_law_row(group, arch, "T", None, _seed_curves(g, "loops"), epsilon, direction, level, n_boot,
+                                 kind))
     columns = ["group", "arch", "over", "loops", "m_inf", "a", "k", "r2", "loops_eps", "low", "high", "p_fit",
                "n_seeds", "fit"]
     return pd.DataFrame(rows, columns=columns)
 
 
-def _law_row(group, arch, over, loops, curves, epsilon, direction, level, n_boot) -> dict:
+def _law_row(group, arch, over, loops, curves, epsilon, direction, level, n_boot, kind) -> dict:
     if len(curves) < 4:
         fit = LawBootstrap(LawFit(reason=f"{len(curves)} points with every seed"), math.nan, math.nan, math.nan, math.nan, 0)
     else:
-        fit = fit_law_seeds(curves, epsilon, direction, level, n_boot)
+        fit = fit_law_seeds(curves, epsilon, direction, level, n_boot,
+                            m_range=M_INF_RANGE.get(kind, (-math.inf, math.inf)))
     f = fit.fit
     where = (f"{fit.loops_eps:.1f}" + (f" [{fit.low:.1f}, {fit.high:.1f}]" if np.isfinite(fit.low) else "")
              if f.ok else "")
