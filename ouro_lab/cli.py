@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("--split", choices=("val", "test"), default=None, help="default: test when logged, else val")
     p_report.add_argument("--level", type=float, default=0.95, help="confidence level of intervals (default 0.95)")
     p_report.add_argument("--no-log", action="store_true", help="do not log the report as MLflow artifacts")
+    p_report.add_argument("--runs", choices=("auto", "train", "eval"), default="auto",
+                          help="the runs analysed: training runs, or `ouro-lab eval` runs (the latest per checkpoint: "
+                               "e.g. an imported checkpoint); default auto = train, else eval when there are only evals")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -161,9 +164,9 @@ def _report(args: argparse.Namespace) -> int:
         print("ouro-lab: --level must be in (0, 1) and --epsilon >= 0", file=sys.stderr)
         return 2
     try:
-        data = analysis.load_study(args.study, args.store)
+        data = analysis.load_study(args.study, args.store, args.runs)
         out = Path(args.out or Path("reports") / data.name)
-        print(f"[report] study {data.name!r}: {len(data.runs)} complete runs analysed (unit runs by state: "
+        print(f"[report] study {data.name!r}: {len(data.runs)} complete {'`ouro-lab eval` ' if data.source == 'eval' else ''}runs analysed (unit runs by state: "
               f"{', '.join(f'{k} {v}' for k, v in sorted(data.counts.items()))}) from {data.tracking_uri}", flush=True)
         report = analysis.write_report(data, out, epsilon=args.epsilon, kind=args.metric, split=args.split,
                                        level=args.level, log=not args.no_log)

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from ouro_lab import tracking
 from ouro_lab.checkpoints import load_checkpoint
-from ouro_lab.config import used_params
 from ouro_lab.inference import device_for, exit_rule, skip_evaluate, skip_table
-from ouro_lab.train import make_datamodule, make_trainer
+from ouro_lab.train import log_setup, make_datamodule, make_trainer
 from ouro_lab.views import run_tables
 
 @dataclass
@@ -51,13 +50,15 @@ def evaluate_checkpoint(path: Path, overrides: list[str] = (), split: str = "tes
         metrics |= {f"{split}/{k}": v for k, v in skip.items()}
         result.skip = str(rule)
     if log:
-        result.run_id, result.where = _log_eval(cfg, path, module.ouro_run_id, overrides, split, metrics,
-                                                module.ouro_source)
+        result.run_id, result.where = _log_eval(cfg, path, module, overrides, split, metrics)
     return result
 
 
-def _log_eval(cfg, path: Path, trained_run: str | None, overrides: list[str], split: str,
-              metrics: dict[str, float], source: dict | None = None) -> tuple[str, str]:
+def _log_eval(cfg, path: Path, module, overrides: list[str], split: str,
+              metrics: dict[str, float]) -> tuple[str, str]:
+    """The evaluation as an MLflow run, logged like a training run's setup (config params,
+    derived facts, model/* metrics: what `ouro-lab report` reads from an experiment of evaluations)."""
+    trained_run, source = module.ouro_run_id, module.ouro_source
     experiment = tracking.Experiment.open(tracking.resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
     name = f"eval-{cfg.tracking.run_name or cfg.default_run_name()}-{split}"
     tags = tracking.reproducibility_tags() | {"ouro.role": "eval", "ouro.checkpoint": str(path.resolve()),
@@ -65,6 +66,7 @@ def _log_eval(cfg, path: Path, trained_run: str | None, overrides: list[str], sp
     if source:
         tags["ouro.imported_from"] = source["folder"]
     with experiment.create_run(name, tags) as run:
-        run.log_params(used_params(cfg) | {"eval_overrides": " ".join(overrides) or "none", "eval_split": split})
+        log_setup(run, cfg, module.summary() | module.task.describe())
+        run.log_params({"eval_overrides": " ".join(overrides) or "none", "eval_split": split})
         run.log_metrics(metrics)
     return run.id, experiment.where_to_look(run.id)

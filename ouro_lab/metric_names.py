@@ -158,6 +158,7 @@ def frontier_names(trained_loops: int, levels: list[int], kinds: tuple[str, ...]
 
 # --- inference that skips compute (ouro_lab/inference.py; `ouro-lab eval` with infer.exit_rule) --
 SEMANTICS = ("skip", "select", "full")  # skip semantics | selection semantics, the same rule | full depth
+INFERENCE_METRIC = re.compile(r"^(?P<split>val|test)/(?P<name>(?:skip|select|full)_[a-z]+(?:_d\d+)?|skip_minus_select_acc)$")
 
 
 def inference(semantics: str, kind: str, level: int | None = None) -> str:

@@ -106,13 +106,17 @@ class _LMModule(L.LightningModule):
         """Forward FLOPs per token at the trained loop count (training ~3x)."""
         return self.model.flops_per_token(self.task.seq_len)
 
+    def train_flops_per_token(self) -> float:
+        """Training FLOPs per token seen: forward + backward (2x forward)."""
+        return 3 * self.flops_per_token()
+
     def summary(self) -> dict[str, int]:
         return {
             "n_params": self.model.num_params(),
             "n_distinct_layers": self.cfg.model.distinct_layers,
             "effective_depth": self.cfg.model.effective_depth,
             "forward_flops_per_token": self.flops_per_token(),
-            "train_flops_per_token": 3 * self.flops_per_token(),
+            "train_flops_per_token": self.train_flops_per_token(),
             "seq_len": self.task.seq_len,
             "vocab_size": self.task.vocab_size,
         }
@@ -269,10 +273,28 @@ class LoopedLMModule(_LMModule):
         """This batch's loop count from train.loops_sampling (one draw per optimizer step, seeded by
         train.seed and the step, so every DDP rank draws the same) and truncated backprop through
         the last train.backprop_loops steps."""
+        return self.model(tokens, loops=self.training_loops(self.global_step), grad_loops=self.cfg.train.backprop_loops or None)
+
+    def training_loops(self, step: int) -> int:
+        """The loop count of optimizer step `step` (a pure function of train.seed and the step)."""
         t = self.cfg.train
-        generator = torch.Generator().manual_seed(t.seed * 1_000_003 + self.global_step)
-        loops = sample_loops(t.loops_sampling, self.trained_loops, generator, t.loops_min, t.loops_max)
-        return self.model(tokens, loops=loops, grad_loops=t.backprop_loops or None)
+        generator = torch.Generator().manual_seed(t.seed * 1_000_003 + step)
+        return sample_loops(t.loops_sampling, self.trained_loops, generator, t.loops_min, t.loops_max)
+
+    def train_flops_per_token(self) -> float:
+        """Under random depth or truncated backprop, the forward runs the loops each step drew and
+        the backward (2x forward) only the last train.backprop_loops of them (plus the prelude):
+        averaged over the run's own draws, known before training (`training_loops`)."""
+        t = self.cfg.train
+        if t.loops_sampling == "fixed" and not t.backprop_loops:
+            return super().train_flops_per_token()
+        seq_len = self.task.seq_len
+        total = 0
+        for step in range(t.max_steps):
+            loops = self.training_loops(step)
+            grad = min(loops, t.backprop_loops) if t.backprop_loops else loops
+            total += self.model.flops_per_token(seq_len, loops) + 2 * self.model.flops_per_token(seq_len, grad)
+        return total / max(t.max_steps, 1)
 
     def _load_stage1(self, path: str) -> None:
         """Load a Stage-I checkpoint's weights and freeze all but the exit gate; the model and

@@ -225,7 +225,7 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDat
               flush=True)
         print(f"[ouro-lab] {cfg.model.arch}: {summary['n_params']:,} params, depth {summary['effective_depth']}, "
               f"{summary['forward_flops_per_token']:,} forward FLOPs/token", flush=True)
-    _log_setup(run, cfg, summary | module.task.describe())
+    log_setup(run, cfg, summary | module.task.describe())
     logger = _MetricsLogger(experiment_name=cfg.tracking.experiment, tracking_uri=experiment.tracking_uri, run_id=run.id)
     ckpt_dir = Path(cfg.tracking.output_dir) / cfg.tracking.experiment / run.id / "checkpoints"
     trainer, checkpoint = _fit(cfg, module, datamodule, logger, ckpt_dir, callbacks, verbose, cfg.train.max_steps)
@@ -310,7 +310,7 @@ def _numbers(metrics: dict, prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
-def _log_setup(run: tracking.Run, cfg: ExperimentConfig, summary: dict[str, object]) -> None:
+def log_setup(run: tracking.Run, cfg: ExperimentConfig, summary: dict[str, object]) -> None:
     """The config (one name per key, only the sections this run uses) and derived facts (model
     shape, the task's data) as params; the numbers among them as metrics model/*; the full
     config YAML (+ git diff) as artifacts."""

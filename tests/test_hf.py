@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ouro_lab import cli
+from ouro_lab.analysis import load_study
 from ouro_lab.checkpoints import import_hf, load_checkpoint
 from ouro_lab.evaluate import evaluate_checkpoint
 from ouro_lab.models.hf import HFImportError
@@ -134,6 +136,42 @@ def test_evaluation_and_generation_run_on_the_imported_model(tmp_path, corpus, c
     assert "test/skip_bpb" in result.metrics and result.run_id
     assert cli.main(["generate", str(ckpt), "infer.prompt=loops exit", "infer.max_new_tokens=5"]) == 0
     assert "loops exit\u2588" in capsys.readouterr().out
+
+
+def test_report_works_on_the_imported_model(tmp_path, corpus, capsys):
+    """An imported checkpoint has no training run: `ouro-lab report` reads its `ouro-lab eval` runs
+    (the latest per checkpoint for the per-step sections, every one for the skip table)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = write_hf(tmp_path / "ouro")
+    ckpt = tmp_path / "ouro.ckpt"
+    assert cli.main(["import-hf", str(folder), str(ckpt), *overrides(corpus, tmp_path), "eval.extra_loops=2"]) == 0
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = evaluate_checkpoint(ckpt, ["infer.exit_rule=q", "infer.exit_threshold=0.3"], log=True)
+    last = evaluate_checkpoint(ckpt, ["infer.exit_rule=q", "infer.exit_threshold=0.7"], log=True)
+    experiment = MlflowClient(store).get_run(last.run_id).info.experiment_id
+    assert cli.main(["report", experiment, "--store", store, "--runs", "train", "--no-log"]) == 2
+    err = capsys.readouterr().err
+    assert "has no finished runs yet" in err and "holds 2 `ouro-lab eval` runs: --runs eval reports on them" in err
+    out = tmp_path / "report"
+    assert cli.main(["report", experiment, "--store", store, "--out", str(out), "--no-log"]) == 0
+    assert "1 complete `ouro-lab eval` runs analysed" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert "Unit runs: `ouro-lab eval` runs" in report and "## Metric vs evaluation loop step t" in report
+    # the per-step curve is the latest evaluation's own numbers, out to T + extra loops
+    steps = pd.read_csv(out / "steps.csv")
+    curve = steps[steps["difficulty"] == "all"].set_index("step")["bpb"]
+    assert list(curve.index) == list(range(1, LOOPS + 3))
+    assert curve.to_dict() == pytest.approx({t: last.metrics[f"test/bpb_step{t}"] for t in curve.index})
+    # both evaluations in the skip table, with their thresholds and their own numbers
+    skip = pd.read_csv(out / "skip.csv").set_index("threshold")
+    assert sorted(skip.index) == [0.3, 0.7] and set(skip["evaluated"]) == {"ouro.ckpt"}
+    assert skip.loc[0.3, "skip_loops"] == pytest.approx(first.metrics["test/skip_loops"])
+    assert skip.loc[0.3, "skip_loops"] <= skip.loc[0.7, "skip_loops"]
+    assert "## Early exit that skips compute" in report and (out / "vs_step.png").exists()
+    data = load_study(experiment, store)  # the evaluation logged the model's facts, as a training run does
+    assert data.source == "eval" and data.runs["n_params"].tolist() == [load_checkpoint(ckpt)[1].model.num_params()]
+    assert math.isnan(data.runs["train_flops"].iloc[0])  # (what trained it is not in this experiment)
 
 
 @pytest.mark.parametrize("change,message", [

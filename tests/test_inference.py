@@ -87,3 +87,27 @@ def test_selection_semantics_is_the_frontier_of_the_ordinary_evaluation(trained,
     values = skip_evaluate(module.model, loader, rule, len(module.task.difficulty_levels), False, module.task.seq_len)
     for kind in ("acc", "loops"):
         assert values[f"select_{kind}"] == pytest.approx(ordinary[f"test/exit_{rule.name}{rule.threshold:g}_{kind}"], abs=1e-6)
+
+
+def test_the_report_of_a_trained_experiment_shows_its_skip_evaluations(trained, tmp_path):
+    """`ouro-lab eval` runs logged beside training runs do not become unit runs; the report adds
+    their skip / select / full table."""
+    from mlflow.tracking import MlflowClient
+
+    from ouro_lab import analysis
+    from ouro_lab.checkpoints import load_checkpoint
+    from ouro_lab.evaluate import evaluate_checkpoint
+
+    ckpt = trained[0]
+    result = evaluate_checkpoint(ckpt, ["infer.exit_rule=conf", "infer.exit_threshold=0.6"], log=True)
+    store = load_checkpoint(ckpt)[0].tracking.uri
+    experiment = MlflowClient(store).get_run(result.run_id).info.experiment_id
+    data = analysis.load_study(experiment, store)
+    assert data.source == "train" and result.run_id not in set(data.runs["run_id"])
+    row = data.skip.set_index("run_id").loc[result.run_id]
+    assert (row["rule"], row["threshold"], row["split"]) == ("conf", 0.6, "test")
+    assert row["skip_acc"] == pytest.approx(result.metrics["test/skip_acc"])
+    assert row["full_flops"] == pytest.approx(result.metrics["test/full_flops"])
+    report = analysis.write_report(data, tmp_path / "report", n_boot=50, log=False)
+    assert "## Early exit that skips compute" in report.markdown and (tmp_path / "report" / "skip.csv").exists()
+    assert "| test | conf | 0.6 |" in report.markdown

@@ -163,6 +163,16 @@ def test_baselines_and_counts_by_structure(tiny_config):
     assert looped.model.flops_per_token(seq) == 1 * b + 2 * d * d + 3 * per_step  # prelude and W_e e once
     assert looped.model.flops_per_loop(seq) == per_step
     assert looped.cfg.model.effective_depth == 1 + 3 * N + 2 and looped.cfg.model.distinct_layers == 1 + N + 2
+    # training FLOPs: 3x forward at T; truncated backprop through k loops: forward(T) + 2 forward(k)
+    f = lambda loops: looped.model.flops_per_token(seq, loops)  # noqa: E731
+    assert looped.train_flops_per_token() == 3 * f(3)
+    assert build_module(tiny_config(*recipe, "train.backprop_loops=1")).train_flops_per_token() == f(3) + 2 * f(1)
+    # random depth: the mean over the run's own draws (the ones training_step will use)
+    sampled = build_module(tiny_config(*recipe, "train.loops_sampling=uniform", "train.loops_min=1",
+                                       "train.loops_max=5", "train.max_steps=40"))
+    draws = [sampled.training_loops(step) for step in range(40)]
+    assert len(set(draws)) > 2 and sampled.training_loops(7) == draws[7]
+    assert sampled.train_flops_per_token() == pytest.approx(sum(3 * f(r) for r in draws) / 40)
 
 
 @pytest.mark.parametrize("overrides,message", [

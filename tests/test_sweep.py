@@ -14,6 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from ouro_lab import analysis
 from ouro_lab.cli import main
 from ouro_lab.config import ConfigError
 from ouro_lab.sweep import run_sweep
@@ -543,6 +544,9 @@ def test_bundle_params_choose_named_override_lists(tmp_path, capsys):
     runs = client.search_runs([client.get_experiment_by_name("s").experiment_id], "tags.`ouro.role` = 'trial'")
     by_bundle = {r.data.tags["ouro.bundle.recipe"]: r.data.params for r in runs}
     assert by_bundle["additive"]["model.injection"] == "additive" and by_bundle["ouro"]["model.injection"] == "none"
+    # the analysis groups by the bundle's name, not by the keys it sets
+    data = analysis.load_study("s", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert data.group_keys == ["recipe"] and sorted(data.groups) == ["recipe=additive", "recipe=ouro"]
     bad = write_sweep(tmp_path, body.replace("[ouro, additive]", "[ouro, huginn]").replace("model.init_state=zeros",
                                                                                          "model.init_state=zero"), "bad")
     with pytest.raises(ConfigError) as err:

@@ -24,12 +24,14 @@ from omegaconf import OmegaConf
 
 from ouro_lab import tracking
 from ouro_lab.config import ExperimentConfig, ModelConfig, flatten, to_dict
-from ouro_lab.metric_names import (EXIT_METRIC, EXIT_RULE_METRIC, GATE_METRIC, GATE_SCALARS, ORACLE_METRIC,
-                                   STEP_METRIC, objective_kind)
+from ouro_lab.metric_names import (EXIT_METRIC, EXIT_RULE_METRIC, GATE_METRIC, GATE_SCALARS, INFERENCE_METRIC,
+                                   ORACLE_METRIC, STEP_METRIC, objective_kind)
 
 # keys that never define a group: the axes of the analysis, bookkeeping, and facts derived from them
 NOT_GROUPING = ("model.loops", "model.arch", "train.seed", "tracking.", "train.progress_bar", "train.precision",
-                "stage2.init_from")  # (a Stage II run's checkpoint path is per seed, like the seed)
+                "stage2.init_from",  # (a Stage II run's checkpoint path is per seed, like the seed)
+                "infer.")  # (how an `ouro-lab eval` ran, not what it evaluated: the skip table's axes)
+RUN_SOURCES = ("auto", "train", "eval")  # what `load_study` analyses: see its docstring
 MAX_GROUP_VALUES = 8  # outside sweeps, a varying key with more distinct values is averaged over
 LOWER_IS_BETTER = ("loss", "bpb", "exit_entropy", "exit_expected_step")
 ALL = "all"  # the difficulty label of the metric over all labelled positions
@@ -49,6 +51,11 @@ class StudyData:
             metric kind (acc, loss, ...). Difficulty is "all" or "d1".."dK".
     exits:  tidy, one row per looped unit run x split x difficulty: exit_expected_step, exit_entropy.
     trials: one row per Optuna trial (sweeps only): number, state, value, sampled params.
+    skip:   one row per `ouro-lab eval` run with an exit rule (every such run in the experiment):
+            run_id, evaluated (the checkpoint's run or file), split, rule, threshold, and the
+            skip / select / full metrics (skip_acc, select_loops, full_flops, ...).
+    source: "train" (unit runs are training runs) or "eval" (unit runs are `ouro-lab eval` runs,
+            the latest per checkpoint and split: an imported checkpoint has no training run).
     """
 
     name: str
@@ -73,6 +80,8 @@ class StudyData:
     difficulty_name: str = "difficulty"
     objective_metric: str = "val/acc_final"
     direction: str = "maximize"
+    skip: pd.DataFrame = field(default_factory=pd.DataFrame)
+    source: str = "train"
 
     @property
     def kind(self) -> str:
@@ -119,12 +128,17 @@ def resolve_store(store: str | None) -> str:
     return f"sqlite:///{path.resolve()}"
 
 
-def load_study(study: str, store: str | None = None) -> StudyData:
+def load_study(study: str, store: str | None = None, source: str = "auto") -> StudyData:
     """Read a study (its name, which is its MLflow experiment, or an experiment id) back from MLflow.
 
     Works on sweeps (parent run + trial runs + seed runs) and on experiments of plain
-    `ouro-lab train` runs alike.
+    `ouro-lab train` runs alike. `source`: which runs are the unit runs: "train" (training
+    runs), "eval" (`ouro-lab eval` runs, the latest per checkpoint and split: the way to report
+    on an imported checkpoint, which has no training run) or "auto" (train, else eval when the
+    experiment holds evaluations only).
     """
+    if source not in RUN_SOURCES:
+        raise AnalysisError(f"unknown run source {source!r}; one of: {', '.join(RUN_SOURCES)}")
     uri = resolve_store(store)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(study)
@@ -143,23 +157,37 @@ def load_study(study: str, store: str | None = None) -> StudyData:
     sweep = _sweep_definition(client, parent.info.run_id) if parent else {}
     # unit runs carry a model config; a trial run with seed runs under it only holds their means
     with_seeds = {r.data.tags.get("mlflow.parentRunId") for r in runs if r.data.tags.get("ouro.role") == "seed"}
+    evals = [r for r in runs if "model.arch" in r.data.params and r.data.tags.get("ouro.role") == "eval"]
     units = [r for r in runs if "model.arch" in r.data.params and r.info.run_id not in with_seeds
              and r.data.tags.get("ouro.role") != "eval"]  # (`ouro-lab eval` runs re-score a unit run)
+    if source == "eval" or (source == "auto" and not units and evals):
+        source, units = "eval", _latest_evals(evals)
+    else:
+        source = "train"
     counts: dict[str, int] = {}
     for r in units:
         state = _state(r)
         counts[state] = counts.get(state, 0) + 1
     done = [r for r in units if _state(r) == "COMPLETE"]
     if not done:
-        raise AnalysisError(f"study {experiment.name!r} has no finished runs yet (unit runs by state: {counts or 'none'})")
+        what = "`ouro-lab eval` runs" if source == "eval" else "runs yet"
+        raise AnalysisError(f"study {experiment.name!r} has no finished {what} (unit runs by state: {counts or 'none'}"
+                            + (f"; it also holds {len(evals)} `ouro-lab eval` runs: --runs eval reports on them)"
+                               if evals and source == "train" else ")"))
     # NOTE: a seed run's sampled values are taken from its trial run (stores written before the
     # reuse fix gave reused param_matched runs the source run's loop count)
     keys = list((sweep.get("params") or {}).keys())
-    sampled = {r.info.run_id: {k: r.data.params[k] for k in keys if k in r.data.params}
+    sampled = {r.info.run_id: {k: r.data.params[k] for k in keys if k in r.data.params} | _bundles(r)
                for r in runs if r.info.run_id in with_seeds}
     distributions = _sweep_distributions(sweep)
     continuous = [k for k, d in distributions.items() if not isinstance(d, optuna.distributions.CategoricalDistribution)]
-    run_frame, group_keys, averaged = _runs_frame(done, sampled, continuous)
+    # a bundle param (a named override list, such as a loop recipe) groups by its name, in place
+    # of the keys its overrides set
+    bundles = sweep.get("bundles") or {}
+    implied = {o.split("=", 1)[0] for named in bundles.values() for lists in named.values() for o in lists} - set(keys)
+    run_frame, group_keys, averaged = _runs_frame(done, sampled, continuous, list(bundles), implied)
+    if source == "eval":  # what trained an evaluated checkpoint is not in this experiment
+        run_frame["train_flops"] = math.nan
     kept = set(run_frame["run_id"])
     steps, exits, frontier, gate = _tidy_metrics([r for r in done if r.info.run_id in kept], run_frame)
     objective = sweep.get("objective") or {}
@@ -169,7 +197,46 @@ def load_study(study: str, store: str | None = None) -> StudyData:
         parent_run_id=parent.info.run_id if parent else None, sweep=sweep, distributions=distributions, runs=run_frame, steps=steps,
         exits=exits, frontier=frontier, gate=gate, trials=_trials_frame(runs, sweep), group_keys=group_keys, averaged_keys=averaged,
         counts=counts, difficulty_name=_difficulty_name(task),
-        objective_metric=objective.get("metric", "val/acc_final"), direction=objective.get("direction", "maximize"))
+        objective_metric=objective.get("metric", "val/acc_final"), direction=objective.get("direction", "maximize"),
+        skip=_skip_frame(evals, client), source=source)
+
+
+def _latest_evals(evals: list) -> list:
+    """One evaluation per checkpoint and split: the latest (re-running `ouro-lab eval` with other
+    infer.* settings re-scores the same model; the skip table keeps every one)."""
+    latest: dict[tuple, Any] = {}
+    for r in sorted(evals, key=lambda r: r.info.start_time):
+        latest[(r.data.tags.get("ouro.checkpoint", r.info.run_id), r.data.params.get("eval_split"))] = r
+    return list(latest.values())
+
+
+def _skip_frame(evals: list, client: MlflowClient) -> pd.DataFrame:
+    """Every finished evaluation with an exit rule: rule, threshold, skip/select/full metrics."""
+    rows = []
+    for r in evals:
+        split = r.data.params.get("eval_split", "test")
+        values = {m["name"]: v for k, v in r.data.metrics.items()
+                  if (m := INFERENCE_METRIC.match(k)) and m["split"] == split}
+        if not values or _state(r) != "COMPLETE":
+            continue
+        evaluated = (_run_name(client, r.data.tags.get("ouro.evaluated_run_id", "unknown"))
+                     or Path(r.data.tags.get("ouro.checkpoint", "?")).name)
+        rows.append({"run_id": r.info.run_id, "evaluated": evaluated, "split": split, "arch": r.data.params.get("model.arch"),
+                     "loops": int(r.data.params.get("model.loops", 1)), "rule": r.data.params.get("infer.exit_rule"),
+                     "threshold": typed_value(r.data.params.get("infer.exit_threshold", "nan")), **values})
+    frame = pd.DataFrame(rows, columns=["run_id", "evaluated", "split", "arch", "loops", "rule", "threshold"]
+                         + sorted({k for row in rows for k in row} - {"run_id", "evaluated", "split", "arch", "loops",
+                                                                       "rule", "threshold"}))
+    return frame.sort_values(["evaluated", "split", "rule", "threshold"]).reset_index(drop=True)
+
+
+def _run_name(client: MlflowClient, run_id: str) -> str | None:
+    if run_id == "unknown":  # (an imported checkpoint: no training run)
+        return None
+    try:
+        return client.get_run(run_id).info.run_name
+    except Exception:  # MLflow raises for a run id it does not know (another store, deleted)
+        return None
 
 
 def _sweep_distributions(sweep: Mapping[str, Any]) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -269,18 +336,25 @@ def _logged_config(params: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in _DEFAULTS.items() if k.startswith("stage2.")} | dict(params)
 
 
-def _runs_frame(done: list, sampled: Mapping[str, dict[str, str]],
-                continuous: Sequence[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
+def _bundles(run) -> dict[str, str]:
+    """The bundle params a sweep's trial run is tagged with: {'recipe': 'huginn'}."""
+    return {k[len("ouro.bundle."):]: v for k, v in run.data.tags.items() if k.startswith("ouro.bundle.")}
+
+
+def _runs_frame(done: list, sampled: Mapping[str, dict[str, str]], continuous: Sequence[str],
+                bundles: Sequence[str] = (), implied: set[str] = frozenset()) -> tuple[pd.DataFrame, list[str], list[str]]:
     """Unit runs as rows. Group keys: what varies besides T, arch and seed; a param the sweep
-    samples from a range (or, outside sweeps, a key with many values) is averaged over instead."""
+    samples from a range (or, outside sweeps, a key with many values) is averaged over instead.
+    `bundles`: the sweep's bundle params, group keys in place of the keys they set (`implied`)."""
     rows, params = [], []
     for r in done:
-        p = _logged_config(r.data.params | sampled.get(r.data.tags.get("mlflow.parentRunId"), {}))
+        p = _logged_config(r.data.params | sampled.get(r.data.tags.get("mlflow.parentRunId"), {}) | _bundles(r))
         m = r.data.metrics
         task = p.get("data.task", r.data.tags.get("ouro.task", "?"))
         # NOTE: runs log only their own task's data.<task> section; runs logged before that (and
         # Lightning's config/... copy) are read the same way, so a resumed study stays one group
-        config = {k: v for k, v in p.items() if "." in k and not k.startswith(("derived.", "config/"))
+        config = {k: v for k, v in p.items() if ("." in k or k in bundles) and k not in implied
+                  and not k.startswith(("derived.", "config/"))
                   and not (k.startswith("data.") and k.count(".") >= 2 and k.split(".")[1] != task)}
         params.append(config)
         seq_len = m.get("model/seq_len", typed_value(p.get("derived.seq_len", "nan")))

@@ -141,7 +141,8 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     (folder / "report.md").write_text(text)
     files.insert(0, folder / "report.md")
     for name, frame in (("curves.csv", curve_table(data, kind, split, level)), ("saturation.csv", sat), ("law.csv", laws),
-                        ("steps.csv", data.steps), ("frontier.csv", frontier_table(data, split, frontier_kind))):
+                        ("steps.csv", data.steps), ("frontier.csv", frontier_table(data, split, frontier_kind)),
+                        *([("skip.csv", data.skip)] if len(data.skip) else [])):
         frame.to_csv(folder / name, index=False)
         files.append(folder / name)
     if log:
@@ -152,6 +153,19 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
         printed += f"\n\n{split} early exit (the gate within epsilon of full depth; README \"Early exit\"):\n" \
             + gates.to_string(index=False, float_format=lambda v: f"{v:.2f}")
     return Report(folder, text, printed, files)
+
+
+def skip_table(skip: pd.DataFrame) -> pd.DataFrame:
+    """The skip / select / full comparison, one row per evaluation (bpb where the task has it)."""
+    kinds = [k for k in ("acc", "bpb") if f"skip_{k}" in skip.columns]
+    cols = {"evaluated": "checkpoint", "split": "split", "rule": "rule", "threshold": "threshold",
+            **{f"{sem}_{k}": f"{sem} {k}" for k in kinds for sem in ("skip", "select", "full")},
+            "skip_minus_select_acc": "skip - select acc", "skip_loops": "skip loops", "full_loops": "full loops"}
+    table = skip.rename(columns=cols)[list(cols.values())]
+    for sem in ("skip", "full"):
+        table[f"{sem} MFLOPs/tok"] = skip[f"{sem}_flops"] / 1e6
+        table[f"{sem} s"] = skip[f"{sem}_seconds"]
+    return table
 
 
 def _terminal_table(table: pd.DataFrame, sat: pd.DataFrame, kind: str, split: str, level: float) -> str:
@@ -168,6 +182,8 @@ def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, li
     out = [f"# {data.name}: when do extra loops stop helping?", "",
            f"Study `{data.name}` (MLflow experiment {data.experiment_id}, store `{data.tracking_uri}`"
            + (f", study run `{data.parent_run_id}`" if data.parent_run_id else "") + ").",
+           *([f"Unit runs: `ouro-lab eval` runs (the latest per checkpoint and split), not training runs: "
+              f"{', '.join(sorted(data.runs['run_name']))}. Training FLOPs are unknown here."] if data.source == "eval" else []),
            f"Unit runs by state: {', '.join(f'{k} {v}' for k, v in sorted(data.counts.items()))}; "
            f"runs per point (group x arch x T): {n_seeds.min()}-{n_seeds.max()}. Metric: **{split} {kind}** at the final (trained) "
            f"loop step; difficulty = {data.difficulty_name}.", ""]
@@ -219,7 +235,9 @@ def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, li
         out += [_markdown_table(extra.rename(columns={"at_T": f"{kind} at t=T", "at_last": f"{kind} at last t"})), ""]
     out += ["## Compute-normalised", "",
             "FLOPs counted by structure (a shared block run T times costs T times; the per-step LM heads "
-            "included); training FLOPs = 3 x forward FLOPs/token x tokens seen.", "",
+            "included); training FLOPs = 3 x forward FLOPs/token x tokens seen (under random depth or truncated "
+            "backprop: the forward of each step's drawn loops + 2 x that of the loops the gradient flows through, "
+            "averaged over the run's own draws).", "",
             _markdown_table(compute_table(data, kind, split), ".4g"), ""]
     if "compute.png" in figures:
         out += ["![compute](compute.png)", ""]
@@ -240,6 +258,13 @@ def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, li
                 _markdown_table(gates, ".2f"), ""]
         out += ["![frontier](frontier.png)", ""] if "frontier.png" in figures else []
         out += ["![oracle](oracle.png)", ""] if "oracle.png" in figures else []
+    if len(data.skip):
+        out += ["## Early exit that skips compute", "",
+                "`ouro-lab eval CKPT infer.exit_rule=R infer.exit_threshold=X`, every such evaluation in the "
+                "experiment: skip semantics (an exited token is no longer computed; later loops read its keys and "
+                "values as of its exit step) next to selection semantics (the same rule, all T steps computed) and "
+                "full depth. MFLOPs per token are the executed ones; seconds are forward wall time.", "",
+                _markdown_table(skip_table(data.skip), ".4g"), ""]
     if "optuna_history.png" in figures:
         out += ["## The sweep", "",
                 f"Objective `{data.objective_metric}` ({data.direction}); trials: "
