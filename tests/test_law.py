@@ -29,6 +29,15 @@ def test_a_curve_that_rises_then_falls_has_no_fit():
     fit = fit_law(t, y, "maximize")
     assert not fit.ok and "turns back" in fit.reason and "best at 4" in fit.reason
     assert math.isnan(fit.loops_to_within(0.01)) and str(fit).startswith("no fit")
+    # a rise over most of the curve, then a fall (Parcae's recipe at T=4 in sweeps/recipes.yaml):
+    # the law fits the whole curve badly, so its residual must not be taken as the noise
+    parcae = [0.550, 0.664, 0.769, 0.879, 0.920, 0.894, 0.841, 0.801]
+    late = fit_law(range(1, 9), parcae, "maximize")
+    assert not late.ok and "turns back: best at 5" in late.reason
+    # a plateau that wobbles by less than epsilon does not turn back (Huginn's recipe at T=2)
+    flat = [0.5567, 0.55809, 0.55815, 0.55817, 0.55801, 0.55798]
+    assert "turns back" in fit_law(range(1, 7), flat, "maximize").reason
+    assert fit_law(range(1, 7), flat, "maximize", min_drop=0.01).ok
     noise = fit_law(t, np.random.default_rng(1).normal(0, 1, len(t)), "maximize")
     assert not noise.ok  # no structure at all
 
@@ -53,3 +62,16 @@ def test_an_accuracy_asymptote_stays_within_its_range():
     assert fit_law(t, y, "maximize").m_inf > 1.02
     bounded = fit_law(t, y, "maximize", m_range=M_INF_RANGE["acc"])
     assert bounded.ok and 0.95 <= bounded.m_inf <= 1.0 and bounded.r2 > 0.99
+
+
+def test_a_turn_back_is_judged_against_the_seed_noise():
+    """A rise to step 3, then a fall of 0.085 (Parcae's recipe at T=2): the law's residual on the
+    whole curve is too large to call it, the seeds' standard error (0.01 / sqrt 2) is not."""
+    mean = np.array([0.570, 0.653, 0.658, 0.632, 0.599, 0.573])
+    assert "turns back" not in fit_law(range(1, 7), mean, "maximize").reason
+    curves = {t + 1: [m - 0.01, m + 0.01] for t, m in enumerate(mean)}
+    boot = fit_law_seeds(curves, 0.01, "maximize", n_boot=50)
+    assert not boot.fit.ok and "turns back: best at 3" in boot.fit.reason
+    # the same fall inside the seed noise is no turn back
+    noisy = {t + 1: [m - 0.2, m + 0.2] for t, m in enumerate(mean)}
+    assert "turns back" not in fit_law_seeds(noisy, 0.01, "maximize", n_boot=50).fit.reason

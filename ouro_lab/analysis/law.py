@@ -66,11 +66,13 @@ class LawFit:
 
 def fit_law(steps: Sequence[float], values: Sequence[float], direction: str = "maximize",
             start: tuple[float, float, float] | None = None,
-            m_range: tuple[float, float] = (-math.inf, math.inf)) -> LawFit:
+            m_range: tuple[float, float] = (-math.inf, math.inf), min_drop: float = 0.0,
+            noise: float | None = None) -> LawFit:
     """Least-squares fit of `law` (k > 0, m_inf within `m_range`) to a curve; `direction` says
-    which way is better (a curve that gets better, then worse by more than its noise, has no
-    fit). `start`: try these parameters first (a bootstrap resample starts from the full fit:
-    one solve, not three)."""
+    which way is better (a curve that gets better, then worse by more than its noise and more
+    than `min_drop`, has no fit; `noise`: the values' standard error when known, e.g. over seeds,
+    else estimated from the fit). `start`: try these parameters first (a bootstrap resample
+    starts from the full fit: one solve, not three)."""
     t = np.asarray(steps, dtype=float)
     y = np.asarray(values, dtype=float)
     keep = np.isfinite(y)
@@ -105,10 +107,18 @@ def fit_law(steps: Sequence[float], values: Sequence[float], direction: str = "m
     rmse = math.sqrt(sse / len(t))
     r2 = 1 - sse / float(((y - y.mean()) ** 2).sum())
     fit = LawFit(float(m_inf), float(a), float(k), r2, rmse)
-    # turns back: the best point is better than the last by more than the noise the fit leaves
+    # turns back: the best point is better than the last by more than the noise. Without a given
+    # noise: what the law leaves on the curve up to its best point (4+ points there), else on the
+    # whole curve (NOTE: a curve that turns back fits the law badly, so its whole-curve residual
+    # would hide the very drop it measures)
     peak = int(np.argmax(sign * y))
     drop = float(sign * (y[peak] - y[-1]))
-    if peak < len(t) - 1 and drop > max(3 * rmse, 0.05 * span) and drop > 0.1 * span:
+    if noise is None:
+        noise = rmse
+        if 4 <= peak + 1 < len(t):
+            rise = fit_law(t[:peak + 1], y[:peak + 1], direction, m_range=m_range, min_drop=min_drop)
+            noise = rise.rmse if np.isfinite(rise.rmse) else rmse
+    if peak < len(t) - 1 and drop > max(3 * noise, 0.05 * span, min_drop) and drop > 0.1 * span:
         fit.reason = f"the curve turns back: best at {t[peak]:g}, {drop:.3g} worse by {t[-1]:g}"
     elif r2 < MIN_R2:
         fit.reason = f"R² {r2:.2f} < {MIN_R2}"
@@ -129,18 +139,22 @@ def fit_law_seeds(curves: Mapping[int, Sequence[float]], epsilon: float, directi
                   level: float = 0.95, n_boot: int = 200, seed: int = 0,
                   m_range: tuple[float, float] = (-math.inf, math.inf)) -> LawBootstrap:
     """Fit the law to the seed-mean curve {step: [value per seed]} (the i-th value of every step
-    from the same seed) and bootstrap `loops_to_within(epsilon)` over seeds drawn with replacement."""
+    from the same seed) and bootstrap `loops_to_within(epsilon)` over seeds drawn with replacement.
+    A fall past the best point smaller than epsilon is a plateau, not a turn back; one larger
+    than 3 standard errors of the seed mean (and epsilon) is a turn back, whatever the fit."""
     steps = sorted(curves)
     matrix = np.asarray([list(curves[s]) for s in steps], dtype=float).T  # (seeds, steps)
-    fit = fit_law(steps, np.nanmean(matrix, 0), direction, m_range=m_range)
     n_seeds = matrix.shape[0]
+    # the seed mean's standard error, averaged over steps (None with one seed: from the fit)
+    noise = float(np.nanmean(np.nanstd(matrix, 0, ddof=1))) / math.sqrt(n_seeds) if n_seeds > 1 else None
+    fit = fit_law(steps, np.nanmean(matrix, 0), direction, m_range=m_range, min_drop=epsilon, noise=noise)
     if n_seeds < 2 or not fit.ok:
         return LawBootstrap(fit, fit.loops_to_within(epsilon), math.nan, math.nan, math.nan, n_seeds)
     rng = np.random.default_rng(seed)
     boot = []
     for _ in range(n_boot):
         resample = fit_law(steps, np.nanmean(matrix[rng.integers(0, n_seeds, n_seeds)], 0), direction,
-                           start=(fit.m_inf, fit.a, fit.k), m_range=m_range)
+                           start=(fit.m_inf, fit.a, fit.k), m_range=m_range, min_drop=epsilon, noise=noise)
         boot.append(resample.loops_to_within(epsilon) if resample.ok else math.nan)
     boot = np.asarray(boot)
     fitted = boot[np.isfinite(boot)]
@@ -203,7 +217,7 @@ def plot_law(data: StudyData, laws: pd.DataFrame, kind: str | None = None, split
         return None
     s = data.steps[(data.steps["split"] == split) & (data.steps["difficulty"] == ALL) & (data.steps["arch"] == "looped")]
     groups = [g for g in data.groups if g in set(laws["group"])]
-    fig, axes = plt.subplots(len(groups), 2, figsize=(9, 3.2 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(9, 3.2 * len(groups)), squeeze=False, layout="constrained")
     loops_all = sorted(s["loops"].unique())
     colors = dict(zip(loops_all, plt.cm.viridis(np.linspace(0, 0.9, max(1, len(loops_all))))))
     for i, group in enumerate(groups):
@@ -231,6 +245,5 @@ def plot_law(data: StudyData, laws: pd.DataFrame, kind: str | None = None, split
                 ax.plot(x, law(x, row["m_inf"].iloc[0], row["a"].iloc[0], row["k"].iloc[0]), style[1:], lw=1)
         ax.set(title=f"{group}: final metric vs trained T", xlabel="trained loop count T", ylabel=f"{split} {kind}")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{data.name}: the saturating law m(t) = m_inf + a exp(-k t)")
-    fig.tight_layout()
+    fig.suptitle(f"{data.name}: the saturating law m(t) = m_inf + a exp(-k t)")  # (constrained layout makes room)
     return fig
