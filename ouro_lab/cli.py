@@ -166,7 +166,8 @@ def _report(args: argparse.Namespace) -> int:
     try:
         data = analysis.load_study(args.study, args.store, args.runs)
         out = Path(args.out or Path("reports") / data.name)
-        print(f"[report] study {data.name!r}: {len(data.runs)} complete {'`ouro-lab eval` ' if data.source == 'eval' else ''}runs analysed (unit runs by state: "
+        what = "`ouro-lab eval` runs" if data.source == "eval" else "runs"
+        print(f"[report] study {data.name!r}: {len(data.runs)} complete {what} analysed (unit runs by state: "
               f"{', '.join(f'{k} {v}' for k, v in sorted(data.counts.items()))}) from {data.tracking_uri}", flush=True)
         report = analysis.write_report(data, out, epsilon=args.epsilon, kind=args.metric, split=args.split,
                                        level=args.level, log=not args.no_log)

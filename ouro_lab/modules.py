@@ -273,7 +273,8 @@ class LoopedLMModule(_LMModule):
         """This batch's loop count from train.loops_sampling (one draw per optimizer step, seeded by
         train.seed and the step, so every DDP rank draws the same) and truncated backprop through
         the last train.backprop_loops steps."""
-        return self.model(tokens, loops=self.training_loops(self.global_step), grad_loops=self.cfg.train.backprop_loops or None)
+        grad_loops = self.cfg.train.backprop_loops or None
+        return self.model(tokens, loops=self.training_loops(self.global_step), grad_loops=grad_loops)
 
     def training_loops(self, step: int) -> int:
         """The loop count of optimizer step `step` (a pure function of train.seed and the step)."""

@@ -279,7 +279,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, sig):
         assert proc.returncode == -signal.SIGKILL, "".join(seen)
         assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.RUNNING]
     else:  # Ctrl-C: the sweep ends the trial FAIL itself and says how to resume
-        assert proc.returncode == 130, "".join(seen)
+        assert proc.returncode == 130, "".join(seen) + "\n--- after the signal ---\n" + rest
         assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]
         assert "Rerun the same command to resume" in rest
 

@@ -221,12 +221,12 @@ def _skip_frame(evals: list, client: MlflowClient) -> pd.DataFrame:
             continue
         evaluated = (_run_name(client, r.data.tags.get("ouro.evaluated_run_id", "unknown"))
                      or Path(r.data.tags.get("ouro.checkpoint", "?")).name)
-        rows.append({"run_id": r.info.run_id, "evaluated": evaluated, "split": split, "arch": r.data.params.get("model.arch"),
-                     "loops": int(r.data.params.get("model.loops", 1)), "rule": r.data.params.get("infer.exit_rule"),
-                     "threshold": typed_value(r.data.params.get("infer.exit_threshold", "nan")), **values})
-    frame = pd.DataFrame(rows, columns=["run_id", "evaluated", "split", "arch", "loops", "rule", "threshold"]
-                         + sorted({k for row in rows for k in row} - {"run_id", "evaluated", "split", "arch", "loops",
-                                                                       "rule", "threshold"}))
+        p = r.data.params
+        rows.append({"run_id": r.info.run_id, "evaluated": evaluated, "split": split, "arch": p.get("model.arch"),
+                     "loops": int(p.get("model.loops", 1)), "rule": p.get("infer.exit_rule"),
+                     "threshold": typed_value(p.get("infer.exit_threshold", "nan")), **values})
+    first = ["run_id", "evaluated", "split", "arch", "loops", "rule", "threshold"]
+    frame = pd.DataFrame(rows, columns=first + sorted({k for row in rows for k in row} - set(first)))
     return frame.sort_values(["evaluated", "split", "rule", "threshold"]).reset_index(drop=True)
 
 
