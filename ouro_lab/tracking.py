@@ -29,6 +29,27 @@ from mlflow.tracking import MlflowClient
 from ouro_lab.config import ConfigError, StoreError, tracking_uri_problem, writable_dir
 
 PACKAGES = ("torch", "lightning", "mlflow", "optuna", "omegaconf", "torchmetrics")
+LOCKED_RETRY_SECONDS = 120.0  # how long a write to a locked sqlite store is retried
+
+
+def when_unlocked(write: Callable[[], Any], seconds: float = LOCKED_RETRY_SECONDS) -> Any:
+    """Run an MLflow write, retrying it (backoff 0.1 s doubling to 5 s, for up to `seconds`)
+    while the sqlite store answers "database is locked". NOTE: MLflow sets a 20 s busy timeout
+    per session, but sqlite skips the busy handler where waiting could deadlock (a session that
+    read, then writes, while another process commits), and MLflow does not retry: sweep
+    workers ending their runs at the same moment on 2 busy cores lost a trial to it (seen in CI).
+    The failed transaction was rolled back, so a retry writes once."""
+    from mlflow.exceptions import MlflowException
+
+    delay, deadline = 0.1, time.monotonic() + seconds
+    while True:
+        try:
+            return write()
+        except MlflowException as err:
+            if "database is locked" not in str(err) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, 5.0)
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -208,7 +229,7 @@ class Run:
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.id, params=items[i : i + 100])
+            when_unlocked(lambda batch=items[i : i + 100]: self.client.log_batch(self.id, params=batch))
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         """Values at one step."""
@@ -222,14 +243,15 @@ class Run:
         now = int(time.time() * 1000)
         items = [Metric(name, float(v), now, int(step)) for name, points in series.items() for step, v in points]
         for i in range(0, len(items), 1000):
-            self.client.log_batch(self.id, metrics=items[i : i + 1000])
+            when_unlocked(lambda batch=items[i : i + 1000]: self.client.log_batch(self.id, metrics=batch))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """All tags in one request."""
         from mlflow.entities import RunTag
 
         if tags:
-            self.client.log_batch(self.id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            batch = [RunTag(k, str(v)) for k, v in tags.items()]
+            when_unlocked(lambda: self.client.log_batch(self.id, tags=batch))
 
     def log_text(self, text: str, path: str) -> None:
         self.client.log_text(self.id, text, path)
@@ -264,7 +286,7 @@ class Run:
                 self.log_text("".join(traceback.format_exception(err)), "error.txt")
             except Exception:  # noqa: BLE001 (the run still ends; its `error` tag has the reason)
                 pass
-        self.client.set_terminated(self.id, status)
+        when_unlocked(lambda: self.client.set_terminated(self.id, status))
         self.status = status
         return status
 

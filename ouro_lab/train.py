@@ -191,7 +191,8 @@ class _MetricsLogger(MLFlowLogger):
         step = None if step is None else step + self.step_offset
         items = list(metrics.items())
         for i in range(0, len(items), 1000):
-            super().log_metrics(dict(items[i : i + 1000]), step)
+            batch = dict(items[i : i + 1000])
+            tracking.when_unlocked(lambda: super(_MetricsLogger, self).log_metrics(batch, step))
 
     def finalize(self, status: str = "success") -> None:
         pass

@@ -232,3 +232,26 @@ def test_report_has_the_early_exit_frontier(tiny_study, tmp_path):
     report = analysis.write_report(data, tmp_path / "report", n_boot=50, log=False)
     assert "## Early exit" in report.markdown
     assert {"frontier.png", "oracle.png", "frontier.csv"} <= {f.name for f in report.files}
+
+
+def test_the_law_over_trained_t_recovers_a_known_curve(tiny_study):
+    """With 4+ trained T per arch the report also fits the law to the final metric vs T: a study
+    whose looped runs follow m(T) = 0.9 - 0.6 exp(-0.8 T) (3 seeds, noise 0.005) gets it back."""
+    import dataclasses
+
+    import pandas as pd
+
+    from ouro_lab.analysis.law import law
+
+    data = analysis.load_study("smoke", str(tiny_study / "mlflow.db"))
+    rng = np.random.default_rng(0)
+    rows = [dict(run_id=f"T{T}s{seed}", split="val", step=t, difficulty="all", group="all runs", arch="looped",
+                 loops=T, trained_loops=T, seed=seed, acc=float(law(min(t, T), 0.9, -0.6, 0.8) + rng.normal(0, 0.005)))
+            for T in range(1, 8) for seed in range(3) for t in range(1, T + 1)]
+    synthetic = dataclasses.replace(data, steps=pd.DataFrame(rows))
+    laws = analysis.law_table(synthetic, 0.01, "acc", "val", n_boot=100)
+    over_t = laws[laws["over"] == "T"].iloc[0]
+    assert over_t["arch"] == "looped" and over_t["n_seeds"] == 3 and over_t["p_fit"] > 0.9
+    assert over_t["m_inf"] == pytest.approx(0.9, abs=0.01) and over_t["k"] == pytest.approx(0.8, rel=0.2)
+    truth = math.log(0.6 / 0.01) / 0.8  # 5.1 trained loops to within epsilon
+    assert over_t["low"] <= truth <= over_t["high"] and f"within ε by {over_t['loops_eps']:.1f}" in over_t["fit"]

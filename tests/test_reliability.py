@@ -275,6 +275,38 @@ def test_a_trial_killed_after_its_run_finished_is_recovered_not_retrained(tmp_pa
         assert sorted(r.info.status for r in trial_runs) == ["FINISHED", "FINISHED", "KILLED"]
 
 
+def test_a_write_to_a_locked_store_is_retried_and_other_errors_are_not():
+    """tracking.when_unlocked: "database is locked" (sqlite's deadlock-avoiding answer, which
+    skips MLflow's busy timeout) is retried with backoff; any other error is raised at once."""
+    from mlflow.exceptions import MlflowException
+
+    from ouro_lab import tracking
+
+    calls = []
+
+    def locked_twice():
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return "written"
+
+    assert tracking.when_unlocked(locked_twice) == "written" and len(calls) == 3
+    assert calls[2] - calls[1] >= calls[1] - calls[0] >= 0.1  # backoff
+    def failing(message, tries):
+        def write():
+            tries.append(1)
+            raise MlflowException(message)
+        return write
+
+    other, always = [], []
+    with pytest.raises(MlflowException, match="no such run"):
+        tracking.when_unlocked(failing("no such run", other))
+    assert other == [1]
+    with pytest.raises(MlflowException, match="database is locked"):  # gives up after `seconds`
+        tracking.when_unlocked(failing("database is locked", always), seconds=0.5)
+    assert 3 <= len(always) <= 5
+
+
 def test_workers_die_with_their_coordinator(tmp_path):
     path = write_sweep(tmp_path, GRID, extra=("train.max_steps=400",))
     log = tmp_path / "sweep.log"  # (a file: workers blocked on a full pipe nobody reads could not exit)
