@@ -23,7 +23,7 @@ from ouro_lab.sweep.budget import budget, budget_used
 from ouro_lab.sweep.recovery import has_heartbeat, recover_interrupted
 from ouro_lab.sweep.schema import load_sweep
 from ouro_lab.sweep.study import Study, open_study, this_process
-from ouro_lab.sweep.trial import Discarded, run_trial
+from ouro_lab.sweep.trial import COORDINATOR_GONE, Discarded, run_trial
 
 
 @dataclass
@@ -110,10 +110,12 @@ def run_worker(path: str | Path, overrides: list[str] | tuple[str, ...], index: 
     work(s, budget(sweep), time.perf_counter(), f"{sweep.name} w{index}", verbose)
 
 
-def _exit_with_coordinator(pid: int, every: float = 1.0) -> None:
+def _exit_with_coordinator(pid: int, every: float = 1.0, grace: float = 30.0) -> None:
     """A worker whose coordinator died (killed, its terminal closed) interrupts itself like a
     Ctrl-C: its trial ends FAIL (interrupted) and is retried by the rerun, and no worker runs
-    on beside a second set started by that rerun. NOTE: a thread polling the parent pid, as
+    on beside a second set started by that rerun. The trial stops at its next batch
+    (`trial.StopWhenOrphaned`); a worker still running `grace` s later (between trials, in a
+    long evaluation) is interrupted wherever it is. NOTE: a thread polling the parent pid, as
     Linux's PR_SET_PDEATHSIG is not portable and would kill without the trial's clean-up."""
     if not pid:
         return
@@ -123,6 +125,8 @@ def _exit_with_coordinator(pid: int, every: float = 1.0) -> None:
             time.sleep(every)
         print(f"[sweep] worker pid {os.getpid()}: its coordinator (pid {pid}) is gone; interrupting its trial",
               file=sys.stderr, flush=True)
+        COORDINATOR_GONE.set()
+        time.sleep(grace)
         _thread.interrupt_main()  # a KeyboardInterrupt at the main thread's next Python step (as Ctrl-C)
 
     threading.Thread(target=watch, name="ouro-coordinator-watch", daemon=True).start()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import statistics
+import threading
 import time
 from typing import Any
 
@@ -159,7 +160,8 @@ def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int,
             print(f"[sweep {s.sweep.name}] trial {trial.number} started: {label}", flush=True)
         progress = [TrialProgress(f"[sweep {s.sweep.name}] trial {trial.number}", label, metric, cfg.total_steps)] \
             if verbose else []
-        result = train(cfg, run=run, callbacks=[PruningCallback(trial, metric, offset), *progress], verbose=False)
+        result = train(cfg, run=run, callbacks=[PruningCallback(trial, metric, offset), StopWhenOrphaned(), *progress],
+                       verbose=False)
         if index == 0 and result.checkpoint:
             trial.set_user_attr("checkpoint", result.checkpoint)  # (the first seed's; every run has its own tag)
         value = (result.val | result.test).get(metric)
@@ -169,6 +171,24 @@ def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int,
         if not math.isfinite(value):
             raise ValueError(f"objective metric {metric!r} is {value}")
     return value, run
+
+
+# set by a sweep worker whose coordinator is gone (runner._exit_with_coordinator)
+COORDINATOR_GONE = threading.Event()
+
+
+class StopWhenOrphaned(L.Callback):
+    """Interrupt the trial at the next batch once the coordinator is gone: between batches no
+    MLflow write is under way. NOTE: a KeyboardInterrupt raised asynchronously inside one
+    (interrupt_main) can leave its sqlite transaction open on a connection the traceback keeps
+    alive, and then every later write of this worker and the other workers waits on that lock
+    and fails (seen in CI)."""
+
+    def _check(self, *_) -> None:
+        if COORDINATOR_GONE.is_set():
+            raise KeyboardInterrupt("the sweep's coordinator is gone")
+
+    on_train_batch_start = on_validation_batch_start = on_test_batch_start = _check
 
 
 class TrialProgress(L.Callback):
