@@ -12,6 +12,7 @@ its checkpoint keeps the config as a plain dict, and `config.from_dict` rebuilds
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -284,17 +285,19 @@ class LoopedLMModule(_LMModule):
 
     def train_flops_per_token(self) -> float:
         """Under random depth or truncated backprop, the forward runs the loops each step drew and
-        the backward (2x forward) only the last train.backprop_loops of them (plus the prelude):
-        averaged over the run's own draws, known before training (`training_loops`)."""
+        the backward (2x forward) the last train.backprop_loops of them (and the prelude, which
+        an injection reaches): averaged over the run's own draws, known before training
+        (`training_loops`). NOTE: approximate under truncation: the LM head's weight gradient
+        at the steps without a graph (~1x head FLOPs each) is left out."""
         t = self.cfg.train
         if t.loops_sampling == "fixed" and not t.backprop_loops:
             return super().train_flops_per_token()
         seq_len = self.task.seq_len
+        draws = Counter(self.training_loops(step) for step in range(t.max_steps))  # (~20 us a draw)
         total = 0
-        for step in range(t.max_steps):
-            loops = self.training_loops(step)
+        for loops, n in draws.items():
             grad = min(loops, t.backprop_loops) if t.backprop_loops else loops
-            total += self.model.flops_per_token(seq_len, loops) + 2 * self.model.flops_per_token(seq_len, grad)
+            total += n * (self.model.flops_per_token(seq_len, loops) + 2 * self.model.flops_per_token(seq_len, grad))
         return total / max(t.max_steps, 1)
 
     def _load_stage1(self, path: str) -> None:

@@ -216,6 +216,42 @@ def test_runs_logged_with_and_without_other_tasks_sections_form_one_group():
     assert group_keys == [] and set(frame["group"]) == {"all runs"} and len(frame) == 2
 
 
+def test_bundle_runs_group_by_the_bundle_and_other_runs_by_their_keys():
+    """A sweep's bundle runs group as recipe=<name>; a run without the bundle tag (a plain train
+    run in that experiment) keeps the keys the bundles set, so it is not merged with them."""
+    from types import SimpleNamespace
+
+    from ouro_lab.analysis.load import _runs_frame
+
+    def run(run_id, injection, recipe=None):
+        params = {"model.arch": "looped", "model.loops": "2", "train.seed": "0", "data.task": "state",
+                  "model.injection": injection, "train.max_steps": "10", "data.batch_size": "4"}
+        tags = {"ouro.bundle.recipe": recipe} if recipe else {}
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, run_name=run_id),
+                               data=SimpleNamespace(params=params, metrics={}, tags=tags))
+
+    runs = [run("a", "none", "ouro"), run("b", "additive", "additive"), run("c", "additive"), run("d", "none")]
+    frame, group_keys, _ = _runs_frame(runs, {}, [], ["recipe"], {"model.injection"})
+    groups = dict(zip(frame["run_id"], frame["group"]))
+    assert group_keys == ["model.injection", "recipe"]
+    assert groups == {"a": "model.injection=nan recipe=ouro", "b": "model.injection=nan recipe=additive",
+                      "c": "model.injection=additive recipe=nan", "d": "model.injection=none recipe=nan"}
+
+
+def test_the_latest_finished_evaluation_stands_for_its_checkpoint():
+    """A re-evaluation still running (or crashed) does not hide the finished one."""
+    from types import SimpleNamespace
+
+    from ouro_lab.analysis.load import _latest_evals
+
+    def run(run_id, start, status):
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, start_time=start, status=status),
+                               data=SimpleNamespace(params={"eval_split": "test"}, tags={"ouro.checkpoint": "/c.ckpt"}))
+
+    assert [r.info.run_id for r in _latest_evals([run("old", 1, "FINISHED"), run("new", 2, "RUNNING")])] == ["old"]
+    assert [r.info.run_id for r in _latest_evals([run("old", 1, "FINISHED"), run("new", 2, "FINISHED")])] == ["new"]
+
+
 def test_report_has_the_early_exit_frontier(tiny_study, tmp_path):
     data = analysis.load_study("smoke", str(tiny_study / "mlflow.db"))
     table = analysis.frontier_table(data)

@@ -141,7 +141,8 @@ def fit_law_seeds(curves: Mapping[int, Sequence[float]], epsilon: float, directi
     """Fit the law to the seed-mean curve {step: [value per seed]} (the i-th value of every step
     from the same seed) and bootstrap `loops_to_within(epsilon)` over seeds drawn with replacement.
     A fall past the best point smaller than epsilon is a plateau, not a turn back; one larger
-    than 3 standard errors of the seed mean (and epsilon) is a turn back, whatever the fit."""
+    than epsilon and 3 standard errors of the seed mean (and a tenth of the curve's span) is a
+    turn back, however well the law fits."""
     steps = sorted(curves)
     matrix = np.asarray([list(curves[s]) for s in steps], dtype=float).T  # (seeds, steps)
     n_seeds = matrix.shape[0]

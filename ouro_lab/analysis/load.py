@@ -183,7 +183,8 @@ def load_study(study: str, store: str | None = None, source: str = "auto") -> St
     continuous = [k for k, d in distributions.items() if not isinstance(d, optuna.distributions.CategoricalDistribution)]
     # a bundle param (a named override list, such as a loop recipe) groups by its name, in place
     # of the keys its overrides set
-    bundles = sweep.get("bundles") or {}
+    # (evaluations carry no bundle tag: they group by their config keys)
+    bundles = (sweep.get("bundles") or {}) if source == "train" else {}
     implied = {o.split("=", 1)[0] for named in bundles.values() for lists in named.values() for o in lists} - set(keys)
     run_frame, group_keys, averaged = _runs_frame(done, sampled, continuous, list(bundles), implied)
     if source == "eval":  # what trained an evaluated checkpoint is not in this experiment
@@ -205,7 +206,7 @@ def _latest_evals(evals: list) -> list:
     """One evaluation per checkpoint and split: the latest (re-running `ouro-lab eval` with other
     infer.* settings re-scores the same model; the skip table keeps every one)."""
     latest: dict[tuple, Any] = {}
-    for r in sorted(evals, key=lambda r: r.info.start_time):
+    for r in sorted(evals, key=lambda r: (_state(r) == "COMPLETE", r.info.start_time)):  # a finished one wins
         latest[(r.data.tags.get("ouro.checkpoint", r.info.run_id), r.data.params.get("eval_split"))] = r
     return list(latest.values())
 
@@ -353,7 +354,8 @@ def _runs_frame(done: list, sampled: Mapping[str, dict[str, str]], continuous: S
         task = p.get("data.task", r.data.tags.get("ouro.task", "?"))
         # NOTE: runs log only their own task's data.<task> section; runs logged before that (and
         # Lightning's config/... copy) are read the same way, so a resumed study stays one group
-        config = {k: v for k, v in p.items() if ("." in k or k in bundles) and k not in implied
+        drop = implied if any(b in p for b in bundles) else set()  # (a run outside the sweep keeps its keys)
+        config = {k: v for k, v in p.items() if ("." in k or k in bundles) and k not in drop
                   and not k.startswith(("derived.", "config/"))
                   and not (k.startswith("data.") and k.count(".") >= 2 and k.split(".")[1] != task)}
         params.append(config)

@@ -178,6 +178,8 @@ def work(s: Study, total: int, start: float, label: str, verbose: bool, wait: bo
 
     def objective(trial: optuna.Trial) -> float:
         try:
+            if COORDINATOR_GONE.is_set():
+                raise KeyboardInterrupt("the sweep's coordinator is gone")
             return run_trial(s, trial, verbose, total)
         except Discarded as err:
             trial.set_user_attr("discarded", str(err))
@@ -210,6 +212,8 @@ def work(s: Study, total: int, start: float, label: str, verbose: bool, wait: bo
 
     try:
         while True:
+            if COORDINATOR_GONE.is_set():  # an orphaned worker takes no further trial
+                raise KeyboardInterrupt("the sweep's coordinator is gone")
             recover_interrupted(s, verbose)  # trials of a dead process: an earlier killed run, another worker
             trials = s.study.get_trials(deepcopy=False)
             # queued retries are work left: only what ran or is running fills the budget
