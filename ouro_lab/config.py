@@ -28,7 +28,7 @@ from ouro_lab.data.state import StateConfig
 from ouro_lab.data.text import TextConfig
 from ouro_lab.models.decoding import RULES as EXIT_RULES  # online exit rules (infer.exit_rule)
 from ouro_lab.models.decoding import STRATEGIES as CACHE_STRATEGIES  # decode-time KV caches (infer.cache)
-from ouro_lab.models.transformer import CHECKPOINTING, INIT_STATES, INJECTIONS, ROPE_LAYOUTS
+from ouro_lab.models.transformer import CHECKPOINTING, INIT_STATES, INJECTIONS, OURO_LOOP, ROPE_LAYOUTS
 from ouro_lab.objectives import LOOP_SAMPLING, PRIORS, STAGE2_IMPROVEMENT
 
 ARCHS = ("looped", "param_matched", "depth_matched")
@@ -80,8 +80,8 @@ class ModelConfig:
     @property
     def is_recipe(self) -> bool:
         """A looped model other than Ouro's whole-stack loop (prelude, coda, injection or initial state)."""
-        return (self.arch == "looped" and (self.prelude_layers, self.coda_layers, self.injection, self.init_state)
-                != (0, 0, "none", "input"))
+        return (self.arch == "looped"
+                and (self.prelude_layers, self.coda_layers, self.injection, self.init_state) != OURO_LOOP)
 
     @property
     def trained_loops(self) -> int:

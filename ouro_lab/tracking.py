@@ -36,9 +36,10 @@ def when_unlocked(write: Callable[[], Any], seconds: float = LOCKED_RETRY_SECOND
     """Run an MLflow write, retrying it (backoff 0.1 s doubling to 5 s, for up to `seconds`)
     while the sqlite store answers "database is locked". NOTE: MLflow sets a 20 s busy timeout
     per session, but sqlite skips the busy handler where waiting could deadlock (a session that
-    read, then writes, while another process commits), and MLflow does not retry: sweep
-    workers ending their runs at the same moment on 2 busy cores lost a trial to it (seen in CI).
-    The failed transaction was rolled back, so a retry writes once."""
+    read, then writes, while another process commits), and MLflow does not retry. The failed
+    transaction was rolled back, so a retry writes once. (The lost trial seen in CI was a
+    different cause, a lock leaked by an interrupted write: `trial.StopWhenOrphaned` fixes that,
+    no retry could.)"""
     from mlflow.exceptions import MlflowException
 
     delay, deadline = 0.1, time.monotonic() + seconds

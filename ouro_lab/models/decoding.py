@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ouro_lab import exits
-from ouro_lab.models.transformer import LoopedLM, _DecoderLM
+from ouro_lab.models.transformer import OURO_LOOP, LoopedLM, _DecoderLM
 
 RULES = ("none", "q", "conf", "change")
 STRATEGIES = ("full", "last", "first", "mean")
@@ -179,7 +179,7 @@ def is_recipe(model: _DecoderLM) -> bool:
     """A looped model other than Ouro's whole-stack loop (README "Loop recipes")."""
     spec = model.spec
     return isinstance(model, LoopedLM) and (spec.prelude_layers, spec.coda_layers, spec.injection,
-                                            spec.init_state) != (0, 0, "none", "input")
+                                            spec.init_state) != OURO_LOOP
 
 
 def _loops(model: _DecoderLM) -> int:

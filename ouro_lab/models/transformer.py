@@ -22,6 +22,8 @@ CHECKPOINTING = ("none", "block", "loop")  # activation checkpointing: off | per
 ROPE_LAYOUTS = ("interleaved", "rotate_half")  # which dimensions RoPE rotates together (RotaryEmbedding)
 INJECTIONS = ("none", "additive", "concat", "stable")  # how the input enters every loop step (LoopedLM)
 INIT_STATES = ("input", "zeros", "random")  # the state before loop step 1 (LoopedLM)
+# (prelude_layers, coda_layers, injection, init_state) of Ouro's whole-stack loop; anything else is a recipe
+OURO_LOOP = (0, 0, "none", "input")
 
 
 @dataclass
@@ -193,8 +195,12 @@ class _DecoderLM(nn.Module):
             if self.pos_emb is not None:
                 nn.init.normal_(self.pos_emb.weight, std=spec.embed_init_std)
         # GPT-2 style: scale residual-branch output projections by depth actually executed.
-        depth = spec.n_layers * spec.loops
-        for name, p in self.named_parameters():
+        self._scale_residual_outputs(self, spec.n_layers * spec.loops)
+
+    @staticmethod
+    def _scale_residual_outputs(module: nn.Module, depth: int) -> None:
+        """Re-draw the blocks' residual-branch output projections with std 0.02 / sqrt(2 depth)."""
+        for name, p in module.named_parameters():
             if name.endswith(("attn.out.weight", "mlp.down.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * depth))
 
@@ -329,9 +335,7 @@ class LoopedLM(_DecoderLM):
     def _extra_blocks(self, spec: ModelSpec, n: int, rope, depth: int) -> nn.ModuleList:
         blocks = nn.ModuleList(Block(spec, rope) for _ in range(n))
         blocks.apply(self._init_weights)
-        for name, p in blocks.named_parameters():
-            if name.endswith(("attn.out.weight", "mlp.down.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * depth))
+        self._scale_residual_outputs(blocks, depth)
         return blocks
 
     def loop_input(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:

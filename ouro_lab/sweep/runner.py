@@ -23,7 +23,7 @@ from ouro_lab.sweep.budget import budget, budget_used
 from ouro_lab.sweep.recovery import has_heartbeat, recover_interrupted
 from ouro_lab.sweep.schema import load_sweep
 from ouro_lab.sweep.study import Study, open_study, this_process
-from ouro_lab.sweep.trial import COORDINATOR_GONE, Discarded, run_trial
+from ouro_lab.sweep.trial import COORDINATOR_GONE, Discarded, run_trial, stop_if_orphaned
 
 
 @dataclass
@@ -178,8 +178,7 @@ def work(s: Study, total: int, start: float, label: str, verbose: bool, wait: bo
 
     def objective(trial: optuna.Trial) -> float:
         try:
-            if COORDINATOR_GONE.is_set():
-                raise KeyboardInterrupt("the sweep's coordinator is gone")
+            stop_if_orphaned()
             return run_trial(s, trial, verbose, total)
         except Discarded as err:
             trial.set_user_attr("discarded", str(err))
@@ -212,8 +211,7 @@ def work(s: Study, total: int, start: float, label: str, verbose: bool, wait: bo
 
     try:
         while True:
-            if COORDINATOR_GONE.is_set():  # an orphaned worker takes no further trial
-                raise KeyboardInterrupt("the sweep's coordinator is gone")
+            stop_if_orphaned()  # an orphaned worker takes no further trial
             recover_interrupted(s, verbose)  # trials of a dead process: an earlier killed run, another worker
             trials = s.study.get_trials(deepcopy=False)
             # queued retries are work left: only what ran or is running fills the budget

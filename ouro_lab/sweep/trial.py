@@ -185,10 +185,15 @@ class StopWhenOrphaned(L.Callback):
     and fails (seen in CI)."""
 
     def _check(self, *_) -> None:
-        if COORDINATOR_GONE.is_set():
-            raise KeyboardInterrupt("the sweep's coordinator is gone")
+        stop_if_orphaned()
 
     on_train_batch_start = on_validation_batch_start = on_test_batch_start = _check
+
+
+def stop_if_orphaned() -> None:
+    """A KeyboardInterrupt, here and now, once this worker's coordinator is gone."""
+    if COORDINATOR_GONE.is_set():
+        raise KeyboardInterrupt("the sweep's coordinator is gone")
 
 
 class TrialProgress(L.Callback):
