@@ -15,7 +15,7 @@ from ouro_lab.modules import build_module, read_checkpoint
 
 # Only evaluation and data-size keys may change on reload; anything else is a different model.
 EVAL_OVERRIDABLE = ("eval.", "infer.", "data.eval_batch_size", "data.n_val", "data.n_test", "train.accelerator",
-                    "train.precision")
+                    "train.precision", "tracking.uri", "tracking.experiment")
 IMPORT_OVERRIDABLE = ("data.", "eval.", "infer.", "tracking.")  # import-hf: the network is the file's
 
 
@@ -25,12 +25,30 @@ def load_checkpoint(path: Path, overrides: list[str] = ()) -> tuple[ExperimentCo
         if not item.startswith(EVAL_OVERRIDABLE):
             raise ConfigError(f"override {item!r}: only {', '.join(EVAL_OVERRIDABLE)} can change when re-evaluating")
     ckpt = read_checkpoint(path)
-    cfg = from_dict(ckpt["hyper_parameters"]["config"], overrides)  # validated once, here
+    saved = ckpt["hyper_parameters"]["config"]
+    # NOTE: an evaluation logs into the working folder's store ($MLFLOW_TRACKING_URI, else
+    # ./mlflow.db) or tracking.uri=...; not into the store the checkpoint was trained into,
+    # which may be anywhere
+    saved = saved | {"tracking": saved.get("tracking", {}) | {"uri": None}}
+    cfg = from_dict(saved, overrides)  # validated once, here
+    _refuse_unused_overrides(cfg, overrides)
     module = build_module(cfg)
     module.load_state_dict(ckpt["state_dict"])
     module.ouro_run_id = ckpt.get("ouro_run_id")
     module.ouro_source = ckpt.get("ouro_source")  # an imported checkpoint's origin (import_hf)
     return cfg, module.eval()
+
+
+def _refuse_unused_overrides(cfg: ExperimentConfig, overrides: list[str]) -> None:
+    """Overrides that would silently do nothing: refused with the fix, before anything runs."""
+    given = dict(item.split("=", 1) for item in overrides)
+    if "infer.prompt" in given and not cfg.infer.prompt:
+        raise ConfigError("infer.prompt is empty: write the text to continue, e.g. infer.prompt='The loop', "
+                          "or leave infer.prompt out to continue prompts from the test split")
+    if "infer.exit_threshold" in given and cfg.infer.exit_rule == "none":
+        raise ConfigError(f"infer.exit_threshold={given['infer.exit_threshold']} does nothing with infer.exit_rule=none "
+                          "(full depth): name the rule it is the threshold of, e.g. infer.exit_rule=q (gate CDF >= q), "
+                          "conf (max probability >= tau) or change (KL between steps < delta)")
 
 
 def import_hf(folder: Path, out: Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, Path]:

@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_checkpoint(Path(args.checkpoint), args.overrides, args.split, log=not args.no_log)
             print(result.table)
             if result.where:
-                print(f"[ouro-lab] logged as run {result.run_id}: {result.where}")
+                print(f"[ouro-lab] evaluation logged as run {result.run_id} in {result.store} (experiment "
+                      f"{result.experiment!r}; tracking.uri=... to log elsewhere, "
+                      f"--no-log for nowhere)\n[ouro-lab] view: {result.where}")
     except StoreError as err:
         print(f"ouro-lab: {err}", file=sys.stderr)
         return 2

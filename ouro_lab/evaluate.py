@@ -16,6 +16,8 @@ class EvalResult:
     metrics: dict[str, float]
     split: str
     run_id: str | None = None  # the MLflow run the evaluation was logged to (None: not logged)
+    store: str | None = None  # the MLflow store it went to
+    experiment: str | None = None  # and its experiment
     where: str | None = None  # how to look at it
     skip: str | None = None  # the skip / selection / full-depth table (infer.exit_rule set)
 
@@ -28,9 +30,10 @@ class EvalResult:
 
 
 def evaluate_checkpoint(path: Path, overrides: list[str] = (), split: str = "test", log: bool = False) -> EvalResult:
-    """Evaluate a checkpoint on `split`. `log`: also as an MLflow run of its own in the
-    checkpoint's experiment (tag `ouro.role=eval`, `ouro.evaluated_run_id` = the run that
-    trained it, `ouro.checkpoint`, the overrides as params `eval_overrides`)."""
+    """Evaluate a checkpoint on `split`. `log`: also as an MLflow run of its own, in the working
+    folder's store ($MLFLOW_TRACKING_URI, else ./mlflow.db; `tracking.uri=` in `overrides` to
+    choose) under the checkpoint's experiment name (tag `ouro.role=eval`, `ouro.evaluated_run_id`
+    = the run that trained it, `ouro.checkpoint`, the overrides as params `eval_overrides`)."""
     cfg, module = load_checkpoint(path, overrides)
     # the training run's own builders: one process, nothing logged; fp32 unless asked otherwise
     # (a checkpoint trained in 16-mixed on a GPU must evaluate on a CPU too)
@@ -50,12 +53,13 @@ def evaluate_checkpoint(path: Path, overrides: list[str] = (), split: str = "tes
         metrics |= {f"{split}/{k}": v for k, v in skip.items()}
         result.skip = str(rule)
     if log:
-        result.run_id, result.where = _log_eval(cfg, path, module, overrides, split, metrics)
+        result.run_id, result.store, result.where = _log_eval(cfg, path, module, overrides, split, metrics)
+        result.experiment = cfg.tracking.experiment
     return result
 
 
 def _log_eval(cfg, path: Path, module, overrides: list[str], split: str,
-              metrics: dict[str, float]) -> tuple[str, str]:
+              metrics: dict[str, float]) -> tuple[str, str, str]:
     """The evaluation as an MLflow run, logged like a training run's setup (config params,
     derived facts, model/* metrics: what `ouro-lab report` reads from an experiment of evaluations)."""
     trained_run, source = module.ouro_run_id, module.ouro_source
@@ -69,4 +73,4 @@ def _log_eval(cfg, path: Path, module, overrides: list[str], split: str,
         log_setup(run, cfg, module.summary() | module.task.describe())
         run.log_params({"eval_overrides": " ".join(overrides) or "none", "eval_split": split})
         run.log_metrics(metrics)
-    return run.id, experiment.where_to_look(run.id)
+    return run.id, experiment.tracking_uri, experiment.where_to_look(run.id)

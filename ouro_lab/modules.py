@@ -91,6 +91,11 @@ class _LMModule(L.LightningModule):
                                     loss_scored=self.task.byte_level, bpb=bpb, flops_per_loop=per_loop)
                 for _ in range(2))
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ouro_run_id"] = getattr(self, "run_id", None)  # so a Stage II run can name its Stage I
+        # the run's step these weights are from (Stage II: Stage I's steps + its own)
+        checkpoint["ouro_step"] = self.global_step + self.step_offset
+
     # --- what subclasses define -------------------------------------------------------
     def build_model(self, spec: ModelSpec) -> torch.nn.Module:
         raise NotImplementedError
@@ -314,9 +319,6 @@ class LoopedLMModule(_LMModule):
         self.load_state_dict(ckpt["state_dict"])
         self.start_stage2()
         self.stage1_run_id = ckpt.get("ouro_run_id")
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["ouro_run_id"] = getattr(self, "run_id", None)  # so a Stage II run can name its Stage I
 
     def objective(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[LoopLoss, torch.Tensor]:
         if not self.in_stage2:

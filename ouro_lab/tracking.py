@@ -140,6 +140,21 @@ class Experiment:
         self.client = client or MlflowClient(tracking_uri)
 
     @classmethod
+    def lookup(cls, tracking_uri: str, name: str) -> Experiment | None:
+        """Experiment `name` if the store exists and holds it (not deleted); creates nothing,
+        not even the store: what a refusal checks before anything is written."""
+        if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
+            return None
+        try:
+            client = MlflowClient(tracking_uri)
+            experiment = client.get_experiment_by_name(name)
+        except Exception as err:  # (sqlalchemy / MLflow errors of several types)
+            raise store_problem(tracking_uri, err) from None
+        if experiment is None or experiment.lifecycle_stage == "deleted":
+            return None
+        return cls(tracking_uri, experiment.experiment_id, client)
+
+    @classmethod
     def open(cls, tracking_uri: str, name: str) -> Experiment:
         """Experiment `name` on the store (created if missing; a deleted one is restored)."""
         with store_lock(tracking_uri):

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import (_disable_module_memory_sharing,
                                                                      _MultiProcessingLauncher,
@@ -245,9 +246,10 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDat
     if cfg.eval.test:
         trainer.test(module, datamodule=datamodule, verbose=False)
         test = _numbers(trainer.callback_metrics, "test/")
-    last = checkpoint.last_model_path or checkpoint.best_model_path or None
-    if last:
-        run.set_tags({"ouro.checkpoint": str(Path(last).resolve())})
+    last = str(checkpoint) if checkpoint.exists() else None
+    if last:  # the step its weights are from, as saved: runs without this tag may name an older checkpoint
+        step = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get("ouro_step")
+        run.set_tags({"ouro.checkpoint": str(checkpoint.resolve()), "ouro.checkpoint_step": str(step)})
     _log_plot(run, module, val, cfg.tracking.run_name or cfg.default_run_name())
     for split in (val, test):
         run.log_series(curve_series(split, module.trained_loops, kind="bpb" if module.task.byte_level else "acc"))
@@ -256,24 +258,49 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDat
                        seconds=time.perf_counter() - start, val=val, test=test, summary=summary)
 
 
+class _SaveAfterFinalValidation(Callback):
+    """Saves `path` at the end of a `trainer.validate` (the final validation after `fit` when
+    `max_steps` is not a multiple of `val_every`). NOTE: ModelCheckpoint saves only while
+    fitting; without this, `last.ckpt` held the weights of the last validation *inside* fit,
+    older than the final metrics the run logged (runs before tag `ouro.checkpoint_step`)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes on rank 0
+
+
 def _fit(cfg: ExperimentConfig, module, datamodule: TaskDataModule, logger, ckpt_dir: Path,
-         callbacks: Sequence[Callback], verbose: bool, steps: int) -> tuple[L.Trainer, ModelCheckpoint]:
+         callbacks: Sequence[Callback], verbose: bool, steps: int) -> tuple[L.Trainer, Path]:
     """`steps` optimizer steps with validation every `train.val_every` and at the last step;
-    the checkpoint `ckpt_dir/last.ckpt` holds the final weights."""
+    returns the trainer and `ckpt_dir/last.ckpt`, which holds the final weights: those the final
+    validation scored."""
     # NOTE: plain file name; Lightning's default "epoch=..-val_loss=.." is rejected by MLflow.
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="last", auto_insert_metric_name=False,
                                  enable_version_counter=False)
+    last = ckpt_dir / "last.ckpt"
     every = min(cfg.train.val_every, steps)
-    trainer = make_trainer(cfg, logger, [checkpoint, *callbacks], verbose, max_steps=steps, val_check_interval=every)
+    # NOTE: inference_mode=False: the final `validate` would otherwise reset the metric states
+    # as inference tensors, which Stage II's validations inside fit (under no_grad) cannot update
+    trainer = make_trainer(cfg, logger, [checkpoint, _SaveAfterFinalValidation(last), *callbacks], verbose,
+                           max_steps=steps, val_check_interval=every, inference_mode=False)
     trainer.fit(module, datamodule=datamodule)
     for callback in callbacks:  # e.g. a pruning decision taken in a DDP rank (Optuna's check_pruned)
         if hasattr(callback, "check_pruned"):
             callback.check_pruned()
     if trainer.interrupted:
         raise KeyboardInterrupt("training interrupted")
-    if trainer.global_step % every:
-        trainer.validate(module, datamodule=datamodule, verbose=False)  # always score the final weights
-    return trainer, checkpoint
+    if trainer.global_step % every:  # always score (and save) the final weights
+        # NOTE: validations inside fit log at the step before the counter moves on (step - 1);
+        # this one, after fit, would log at `step`: shifted back onto the same axis
+        logger.step_offset -= 1
+        try:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        finally:
+            logger.step_offset += 1
+    return trainer, last
 
 
 def make_datamodule(cfg: ExperimentConfig, task: Task) -> TaskDataModule:

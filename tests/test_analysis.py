@@ -154,6 +154,9 @@ def test_report_cli(tiny_study, tmp_path, capsys):
     assert "no study or MLflow experiment named 'nosuch'" in capsys.readouterr().err
     assert main(["report", "smoke", "--store", store, "--metric", "bpb", "--no-log", "--out", str(tmp_path / "x")]) == 2
     assert "metric kind 'bpb' not logged" in capsys.readouterr().err
+    assert main(["report", "smoke", "--store", store, "--metric", "bogus", "--no-log", "--out", str(tmp_path / "y")]) == 2
+    assert "metric kind 'bogus' not logged" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused: no empty report folder
     assert main(["report", "999", "--store", store]) == 2
     assert "no study or MLflow experiment named '999'" in capsys.readouterr().err
 
@@ -169,10 +172,32 @@ def test_plain_train_runs_are_a_study_too(tiny_config, tmp_path):
     report = analysis.write_report(data, tmp_path / "r", n_boot=50)
     assert "## The sweep" not in report.markdown and "1 seed: no interval" in report.markdown
     # one trained T: no saturation point to find, said in words rather than an empty table
-    train(tiny_config("train.max_steps=5", "tracking.experiment=single"), verbose=False)
+    # ... and a run logged before checkpoints held the final weights (no ouro.checkpoint_step
+    # tag; 25 steps at val_every 20) is named with the step its checkpoint holds
+    old = train(tiny_config("train.max_steps=25", "tracking.experiment=single"), verbose=False)
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").delete_tag(old.run_id, "ouro.checkpoint_step")
     single = analysis.write_report(analysis.load_study("single", str(tmp_path / "mlflow.db")), tmp_path / "s", n_boot=50)
     assert "No saturation point: every arch has runs at one trained T only." in single.markdown
+    assert "Checkpoints older than their metrics: 1 of 1 runs" in single.markdown
+    assert "(checkpoint from step 20 of 25)" in single.markdown and "older than their metrics" in single.table
+    assert "older than their metrics" not in report.markdown
     assert "saturation: needs runs at two or more trained T per arch" in single.table
+
+
+def test_stale_checkpoints_of_old_runs_are_told_from_their_params():
+    from ouro_lab.analysis.load import stale_checkpoint
+
+    old = {"ouro.checkpoint": "/x/last.ckpt"}
+    params = {"train.max_steps": "300", "train.val_every": "250"}
+    assert stale_checkpoint(params, old) == "checkpoint from step 250 of 300"
+    assert stale_checkpoint(params | {"train.max_steps": "500"}, old) == ""
+    assert stale_checkpoint(params | {"train.max_steps": "100"}, old) == ""  # val_every capped at max_steps
+    assert stale_checkpoint(params, old | {"ouro.checkpoint_step": "300"}) == ""  # logged after the fix
+    # the shipped gate study's Stage II: 300 gate steps after 500 of Stage I
+    gate = {"train.max_steps": "500", "train.val_every": "250", "stage2.steps": "300"}
+    assert stale_checkpoint(gate, old) == "checkpoint from step 750 of 800"
+    assert stale_checkpoint(gate | {"train.max_steps": "600"}, old) == \
+        "checkpoint from step 850 of 900; stage1.ckpt from step 500 of 600"
 
 
 def test_notebook_runs_top_to_bottom_with_no_edits(tiny_study):

@@ -104,8 +104,7 @@ def corpus(tmp_path):
 
 
 def overrides(corpus, tmp_path):
-    return [corpus, "data.text.context=32", "data.n_val=16", "data.n_test=16", "data.eval_batch_size=8",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    return [corpus, "data.text.context=32", "data.n_val=16", "data.n_test=16", "data.eval_batch_size=8"]
 
 
 def test_loaded_checkpoint_reproduces_the_reference_forward(tmp_path, corpus):
@@ -127,7 +126,8 @@ def test_loaded_checkpoint_reproduces_the_reference_forward(tmp_path, corpus):
     assert torch.load(ckpt, weights_only=False)["ouro_source"]["folder"] == str(folder.resolve())
 
 
-def test_evaluation_and_generation_run_on_the_imported_model(tmp_path, corpus, capsys):
+def test_evaluation_and_generation_run_on_the_imported_model(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # evaluations log into the working folder's store
     folder = write_hf(tmp_path / "ouro")
     ckpt = tmp_path / "ouro.ckpt"
     assert cli.main(["import-hf", str(folder), str(ckpt), *overrides(corpus, tmp_path)]) == 0
@@ -138,9 +138,10 @@ def test_evaluation_and_generation_run_on_the_imported_model(tmp_path, corpus, c
     assert "loops exit\u2588" in capsys.readouterr().out
 
 
-def test_report_works_on_the_imported_model(tmp_path, corpus, capsys):
+def test_report_works_on_the_imported_model(tmp_path, corpus, capsys, monkeypatch):
     """An imported checkpoint has no training run: `ouro-lab report` reads its `ouro-lab eval` runs
     (the latest per checkpoint for the per-step sections, every one for the skip table)."""
+    monkeypatch.chdir(tmp_path)  # evaluations log into the working folder's store
     from mlflow.tracking import MlflowClient
 
     folder = write_hf(tmp_path / "ouro")

@@ -60,6 +60,34 @@ def test_eval_with_an_exit_rule_reports_skip_next_to_selection(trained, capsys):
     assert "infer.exit_rule: 'nope' is not one of: none, q, conf, change" in capsys.readouterr().err
 
 
+def test_overrides_that_would_do_nothing_are_refused_and_an_eval_logs_here(trained, tmp_path, monkeypatch, capsys):
+    """An empty prompt, a threshold without a rule: refused with the fix, nothing written. An
+    evaluation logs into the working folder's store (not the one the checkpoint came from) and says so."""
+    from mlflow.tracking import MlflowClient
+
+    from ouro_lab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ckpt = str(trained[0])
+    for prompt in ("infer.prompt=''", "infer.prompt="):
+        assert main(["generate", ckpt, prompt]) == 2
+        assert "infer.prompt is empty: write the text to continue, e.g. infer.prompt=" in capsys.readouterr().err
+    assert main(["eval", ckpt, "infer.exit_threshold=2"]) == 2
+    assert "infer.exit_threshold=2 does nothing with infer.exit_rule=none" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    trained_store = MlflowClient(f"sqlite:///{trained[0].parents[4] / 'mlflow.db'}")
+    experiment = trained_store.get_experiment_by_name("ouro-lab").experiment_id
+    before = len(trained_store.search_runs([experiment]))
+    assert main(["eval", ckpt, "eval.extra_loops=0", "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert f"in sqlite:///{tmp_path / 'mlflow.db'} (experiment 'ouro-lab'" in out
+    here = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = here.search_runs([here.get_experiment_by_name("ouro-lab").experiment_id])
+    assert [r.data.tags["ouro.role"] for r in runs] == ["eval"]
+    assert len(trained_store.search_runs([experiment])) == before
+
+
 def test_generate_answers_arith_and_decode_refuses_non_text(trained, capsys):
     from ouro_lab.cli import main
 
@@ -95,12 +123,12 @@ def test_the_report_of_a_trained_experiment_shows_its_skip_evaluations(trained, 
     from mlflow.tracking import MlflowClient
 
     from ouro_lab import analysis
-    from ouro_lab.checkpoints import load_checkpoint
     from ouro_lab.evaluate import evaluate_checkpoint
 
     ckpt = trained[0]
-    result = evaluate_checkpoint(ckpt, ["infer.exit_rule=conf", "infer.exit_threshold=0.6"], log=True)
-    store = load_checkpoint(ckpt)[0].tracking.uri
+    store = f"sqlite:///{ckpt.parents[4] / 'mlflow.db'}"  # the store it was trained into, asked for explicitly
+    result = evaluate_checkpoint(ckpt, ["infer.exit_rule=conf", "infer.exit_threshold=0.6", f"tracking.uri={store}"],
+                                 log=True)
     experiment = MlflowClient(store).get_run(result.run_id).info.experiment_id
     data = analysis.load_study(experiment, store)
     assert data.source == "train" and result.run_id not in set(data.runs["run_id"])

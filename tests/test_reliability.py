@@ -107,12 +107,13 @@ def test_eval_of_a_file_that_is_no_checkpoint_is_named(tmp_path, tiny_config, ca
     assert f"{path} is not a readable checkpoint" in capsys.readouterr().err
 
 
-def test_eval_is_logged_as_its_own_run_linked_to_the_trained_one(tiny_config, tracking_uri):
+def test_eval_is_logged_as_its_own_run_linked_to_the_trained_one(tiny_config, tracking_uri, tmp_path, monkeypatch):
     from ouro_lab.evaluate import evaluate_checkpoint
 
     result = train(tiny_config("train.max_steps=5", "train.val_every=5", "eval.test=false"), verbose=False)
     client = MlflowClient(tracking_uri)
     assert client.get_run(result.run_id).data.tags["ouro.checkpoint"] == result.checkpoint
+    monkeypatch.chdir(tmp_path)  # an evaluation logs into the working folder's store: here the trained run's
     evaluated = evaluate_checkpoint(Path(result.checkpoint), ["eval.extra_loops=1"], "val", log=True)
     run = client.get_run(evaluated.run_id)
     assert run.data.tags["ouro.role"] == "eval" and run.data.tags["ouro.evaluated_run_id"] == result.run_id
@@ -186,12 +187,14 @@ def test_deleted_store_or_journal_is_refused_not_duplicated(tmp_path):
     out = _sweep_cli(path)
     assert out.returncode == 2
     assert "has 1 finished trial(s), but its MLflow runs are not in" in out.stderr and "Point" in out.stderr
+    assert not store.exists()  # the refusal made no new empty store
     (tmp_path / "moved.db").rename(store)
     journal = _journal(tmp_path)
     journal.rename(tmp_path / "moved.journal")
     out = _sweep_cli(path)
     assert out.returncode == 2
     assert "already holds study run" in out.stderr and "is new" in out.stderr
+    assert not journal.exists() and not journal.with_name("optuna.journal.lock").exists()  # nor a new journal
     client = MlflowClient(f"sqlite:///{store}")
     runs = client.search_runs([client.get_experiment_by_name("s").experiment_id])
     assert sum(r.data.tags.get("ouro.role") == "study" for r in runs) == 1  # no second study run

@@ -65,6 +65,8 @@ def load_study(tmp_path: Path, name: str = "s", storage=None) -> optuna.Study:
 @pytest.mark.parametrize("body, message", [
     ("params: {model.loops: {choices: [1, 2]}}\ntrials: 2\nsampler: {name: tpe}\nbogus: 1\n",
      "unknown sweep field 'bogus'"),
+    ("params: {model.loops: {choices: [1, 2]}}\ntrials: 2\nsampler: {name: tpe, sed: 3}\n",
+     "unknown sweep field 'sampler.sed'; valid fields of sampler: name, seed"),
     ("params: {model.loops: {choices: [1, 2], scale: 3}}\ntrials: 2\n",
      "params.model.loops: unknown field 'scale'; a param takes choices, low, high, log, step"),
     ("params: {model.loopz: {choices: [1, 2]}}\ntrials: 2\n",

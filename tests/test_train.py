@@ -77,6 +77,40 @@ def test_eval_checkpoint_reproduces_test_metrics_and_extrapolates(tiny_config):
     assert reloaded.cfg.model.loops == 2 and reloaded.eval_loops == 4
 
 
+def _saved_step(path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["ouro_step"]
+
+
+@pytest.mark.parametrize("max_steps, val_every, stage2_steps", [
+    (20, 10, 0),  # divides: the last validation inside fit saves the checkpoint
+    (14, 10, 0),  # does not: the final validation after fit must save it too
+    (14, 10, 7),  # Stage I and Stage II in one run, neither a multiple of val_every
+    (20, 10, 10),  # both multiples
+])
+def test_the_named_checkpoint_holds_the_weights_the_final_metrics_score(max_steps, val_every, stage2_steps,
+                                                                        tiny_config, tracking_uri):
+    cfg = tiny_config(f"train.max_steps={max_steps}", f"train.val_every={val_every}", "train.lr=1e-2",
+                      *([f"stage2.steps={stage2_steps}", "stage2.k=5"] if stage2_steps else []))
+    result = train(cfg, verbose=False)
+    last_step = max_steps + stage2_steps
+    assert _saved_step(result.checkpoint) == last_step
+    run = MlflowClient(tracking_uri).get_run(result.run_id)
+    assert run.data.tags["ouro.checkpoint_step"] == str(last_step)
+    # re-evaluating the named checkpoint gives the run's own final test and val metrics, exactly
+    for split, logged in (("test", result.test), ("val", result.val)):
+        again = evaluate_checkpoint(Path(result.checkpoint), [], split).metrics
+        for key in (f"{split}/acc_final", f"{split}/loss_final", f"{split}/acc_exit"):
+            assert again[key] == pytest.approx(logged[key], abs=1e-6), key
+    if stage2_steps:  # Stage I's checkpoint holds what Stage I's final validation scored
+        stage1 = Path(result.checkpoint).parent / "stage1.ckpt"
+        assert _saved_step(stage1) == max_steps
+        history = MlflowClient(tracking_uri).get_metric_history(result.run_id, "val/acc_final")
+        at_stage1_end = [m.value for m in history if m.step == max_steps - 1]
+        again = evaluate_checkpoint(stage1, [], "val").metrics
+        assert at_stage1_end, [m.step for m in history]
+        assert again["val/acc_final"] == pytest.approx(at_stage1_end[-1], abs=1e-6)
+
+
 def test_cli_eval(tiny_config, capsys):
     result = train(tiny_config("train.max_steps=5", "train.val_every=5", "eval.test=false"), verbose=False)
     assert main(["eval", result.checkpoint, "eval.extra_loops=3", "--split", "val"]) == 0

@@ -373,6 +373,7 @@ def _runs_frame(done: list, sampled: Mapping[str, dict[str, str]], continuous: S
             "train_flops": m.get("model/train_flops_per_token", math.nan) * tokens,
             "reused": "ouro.reused_from" in r.data.tags, "run_name": r.info.run_name,
             "config_hash": r.data.tags.get("ouro.config_hash", r.info.run_id),
+            "stale_checkpoint": stale_checkpoint(p, r.data.tags),
         })
     frame = pd.DataFrame(rows)
     varying = sorted(k for k in set().union(*params)
@@ -386,6 +387,32 @@ def _runs_frame(done: list, sampled: Mapping[str, dict[str, str]], continuous: S
     # same cell (group, arch, T) is the same model, not another seed
     frame = frame.drop_duplicates(["group", "arch", "loops", "config_hash"]).reset_index(drop=True)
     return frame, group_keys, averaged
+
+
+def stale_checkpoint(params: Mapping[str, str], tags: Mapping[str, str]) -> str:
+    """'' when the checkpoint a training run names holds the weights its final metrics scored;
+    else what it holds instead. NOTE: runs logged before tag `ouro.checkpoint_step` saved no
+    checkpoint at a final validation that fell between two `train.val_every` validations:
+    their checkpoint is from the last multiple of val_every (Stage II: of its own steps)."""
+    if "ouro.checkpoint" not in tags or "ouro.checkpoint_step" in tags or tags.get("ouro.role") == "eval":
+        return ""
+    try:
+        steps, every = int(params["train.max_steps"]), int(params["train.val_every"])
+        stage2 = int(params.get("stage2.steps", "0") or 0)
+    except (KeyError, ValueError):
+        return ""
+
+    def saved(n: int) -> int:  # the step of the last validation inside fit
+        return n - n % min(every, n)
+
+    notes = []
+    if stage2 and saved(stage2) != stage2:
+        notes.append(f"checkpoint from step {steps + saved(stage2)} of {steps + stage2}")
+    if stage2 and saved(steps) != steps:
+        notes.append(f"stage1.ckpt from step {saved(steps)} of {steps}")
+    if not stage2 and saved(steps) != steps:
+        notes.append(f"checkpoint from step {saved(steps)} of {steps}")
+    return "; ".join(notes)
 
 
 def group_label(values: Mapping[str, Any]) -> str:

@@ -16,7 +16,7 @@ from ouro_lab.analysis.law import law_table, plot_law
 from ouro_lab.analysis.load import ALL, MAX_GROUP_VALUES, StudyData, attach_report, difficulty_order
 from ouro_lab.analysis.optuna_view import optuna_study, param_importances, plot_optuna
 from ouro_lab.analysis.plots import plot_compute, plot_exit, plot_vs_loops, plot_vs_step
-from ouro_lab.analysis.stats import (compute_table, curve_table, exit_table, exit_wide, extrapolation_table,
+from ouro_lab.analysis.stats import (compute_table, curve_table, exit_table, exit_wide, extrapolation_table, final_values,
                                      key_table, saturation_table)
 from ouro_lab.views import plt
 
@@ -114,6 +114,7 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     """Write report.md and its PNGs to `folder`; with `log`, also as artifacts `report/` on the
     study's parent run (or nowhere when the experiment has no sweep parent)."""
     kind, split = kind or data.kind, split or data.split
+    final_values(data, kind, split)  # an unknown metric kind or split is refused before the folder exists
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sat = saturation_table(data, epsilon, kind, split, level, n_boot)
@@ -148,11 +149,19 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     if log:
         attach_report(data, files)
     printed = _terminal_table(table, sat, kind, split, level)
+    if len(_stale_runs(data)):
+        printed += (f"\n\nNOTE: checkpoints older than their metrics: {len(_stale_runs(data))} of {len(data.runs)} runs "
+                    f"(logged before the fix; listed in {folder / 'report.md'})")
     gates = gate_table(data, split, level)
     if len(gates):
         printed += f"\n\n{split} early exit (the gate within epsilon of full depth; README \"Early exit\"):\n" \
             + gates.to_string(index=False, float_format=lambda v: f"{v:.2f}")
     return Report(folder, text, printed, files)
+
+
+def _stale_runs(data: StudyData) -> pd.DataFrame:
+    """Runs whose named checkpoint is older than their final metrics (load.stale_checkpoint)."""
+    return data.runs[data.runs["stale_checkpoint"] != ""] if "stale_checkpoint" in data.runs else data.runs[:0]
 
 
 def skip_table(skip: pd.DataFrame) -> pd.DataFrame:
@@ -187,6 +196,13 @@ def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, li
            f"Unit runs by state: {', '.join(f'{k} {v}' for k, v in sorted(data.counts.items()))}; "
            f"runs per point (group x arch x T): {n_seeds.min()}-{n_seeds.max()}. Metric: **{split} {kind}** at the final (trained) "
            f"loop step; difficulty = {data.difficulty_name}.", ""]
+    stale = _stale_runs(data)
+    if len(stale):
+        out += [f"**Checkpoints older than their metrics: {len(stale)} of {len(data.runs)} runs** (logged before ouro-lab saved "
+                "the weights of a final validation that fell between two `train.val_every` validations). The "
+                "metrics in this report are right; re-evaluating, decoding from or starting Stage II from these "
+                "checkpoints uses older weights. Retrain them to get matching checkpoints: "
+                + "; ".join(f"`{r.run_name}` ({r.stale_checkpoint})" for r in stale.itertuples()) + ".", ""]
     if data.averaged_keys:
         out += [f"Averaged over: {', '.join(data.averaged_keys)} (sampled from a range, or more than "
                 f"{MAX_GROUP_VALUES} values): means, intervals and 'seeds' below pool runs over their values.", ""]

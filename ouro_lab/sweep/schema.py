@@ -115,8 +115,11 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), raw, OmegaConf.from_dotlist(sweep_overrides))
         sweep: SweepConfig = OmegaConf.to_object(merged)
     except ConfigKeyError as err:
-        key = err.full_key or err.key
-        message = f"unknown sweep field '{key}'; valid fields: {', '.join(sorted(SweepConfig.__dataclass_fields__))}"
+        key = str(err.full_key or err.key)
+        section = {"sampler": SamplerSpec, "objective": ObjectiveSpec}.get(key.split(".")[0]) if "." in key else None
+        where = f"fields of {key.split('.')[0]}" if section else "fields"
+        message = (f"unknown sweep field '{key}'; valid {where}: "
+                   f"{', '.join(sorted((section or SweepConfig).__dataclass_fields__))}")
         raise ConfigError(f"{path}: {message}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {err.full_key}: {str(err).splitlines()[0]}") from None

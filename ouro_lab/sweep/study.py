@@ -176,8 +176,10 @@ def this_process() -> str:
 def open_study(sweep: SweepConfig, base: Path, worker: str | None = None) -> Study:
     """Create or load the Optuna study, the MLflow experiment and the study's parent run."""
     study_dir = Path(sweep.study_dir or Path("studies") / sweep.name).resolve()
-    storage = make_storage(sweep, study_dir)
     base_cfg = load_config(base, sweep.overrides)
+    uri = tracking.resolve_tracking_uri(sweep.tracking_uri or base_cfg.tracking.uri)
+    _refuse_a_lost_half(sweep, study_dir, uri)
+    storage = make_storage(sweep, study_dir)
     writable_dir(Path(base_cfg.tracking.output_dir), "tracking.output_dir")  # not found in trial 1's last step
     definition = definition_hash(sweep, base_cfg)
     study = optuna.create_study(study_name=sweep.name, storage=storage, pruner=make_pruner(sweep),
@@ -195,10 +197,9 @@ def open_study(sweep: SweepConfig, base: Path, worker: str | None = None) -> Stu
         worker = this_process()
     study.sampler = make_sampler(sweep, len(trials), zlib.crc32(worker.encode()) if worker else 0)
     study.set_user_attr("definition_hash", definition)
-    uri = tracking.resolve_tracking_uri(sweep.tracking_uri or base_cfg.tracking.uri)
     experiment = tracking.Experiment.open(uri, sweep.name)
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
-    _check_same_study(sweep, study, experiment, parent_id, sweep.storage or study_dir / "optuna.journal")
+    _check_same_study(sweep, study, experiment, parent_id, sweep.storage or study_dir / "optuna.journal", uri)
     if parent_id is None or not experiment.has_run(parent_id):
         parent = experiment.create_run(f"study-{sweep.name}", {
             "ouro.study": sweep.name, "ouro.role": "study", **tracking.reproducibility_tags()})
@@ -211,24 +212,46 @@ def open_study(sweep: SweepConfig, base: Path, worker: str | None = None) -> Stu
     return Study(sweep, base, study, experiment, parent, study_dir)
 
 
-def _check_same_study(sweep: SweepConfig, study: optuna.Study, experiment: tracking.Experiment,
-                      parent_id: str | None, where: Path | str) -> None:
+def _refuse_a_lost_half(sweep: SweepConfig, study_dir: Path, uri: str) -> None:
+    """`_check_same_study` before anything is created, for the default journal: a refusal after a
+    deleted store or journal must not leave a new empty one behind (other storages are checked
+    once open, by `_check_same_study`)."""
+    if sweep.storage:
+        return
+    journal = study_dir / "optuna.journal"
+    if journal.exists():
+        if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists():
+            return  # both halves exist: checked once open
+        try:
+            study = optuna.load_study(study_name=sweep.name, storage=make_storage(sweep, study_dir))
+        except KeyError:  # (a journal of other studies)
+            return
+        _check_same_study(sweep, study, None, study.user_attrs.get("mlflow_parent_run_id"), journal, uri)
+    else:
+        experiment = tracking.Experiment.lookup(uri, sweep.name)
+        if experiment is not None:
+            _check_same_study(sweep, None, experiment, None, journal, uri)
+
+
+def _check_same_study(sweep: SweepConfig, study: optuna.Study | None, experiment: tracking.Experiment | None,
+                      parent_id: str | None, where: Path | str, uri: str) -> None:
     """The Optuna study and the MLflow experiment must be one study's two halves: refused when
     one of them was deleted (or is looked for elsewhere) while the other holds finished work,
-    as going on would silently start a second copy of every run or orphan the finished ones."""
-    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-    if parent_id is not None and finished and not experiment.has_run(parent_id):
+    as going on would silently start a second copy of every run or orphan the finished ones.
+    `study` None: it does not exist yet; `experiment` None: neither does it."""
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()] if study else []
+    if parent_id is not None and finished and (experiment is None or not experiment.has_run(parent_id)):
         raise StoreError(
             f"study {sweep.name!r} ({where}) has {len(finished)} finished trial(s), but its MLflow runs are not in "
-            f"{experiment.tracking_uri} (study run {parent_id} not found): the store was deleted or moved, or "
+            f"{uri} (study run {parent_id} not found): the store was deleted or moved, or "
             "tracking.uri points elsewhere. Point tracking_uri (sweep) or tracking.uri (config) at the store that "
             f"holds them, or give the sweep a new name= to start over (nothing was changed)")
-    if parent_id is None:
+    if parent_id is None and experiment is not None:
         others = experiment.find_runs("tags.`ouro.role` = 'study'", max_results=1)
         if others:
             trials = experiment.find_runs("tags.`ouro.role` = 'trial'")
             raise StoreError(
-                f"MLflow experiment {sweep.name!r} in {experiment.tracking_uri} already holds study run "
+                f"MLflow experiment {sweep.name!r} in {uri} already holds study run "
                 f"{others[0].info.run_id} with {len(trials)} trial run(s), but the Optuna study ({where}) is new: "
                 "its journal was deleted or moved, or study_dir / storage points elsewhere. Point study_dir (or "
                 f"storage) at the study's journal, or give the sweep a new name= to start over (nothing was changed)")
