@@ -6,6 +6,7 @@
     ouro-lab generate CKPT infer.prompt='def main(' infer.cache=last infer.exit_rule=q
     ouro-lab decode CKPT infer.exit_rule=q infer.exit_threshold=0.5 # cache strategies: bpb, bytes, tokens/s
     ouro-lab import-hf path/to/Ouro-1.4B out.ckpt data.task=text     # a released checkpoint as an ouro-lab one
+    ouro-lab tokenizer '~/corpus/*.jsonl' tok/tokenizer.json --vocab-size 8192   # BPE for data.task=lm
     ouro-lab sweep sweeps/loops.yaml seeds=1 train.max_steps=500
     ouro-lab sweep sweeps/gate.yaml --dry-run        # validate, list the trials, train nothing
     ouro-lab report loops --epsilon 0.01
@@ -47,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     p_imp.add_argument("out", help="the .ckpt to write")
     p_imp.add_argument("overrides", nargs="*", help="data.*, eval.*, infer.* keys, e.g. data.task=text "
                                                    "data.text.paths='~/corpus/*.txt'")
+    p_tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus's train split "
+                                             "(for data.lm.tokenizer)")
+    p_tok.add_argument("source", help="the corpus, as data.lm.source: a glob of .txt / .jsonl / .parquet files")
+    p_tok.add_argument("out", help="the tokenizer.json to write")
+    p_tok.add_argument("--vocab-size", type=int, default=8192, help="tokens, the end-of-document token included "
+                                                                    "(default 8192)")
+    p_tok.add_argument("--text-field", default="text", help="jsonl / parquet: the column holding the text")
+    p_tok.add_argument("--decode-errors", default="strict", choices=("strict", "replace", "skip"),
+                       help=".txt files that are not UTF-8, as data.lm.decode_errors (default strict)")
     p_sweep = sub.add_parser("sweep", help="run or resume an Optuna study declared in sweeps/*.yaml")
     p_sweep.add_argument("sweep", help="sweep YAML, e.g. sweeps/loops.yaml")
     p_sweep.add_argument("overrides", nargs="*",
@@ -88,6 +98,17 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(args.sweep, args.overrides))
         elif args.command == "studies":
             return _studies(args)
+        elif args.command == "tokenizer":
+            from ouro_lab.data.lm import CorpusError, train_tokenizer
+
+            try:
+                out = train_tokenizer(args.source, args.out, args.vocab_size, args.text_field,
+                                      decode_errors=args.decode_errors)
+            except CorpusError as err:
+                print(f"ouro-lab: {err}", file=sys.stderr)
+                return 2
+            print(f"[tokenizer] {out}: byte-level BPE, {args.vocab_size} tokens, trained on the train split of "
+                  f"{args.source}\n  use it: data.task=lm data.lm.source='{args.source}' data.lm.tokenizer={out}")
         elif args.command == "import-hf":
             from ouro_lab.checkpoints import import_hf
 

@@ -25,6 +25,7 @@ from ouro_lab.data.arith import ArithConfig
 from ouro_lab.data.multihop import MultihopConfig
 from ouro_lab.data.random_tokens import RandomConfig
 from ouro_lab.data.state import StateConfig
+from ouro_lab.data.lm import LMConfig
 from ouro_lab.data.text import TextConfig
 from ouro_lab.models.decoding import RULES as EXIT_RULES  # online exit rules (infer.exit_rule)
 from ouro_lab.models.decoding import STRATEGIES as CACHE_STRATEGIES  # decode-time KV caches (infer.cache)
@@ -201,6 +202,7 @@ class DataConfig:
     random: RandomConfig = field(default_factory=RandomConfig)
     state: StateConfig = field(default_factory=StateConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
 
 
 # NOTE: a task registered without its section here could not be configured

@@ -49,7 +49,7 @@ def evaluate_checkpoint(path: Path, overrides: list[str] = (), split: str = "tes
     if rule.name != "none":  # the rule in skip semantics, next to selection semantics and full depth
         loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
         skip = skip_evaluate(module.model.to(device_for(cfg)), loader, rule, len(module.task.difficulty_levels),
-                             module.task.byte_level, module.task.seq_len)
+                             module.task.byte_level, module.task.seq_len, getattr(module.task, "token_bytes", None))
         metrics |= {f"{split}/{k}": v for k, v in skip.items()}
         result.skip = str(rule)
     if log:

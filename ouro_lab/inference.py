@@ -73,7 +73,7 @@ def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def skip_evaluate(model: torch.nn.Module, loader, rule: ExitRule, n_levels: int, bpb: bool,
-                  seq_len: int) -> dict[str, float]:
+                  seq_len: int, token_bytes=None) -> dict[str, float]:
     """`rule` in skip semantics, in selection semantics, and full depth over `loader`'s
     (tokens, targets, difficulty) batches; metric names `names.inference` (skip_acc, select_loops,
     full_flops ...) plus skip_minus_select_acc. Full depth's wall time is the ordinary forward
@@ -83,6 +83,7 @@ def skip_evaluate(model: torch.nn.Module, loader, rule: ExitRule, n_levels: int,
     model.eval()
     device = next(model.parameters()).device
     metrics = SkipEvalMetrics(n_levels, bpb).to(device)
+    token_bytes = None if token_bytes is None else torch.as_tensor(token_bytes, device=device)  # (V,) bytes per token
     looped = isinstance(model, LoopedLM)
     T = model.spec.loops if looped else 1
     for batch in loader:
@@ -110,7 +111,8 @@ def skip_evaluate(model: torch.nn.Module, loader, rule: ExitRule, n_levels: int,
         flops = torch.tensor([executed_flops(model, chunk, seq_len), select_flops, full_flops], dtype=torch.float64,
                              device=device)
         seconds = torch.tensor([skip_seconds, full_seconds, full_seconds], dtype=torch.float64, device=device)
-        metrics.update(losses, correct, loops, scored, flops, seconds, n)
+        metrics.update(losses, correct, loops, scored, flops, seconds, n,
+                       None if token_bytes is None else token_bytes[targets.clamp_min(0)])
     values = {k: float(v) for k, v in metrics.compute().items()}
     values["skip_minus_select_acc"] = values[names.inference("skip", "acc")] - values[names.inference("select", "acc")]
     return values
@@ -188,6 +190,9 @@ def run_decode(path, overrides: list[str] = ()) -> str:
     if not task.byte_level:
         raise ConfigError(f"`ouro-lab decode` measures bits per byte, on byte-level tasks (text); data.task="
                           f"{cfg.data.task}: use `ouro-lab generate` or `ouro-lab eval` with infer.exit_rule")
+    if cfg.data.task == "lm":  # NOTE: decode_table's bits per byte are per token: right for bytes only
+        raise ConfigError("`ouro-lab decode` does not yet count bytes per token: use data.task=text, or `ouro-lab "
+                          "eval` with infer.exit_rule for bits per byte on data.task=lm")
     if cfg.infer.prefill >= task.seq_len:
         raise ConfigError(f"infer.prefill: must be below the context ({task.seq_len}), got {cfg.infer.prefill}")
     tokens, targets, _ = make_datamodule(cfg, task).eval_set("test")[: cfg.infer.windows]
@@ -213,7 +218,7 @@ def run_generate(path, overrides: list[str] = ()) -> str:
         if not task.byte_level:
             raise ConfigError(f"infer.prompt is text, for byte-level tasks; data.task={cfg.data.task} takes its "
                               "prompts from the test split (leave infer.prompt unset)")
-        prompts = [list(i.prompt.encode())]
+        prompts = [task.encode(i.prompt) if hasattr(task, "encode") else list(i.prompt.encode())]
         answers = [None]
     else:
         rng = np.random.default_rng([cfg.data.seed, 3, i.seed])

@@ -2,14 +2,16 @@
 so accumulation across batches and DDP ranks is torchmetrics' job).
 
 Names come from `metric_names` (loss_step{t}, acc_step{t}_d{k}, acc_final, loss_exit,
-exit_expected_step ...). Byte-level tasks also get bits per byte, bpb_* = loss_* / ln 2
-(one label = one byte). `final` is the trained loop count T; steps after T (extrapolation)
-are reported per step.
+exit_expected_step ...). Text tasks also get bits per byte, bpb_* = summed loss / ln 2 /
+the UTF-8 bytes the scored targets cover (`nbytes`; one label = one byte on byte-level
+tasks, any number with a subword tokenizer). `final` is the trained loop count T; steps after
+T (extrapolation) are reported per step.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torchmetrics import Metric
@@ -33,6 +35,7 @@ class LoopStepMetrics(Metric):
         self.add_state("loss_sum", torch.zeros(eval_loops, n_levels, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("correct", torch.zeros(eval_loops, n_levels, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(n_levels, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("nbytes", torch.zeros(n_levels, dtype=torch.float64), dist_reduce_fx="sum")
         if has_gate:
             self.add_state("exit_mass", torch.zeros(trained_loops, n_levels, dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state("exit_entropy", torch.zeros(n_levels, dtype=torch.float64), dist_reduce_fx="sum")
@@ -40,9 +43,9 @@ class LoopStepMetrics(Metric):
             self.add_state("exit_correct", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, step_losses: torch.Tensor, correct: torch.Tensor, difficulty: torch.Tensor,
-               exit_probs: torch.Tensor | None = None) -> None:
+               exit_probs: torch.Tensor | None = None, nbytes: torch.Tensor | None = None) -> None:
         """step_losses, correct: (eval_loops, B, S); difficulty: (B, S) in 1..n_levels, 0 = not counted;
-        exit_probs: (B, S, trained_loops)."""
+        exit_probs: (B, S, trained_loops); nbytes: (B, S) bytes each target covers (None: one)."""
         counted = difficulty > 0
         level = (difficulty[counted] - 1).long()  # (N,)
         one_hot = torch.nn.functional.one_hot(level, self.n_levels).double()  # (N, K)
@@ -51,6 +54,7 @@ class LoopStepMetrics(Metric):
         self.loss_sum += losses @ one_hot
         self.correct += hits @ one_hot
         self.count += one_hot.sum(0)
+        self.nbytes += one_hot.sum(0) if nbytes is None else nbytes[counted].double() @ one_hot
         if self.has_gate and exit_probs is not None:
             p = exit_probs[counted].double()  # (N, T)
             self.exit_mass += p.T @ one_hot
@@ -83,14 +87,23 @@ class LoopStepMetrics(Metric):
             for k in levels:
                 out[names.exit_stat("exit_expected_step", k + 1)] = (self.exit_mass[:, k] * steps).sum() / count[k]
                 out[names.exit_stat("exit_entropy", k + 1)] = self.exit_entropy[k] / count[k]
-        if self.bpb:
-            out |= {names.as_bpb(name): v / math.log(2) for name, v in out.items() if name.startswith("loss")}
+        if self.bpb:  # per token -> per byte: x count / bytes of the same tokens (exactly 1 on byte-level tasks)
+            ratio = {None: self.count.sum() / self.nbytes.sum().clamp_min(1)}
+            ratio |= {k + 1: self.count[k] / self.nbytes[k].clamp_min(1) for k in levels}
+            out |= {names.as_bpb(name): v * ratio[_level(name)] / math.log(2)
+                    for name, v in out.items() if name.startswith("loss")}
         return {k: v.float() for k, v in out.items()}
 
     def _present_levels(self) -> list[int]:
         """Levels with at least one scored token (e.g. arith with eval_ops=max has one): an
         empty level is left out rather than reported as accuracy 0."""
         return [k for k in range(self.n_levels) if self.count[k] > 0]
+
+
+def _level(name: str) -> int | None:
+    """The difficulty level of a metric name (`loss_step3_d2` -> 2), None for all positions."""
+    found = re.search(r"_d(\d+)$", name)
+    return int(found.group(1)) if found else None
 
 
 class ExitFrontierMetrics(Metric):
@@ -115,13 +128,16 @@ class ExitFrontierMetrics(Metric):
         for state in ("correct", "loss", "loops"):
             self.add_state(state, torch.zeros(n_rows, n_levels, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(n_levels, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("nbytes", torch.zeros(n_levels, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("oracle_hist", torch.zeros(trained_loops, n_levels, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("gate_at_oracle", torch.zeros(trained_loops, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, step_losses: torch.Tensor, correct: torch.Tensor, preds: torch.Tensor, confidence: torch.Tensor,
-               change: torch.Tensor, gate_logits: torch.Tensor, difficulty: torch.Tensor) -> None:
+               change: torch.Tensor, gate_logits: torch.Tensor, difficulty: torch.Tensor,
+               nbytes: torch.Tensor | None = None) -> None:
         """step_losses, correct, preds, confidence, change: (T, B, S) over the trained steps;
-        gate_logits: (B, S, T); difficulty: (B, S) in 1..n_levels, 0 = not counted."""
+        gate_logits: (B, S, T); difficulty: (B, S) in 1..n_levels, 0 = not counted; nbytes: (B, S)
+        bytes each target covers (None: one)."""
         counted = difficulty > 0
         one_hot = torch.nn.functional.one_hot((difficulty[counted] - 1).long(), self.n_levels).double()  # (N, K)
         losses, hits = step_losses[:, counted].double(), correct[:, counted]  # (T, N)
@@ -141,6 +157,7 @@ class ExitFrontierMetrics(Metric):
         self.loss += exits.select(losses, steps) @ one_hot
         self.loops += steps.double() @ one_hot
         self.count += one_hot.sum(0)
+        self.nbytes += one_hot.sum(0) if nbytes is None else nbytes[counted].double() @ one_hot
         at_oracle = torch.nn.functional.one_hot(oracle - 1, self.T).double()  # (N, T)
         self.oracle_hist += at_oracle.T @ one_hot
         expected = (exit_distribution(gate) * torch.arange(1, self.T + 1, device=gate.device)).sum(-1).double()
@@ -154,15 +171,16 @@ class ExitFrontierMetrics(Metric):
         rows = [lambda kind, level, rule=rule, x=x: names.exit_rule(rule, x, kind, level) for rule, x in self.rules]
         rows += [None, lambda kind, level: names.oracle("stable", kind, level),
                  lambda kind, level: names.oracle("right", kind, level)]
-        kinds = [("acc", self.correct, 1.0), ("loss", self.loss, 1.0), ("loops", self.loops, 1.0)]
-        kinds += [("bpb", self.loss, math.log(2))] if self.bpb else []  # bits per byte = loss / ln 2
+        kinds = [("acc", self.correct, 1.0, self.count), ("loss", self.loss, 1.0, self.count),
+                 ("loops", self.loops, 1.0, self.count)]
+        kinds += [("bpb", self.loss, math.log(2), self.nbytes)] if self.bpb else []  # bits per byte of text covered
         for i, name in enumerate(rows):
             if name is None:
                 continue
-            for kind, sums, scale in kinds:
-                out[name(kind, None)] = sums[i].sum() / total / scale
+            for kind, sums, scale, per in kinds:
+                out[name(kind, None)] = sums[i].sum() / per.sum().clamp_min(1) / scale
                 for k in levels:
-                    out[name(kind, k + 1)] = sums[i, k] / self.count[k] / scale
+                    out[name(kind, k + 1)] = sums[i, k] / per[k] / scale
         share = self.oracle_hist.sum(1) / total
         for t in range(self.T):
             out[names.oracle_share(t + 1)] = share[t]
@@ -179,9 +197,9 @@ class ExitFrontierMetrics(Metric):
         tasks, epsilon then in bits per byte when bpb) and the share of the answer-stable
         oracle's saving it realises."""
         full, stable = len(self.rules), len(self.rules) + 1
-        if self.loss_scored:
-            scale = math.log(2) if self.bpb else 1.0  # epsilon in bpb for byte-level tasks
-            quality = -self.loss.sum(1) / total / scale  # higher is better
+        if self.loss_scored:  # epsilon in bits per byte for text tasks
+            per, scale = (self.nbytes.sum().clamp_min(1), math.log(2)) if self.bpb else (total, 1.0)
+            quality = -self.loss.sum(1) / per / scale  # higher is better
         else:
             quality = self.correct.sum(1) / total
         loops = self.loops.sum(1) / total
@@ -210,35 +228,38 @@ class SkipEvalMetrics(Metric):
         for state in ("correct", "loss", "loops"):
             self.add_state(state, torch.zeros(n, n_levels, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(n_levels, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("nbytes", torch.zeros(n_levels, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("flops", torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("seconds", torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, losses: torch.Tensor, correct: torch.Tensor, loops: torch.Tensor, difficulty: torch.Tensor,
-               flops: torch.Tensor, seconds: torch.Tensor, tokens: int) -> None:
+               flops: torch.Tensor, seconds: torch.Tensor, tokens: int, nbytes: torch.Tensor | None = None) -> None:
         """losses, correct, loops: (3, B, S) per semantics (skip, select, full); difficulty: (B, S)
-        in 1..n_levels, 0 = not scored; flops, seconds: (3,) for the batch; tokens: positions run."""
+        in 1..n_levels, 0 = not scored; flops, seconds: (3,) for the batch; tokens: positions run;
+        nbytes: (B, S) bytes each target covers (None: one)."""
         counted = difficulty > 0
         one_hot = torch.nn.functional.one_hot((difficulty[counted] - 1).long(), self.n_levels).double()  # (N, K)
         self.correct += correct[:, counted].double() @ one_hot
         self.loss += losses[:, counted].double() @ one_hot
         self.loops += loops[:, counted].double() @ one_hot
         self.count += one_hot.sum(0)
+        self.nbytes += one_hot.sum(0) if nbytes is None else nbytes[counted].double() @ one_hot
         self.flops += flops.double()
         self.seconds += seconds.double()
         self.tokens += tokens
 
     def compute(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        total = self.count.sum().clamp_min(1)
         levels = [k for k in range(self.n_levels) if self.count[k] > 0]
-        kinds = [("acc", self.correct, 1.0), ("loss", self.loss, 1.0), ("loops", self.loops, 1.0)]
-        kinds += [("bpb", self.loss, math.log(2))] if self.bpb else []
+        kinds = [("acc", self.correct, 1.0, self.count), ("loss", self.loss, 1.0, self.count),
+                 ("loops", self.loops, 1.0, self.count)]
+        kinds += [("bpb", self.loss, math.log(2), self.nbytes)] if self.bpb else []
         for i, semantics in enumerate(names.SEMANTICS):
-            for kind, sums, scale in kinds:
-                out[names.inference(semantics, kind)] = sums[i].sum() / total / scale
+            for kind, sums, scale, per in kinds:
+                out[names.inference(semantics, kind)] = sums[i].sum() / per.sum().clamp_min(1) / scale
                 for k in levels:
-                    out[names.inference(semantics, kind, k + 1)] = sums[i, k] / self.count[k] / scale
+                    out[names.inference(semantics, kind, k + 1)] = sums[i, k] / per[k] / scale
             out[names.inference(semantics, "flops")] = self.flops[i] / self.tokens.clamp_min(1)
             out[names.inference(semantics, "seconds")] = self.seconds[i]
         return {k: v.float() for k, v in out.items()}

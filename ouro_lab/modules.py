@@ -79,6 +79,10 @@ class _LMModule(L.LightningModule):
         self.step_offset = 0  # optimizer steps before this Trainer's (Stage I's in Stage II); logs go on from there
         n_levels = len(self.task.difficulty_levels)
         bpb = self.task.byte_level
+        # (V,) UTF-8 bytes each target token covers, for bits per byte (tasks with a tokenizer; else one)
+        token_bytes = getattr(self.task, "token_bytes", None)
+        self.register_buffer("token_bytes", None if token_bytes is None else torch.as_tensor(token_bytes),
+                             persistent=False)
         self.val_metrics = LoopStepMetrics(self.eval_loops, self.trained_loops, n_levels, self.has_gate, bpb)
         self.test_metrics = LoopStepMetrics(self.eval_loops, self.trained_loops, n_levels, self.has_gate, bpb)
         self.val_frontier = self.test_frontier = None
@@ -219,11 +223,12 @@ class _LMModule(L.LightningModule):
         exit_probs = None
         if self.has_gate:
             exit_probs = exit_distribution(out.gate_logits[..., : self.trained_loops])  # (B, S, T)
-        metrics.update(step_losses, correct, scored, exit_probs)
+        nbytes = None if self.token_bytes is None else self.token_bytes[targets.clamp_min(0)]
+        metrics.update(step_losses, correct, scored, exit_probs, nbytes)
         if frontier is not None:
             T = self.trained_loops
             frontier.update(step_losses[:T], correct[:T], torch.stack(preds[:T]), torch.stack(confidence),
-                            torch.stack(change), out.gate_logits[..., :T], scored)
+                            torch.stack(change), out.gate_logits[..., :T], scored, nbytes)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_metrics, self.val_frontier)

@@ -5,6 +5,7 @@
     state.py         group word problem, the CPU demo (difficulty = position bucket)
     multihop.py      layered-graph multi-hop questions (difficulty = hops)
     text.py          byte-level LM on local files (difficulty = context-position bucket)
+    lm.py            LM on a real corpus: tokenizer, tokenized cache, document splits (difficulty = token frequency)
     random_tokens.py random tokens for throughput benchmarks
     datamodule.py    TaskDataModule: infinite train stream, fixed val/test sets (Lightning)
 
@@ -12,7 +13,7 @@ Importing this package registers every task; the DataModule (and so Lightning) i
 only when asked for, so validating a config does not load Lightning.
 """
 
-from ouro_lab.data import arith, multihop, random_tokens, state, text  # noqa: F401  (registration side effect)
+from ouro_lab.data import arith, lm, multihop, random_tokens, state, text  # noqa: F401  (registration side effect)
 from ouro_lab.data.base import IGNORE_INDEX, SPLITS, TASKS, Batch, Task, build_task, get_task, split_of
 
 __all__ = ["IGNORE_INDEX", "SPLITS", "TASKS", "Batch", "Task", "TaskDataModule", "build_task", "get_task", "split_of"]

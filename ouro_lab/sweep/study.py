@@ -263,7 +263,8 @@ LATER_KEYS = (("train", "strategy"), ("eval", "exit_q"), ("eval", "exit_confiden
               ("stage2", "gamma"), ("stage2", "improvement"), ("stage2", "steps"), ("model", "rope_layout"),
               ("model", "rope_base"), ("model", "norm_eps"), *(("infer", f.name) for f in dataclasses.fields(InferConfig)),
               ("model", "prelude_layers"), ("model", "coda_layers"), ("model", "injection"), ("model", "init_state"),
-              ("train", "loops_sampling"), ("train", "loops_min"), ("train", "loops_max"), ("train", "backprop_loops"))
+              ("train", "loops_sampling"), ("train", "loops_min"), ("train", "loops_max"), ("train", "backprop_loops"),
+              ("data", "lm"))
 
 
 def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:

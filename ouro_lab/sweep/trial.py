@@ -68,6 +68,8 @@ def canonical_hash(cfg: ExperimentConfig) -> str:
         for key, default in defaults.items():
             if d[section][key] == default:
                 d[section].pop(key)
+    if cfg.data.task != "lm":
+        d["data"].pop("lm")  # (hashes made before the lm task existed stay valid)
     if not cfg.has_stage2:
         d.pop("stage2")  # Stage I (hashes made before the section existed stay valid)
     d["train"].pop("progress_bar")

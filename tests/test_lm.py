@@ -1,0 +1,167 @@
+"""`data.task=lm`: a real corpus through a tokenizer trained in the test, the tokenized cache,
+document splits, bits per byte by bytes covered, and a tiny model trained on it end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ouro_lab.data import lm
+
+WORDS = "loops exit gate token prior entropy depth cache héllo 日本 naïve".split()
+
+
+def write_corpus(root: Path, n_files: int = 100, n_lines: int = 300) -> str:
+    """Text files (one document each) and a jsonl file (one per line), with non-ASCII words."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        (root / f"d{i}.txt").write_text(" ".join(WORDS[(i * j + j) % len(WORDS)] for j in range(300)))
+    with (root / "more.jsonl").open("w") as f:
+        for i in range(n_lines):
+            f.write(json.dumps({"text": f"doc {i}: " + " ".join(WORDS[(i + 3 * j) % len(WORDS)] for j in range(100))}) + "\n")
+    return f"{root}/*"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture
+def bpe(tmp_path, corpus):
+    return str(lm.train_tokenizer(corpus, tmp_path / "tok" / "tokenizer.json", vocab_size=320, progress=False))
+
+
+def test_a_bpe_tokenizer_trained_on_the_train_split_covers_every_byte(corpus, bpe, tmp_path):
+    tok = lm.load_tokenizer(bpe)
+    assert tok.vocab_size == 320 and tok.eod == 0 and tok.eod_token == "<|endoftext|>"
+    text = "héllo 日本 <|endoftext|> naïve"
+    ids = tok.encode_batch([text])[0]
+    assert tok.decode(ids) == text and tok.eod not in ids  # a special token written in a text stays text
+    # every split's tokens cover exactly its documents' UTF-8 bytes (the end-of-document tokens none)
+    cache = lm.prepare(corpus, "text", bpe, str(tmp_path / "cache"), progress=False)
+    docs = {s: [] for s in ("train", "val", "test")}
+    for d in lm.documents(lm.source_files(corpus), "text"):
+        docs[("train", "val", "test")[lm.split_of_document(d)]].append(d)
+    for split, texts in docs.items():
+        ids = np.asarray(cache.tokens(split))
+        assert tok.token_bytes()[ids].sum() == sum(len(t.encode("utf-8")) for t in texts) > 0
+        assert (ids == tok.eod).sum() == len(texts) == cache.meta["splits"][split]["documents"]
+    assert cache.meta["splits"]["train"]["tokens"] < cache.meta["splits"]["train"]["bytes"] / 2  # BPE merged
+
+
+def test_the_cache_is_reused_and_rebuilt_after_a_change(corpus, bpe, tmp_path):
+    root = tmp_path / "cache"
+    first = lm.prepare(corpus, "text", bpe, str(root), progress=False)
+    built = (first.folder / "meta.json").stat().st_mtime_ns
+    lm.prepare.cache_clear()
+    again = lm.prepare(corpus, "text", bpe, str(root), progress=False)
+    assert again.folder == first.folder and (again.folder / "meta.json").stat().st_mtime_ns == built  # reused
+    (tmp_path / "corpus" / "d0.txt").write_text("a changed document " * 50)
+    lm.prepare.cache_clear()
+    changed = lm.prepare(corpus, "text", bpe, str(root), progress=False)
+    assert changed.folder != first.folder
+    lm.prepare.cache_clear()
+    other_tokenizer = lm.prepare(corpus, "text", "bytes", str(root), progress=False)
+    assert len({first.folder, changed.folder, other_tokenizer.folder}) == 3
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(
+        p.name for p in (first.folder, changed.folder, other_tokenizer.folder))
+
+
+def test_the_document_split_is_stable_when_a_file_is_added(corpus, tmp_path):
+    def split_docs() -> dict[str, int]:
+        return {d: lm.split_of_document(d) for d in lm.documents(lm.source_files(corpus), "text")}
+
+    before = split_docs()
+    (tmp_path / "corpus" / "new.jsonl").write_text("".join(json.dumps({"text": f"new {i} " * 30}) + "\n" for i in range(50)))
+    after = split_docs()
+    assert len(after) == len(before) + 50
+    assert all(after[d] == s for d, s in before.items())
+    assert set(after.values()) == {0, 1, 2}
+
+
+def test_bits_per_byte_divide_by_the_bytes_the_targets_cover(corpus, bpe):
+    """LoopStepMetrics on hand-made losses: bpb = summed loss / ln 2 / bytes, per level too."""
+    from ouro_lab.metrics import LoopStepMetrics
+
+    tok = lm.load_tokenizer(bpe)
+    targets = torch.tensor(tok.encode_batch(["héllo 日本 naïve loops exit"])[0])[None]  # (1, S)
+    nbytes = torch.as_tensor(tok.token_bytes())[targets]
+    assert int(nbytes.sum()) == len("héllo 日本 naïve loops exit".encode("utf-8"))
+    S = targets.shape[1]
+    losses = torch.linspace(0.5, 3.0, S)[None, None].repeat(2, 1, 1)  # (eval_loops=2, 1, S)
+    losses[1] /= 2
+    difficulty = torch.tensor([[1 if i < S // 2 else 2 for i in range(S)]])
+    m = LoopStepMetrics(2, 2, 2, has_gate=False, bpb=True)
+    m.update(losses, torch.zeros_like(losses, dtype=torch.bool), difficulty, None, nbytes)
+    out = m.compute()
+    for t in (1, 2):
+        hand = float(losses[t - 1].sum()) / math.log(2) / int(nbytes.sum())
+        assert float(out[f"bpb_step{t}"]) == pytest.approx(hand, rel=1e-6)
+        first = difficulty[0] == 1
+        hand_d1 = float(losses[t - 1, 0, first].sum()) / math.log(2) / int(nbytes[0, first].sum())
+        assert float(out[f"bpb_step{t}_d1"]) == pytest.approx(hand_d1, rel=1e-6)
+    assert float(out["loss_step1"]) == pytest.approx(float(losses[0].mean()), rel=1e-6)  # loss stays per token
+
+
+def test_frequency_levels_hold_equal_token_mass(corpus, tmp_path):
+    from ouro_lab.config import load_config
+    from ouro_lab.data import build_task
+
+    cfg = load_config(None, ["data.task=lm", f"data.lm.source={corpus}", "data.lm.context=32",
+                             f"data.lm.cache_dir={tmp_path / 'cache'}"])
+    task = build_task(cfg.data)
+    counts = task.cache.token_counts
+    mass = np.bincount(task.frequency_level, weights=counts, minlength=5)[1:] / counts.sum()
+    assert mass[0] > 0 and np.all(np.diff(task.frequency_level[np.argsort(-counts, kind="stable")]) >= 0)
+    assert task.frequency_level[counts == 0].tolist() == [4] * int((counts == 0).sum())  # unseen: the rarest
+    batch = task.sample(np.random.default_rng(0), 8, "val")
+    assert np.array_equal(batch.difficulty, task.frequency_level[batch.targets])
+    assert np.array_equal(batch.tokens[:, 1:], batch.targets[:, :-1])
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "bytes"])
+def test_a_tiny_looped_model_trains_on_the_corpus_and_reports_bits_per_byte(tokenizer, corpus, bpe, tiny_config,
+                                                                             tmp_path, capsys, monkeypatch):
+    from ouro_lab.cli import main
+    from ouro_lab.evaluate import evaluate_checkpoint
+    from ouro_lab.train import train
+
+    spec = bpe if tokenizer == "bpe" else "bytes"
+    cfg = tiny_config("data.task=lm", f"data.lm.source={corpus}", f"data.lm.tokenizer={spec}", "data.lm.context=32",
+                      f"data.lm.cache_dir={tmp_path / 'cache'}", "train.lr=1e-2", "train.max_steps=30")
+    result = train(cfg, verbose=False)
+    bpb = [result.test[f"test/bpb_step{t}"] for t in (1, 2)]
+    assert all(0 < b < 8 for b in bpb), result.test
+    vocab = 320 if tokenizer == "bpe" else 257
+    assert result.summary["n_params"] > 0 and result.test["test/loss_final"] < math.log(vocab)  # learnt something
+    # bits per byte are per byte, not per token: loss per token / ln 2 x tokens per byte
+    again = evaluate_checkpoint(Path(result.checkpoint), [], "test").metrics
+    assert again["test/bpb_final"] == pytest.approx(result.test["test/bpb_final"], abs=1e-6)
+    assert {"test/bpb_step1_d1", "test/bpb_step2_d4", "test/exit_q0.5_bpb"} <= set(again)
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", result.checkpoint, "infer.prompt=héllo 日本", "infer.max_new_tokens=4"]) == 0
+    assert "héllo 日本\u2588" in capsys.readouterr().out
+
+
+def test_cli_trains_a_tokenizer_and_refuses_what_it_cannot_read(corpus, tmp_path, capsys):
+    from ouro_lab.cli import main
+    from ouro_lab.config import ConfigError, load_config
+
+    out = tmp_path / "t" / "tokenizer.json"
+    assert main(["tokenizer", corpus, str(out), "--vocab-size", "300"]) == 0
+    assert f"data.lm.tokenizer={out}" in capsys.readouterr().out and lm.load_tokenizer(str(out)).vocab_size == 300
+    assert main(["tokenizer", str(tmp_path / "none" / "*.txt"), str(out)]) == 2
+    assert "matches no files" in capsys.readouterr().err
+    (tmp_path / "corpus" / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 40)
+    base = ["data.task=lm", f"data.lm.source={corpus}", "data.lm.context=32", f"data.lm.cache_dir={tmp_path / 'c'}"]
+    with pytest.raises(ConfigError, match=r"data.lm.source: .*latin1.txt is not UTF-8 text .*data.lm.decode_errors=replace"):
+        load_config(None, base)
+    load_config(None, [*base, "data.lm.decode_errors=skip"])  # left out: valid
+    with pytest.raises(ConfigError, match="data.lm.tokenizer: tokenizer 'nope.json': no such tokenizer.json"):
+        load_config(None, [*base, "data.lm.decode_errors=skip", "data.lm.tokenizer=nope.json"])
