@@ -41,7 +41,7 @@ def test_schema_defaults_without_a_file():
         (["model.arch=huge"], "model.arch: 'huge' is not one of: looped, param_matched, depth_matched"),
         (["objective.prior=poisson"], "objective.prior: 'poisson' is not one of: uniform, geometric, none"),
         (["objective.prior=geometric", "objective.prior_p=1.0"], "objective.prior_p: must be in (0, 1)"),
-        (["data.task=chess"], "data.task: 'chess' is not one of: arith, multihop, random, state, text"),
+        (["data.task=chess"], "data.task: 'chess' is not one of: arith, lm, multihop, random, state, text"),
         (["data.state.group=Q8"], "data.state.group: 'Q8' is not a group"),
         (["data.state.buckets=20"], "data.state.buckets: must be in [1, length=16], got 20"),
         (["data.task=arith", "data.arith.eval_ops=some"], "data.arith.eval_ops: 'some' is not one of: all, max"),
