@@ -10,12 +10,16 @@ import lightning as L
 import torch
 
 from ouro_lab.config import ConfigError, ExperimentConfig, from_dict, load_config, to_dict
+from ouro_lab.data.lm import materialize_tokenizer, tokenizer_files
 from ouro_lab.models import hf
 from ouro_lab.modules import build_module, read_checkpoint
 
 # Only evaluation and data-size keys may change on reload; anything else is a different model.
 EVAL_OVERRIDABLE = ("eval.", "infer.", "data.eval_batch_size", "data.n_val", "data.n_test", "train.accelerator",
-                    "train.precision", "tracking.uri", "tracking.experiment")
+                    "train.precision", "tracking.uri", "tracking.experiment",
+                    # the text an lm model is evaluated on (its tokenizer and context are the model's)
+                    "data.lm.source", "data.lm.text_field", "data.lm.decode_errors", "data.lm.cache_dir",
+                    "data.lm.difficulty", "data.lm.buckets")
 IMPORT_OVERRIDABLE = ("data.", "eval.", "infer.", "tracking.")  # import-hf: the network is the file's
 
 
@@ -30,6 +34,11 @@ def load_checkpoint(path: Path, overrides: list[str] = ()) -> tuple[ExperimentCo
     # ./mlflow.db) or tracking.uri=...; not into the store the checkpoint was trained into,
     # which may be anywhere
     saved = saved | {"tracking": saved.get("tracking", {}) | {"uri": None}}
+    if ckpt.get("ouro_tokenizer"):  # the checkpoint's own tokenizer, wherever its file was when it was saved
+        lm = saved["data"]["lm"]
+        cache_dir = dict(item.split("=", 1) for item in overrides).get("data.lm.cache_dir", lm["cache_dir"])
+        saved = saved | {"data": saved["data"] | {"lm": lm | {
+            "tokenizer": materialize_tokenizer(ckpt["ouro_tokenizer"], cache_dir)}}}
     cfg = from_dict(saved, overrides)  # validated once, here
     _refuse_unused_overrides(cfg, overrides)
     module = build_module(cfg)
@@ -64,18 +73,22 @@ def import_hf(folder: Path, out: Path, overrides: list[str] = ()) -> tuple[Exper
             raise ConfigError(f"override {item!r}: the network comes from {folder / 'config.json'}; "
                               f"only {', '.join(IMPORT_OVERRIDABLE)} can be set")
     hf_config = hf.read_hf_config(folder)
-    # a language model: the text task unless asked otherwise
-    cfg = load_config(None, ["data.task=text", *hf.model_overrides(hf_config, str(folder / "config.json")), *overrides])
+    # a language model: with the folder's tokenizer (the lm task) when it has one, else bytes (text)
+    has_tokenizer = (folder / "tokenizer.json").is_file()
+    task = ["data.task=lm", f"data.lm.tokenizer={folder.resolve()}"] if has_tokenizer else ["data.task=text"]
+    cfg = load_config(None, [*task, *hf.model_overrides(hf_config, str(folder / "config.json")), *overrides])
     module = build_module(cfg)
     if module.task.vocab_size != hf_config["vocab_size"]:
+        has = (f"its tokenizer.json has {module.task.vocab_size} tokens" if cfg.data.task == "lm" and has_tokenizer
+               else f"data.task={cfg.data.task} has a vocabulary of {module.task.vocab_size} tokens")
         raise hf.HFImportError(
-            f"{folder / 'config.json'}: vocab_size {hf_config['vocab_size']}, but data.task={cfg.data.task} has a "
-            f"vocabulary of {module.task.vocab_size} tokens. ouro-lab's tasks bring their own vocabularies (text: the "
-            "256 byte values); the released Ouro models need their 49152-token tokenizer, which ouro-lab does not run")
+            f"{folder / 'config.json'}: vocab_size {hf_config['vocab_size']}, but {has}. A model is imported with "
+            "the tokenizer.json of its folder (data.task=lm); without one, text's 256 byte values")
     module.model.load_state_dict(hf.map_state_dict(hf.read_safetensors(folder), module.model,
                                                    str(folder / "model.safetensors")))
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"config": to_dict(cfg)},
-                "ouro_source": hf.source_record(folder, hf_config)}, out)
+                "ouro_source": hf.source_record(folder, hf_config),
+                "ouro_tokenizer": tokenizer_files(cfg.data.lm.tokenizer) if cfg.data.task == "lm" else {}}, out)
     return cfg, out

@@ -164,6 +164,7 @@ class InferConfig:
     samples: int = 3  # `generate`: prompts taken from the test split when prompt is None
     temperature: float = 0.0  # `generate`: 0 = greedy, else sampling at this temperature
     seed: int = 0  # `generate`: test prompts and sampling
+    show_exits: bool = False  # `generate`: print each generated token with the loop step it exited at
     windows: int = 64  # `decode`: test windows decoded token by token per cache strategy
     prefill: int = 32  # `decode`: tokens of each window prefilled at full depth; the rest is decoded and scored
 

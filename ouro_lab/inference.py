@@ -244,6 +244,9 @@ def run_generate(path, overrides: list[str] = ()) -> str:
         lines.append(f"--- sample {n} ({stats}) ---")
         if answer is None:
             lines.append(f"{task.render(prompt)}\u2588{task.render(generated)}")  # the block marks where generation starts
+            if i.show_exits:
+                lines.append("exit step per token: " + " ".join(
+                    f"{task.render([tok])!r}@{int(step)}" for tok, step in zip(generated, steps.tolist())))
         else:
             verdict = "right" if generated[0] == answer else "wrong"
             lines.append(f"{task.render(prompt)} -> {task.render(generated)} (expected {task.render([answer])}: {verdict}, "

@@ -22,6 +22,7 @@ from ouro_lab import exits
 from ouro_lab import metric_names as names
 from ouro_lab.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from ouro_lab.data import IGNORE_INDEX, Task, build_task
+from ouro_lab.data.lm import tokenizer_files
 from ouro_lab.metrics import ExitFrontierMetrics, LoopStepMetrics
 from ouro_lab.models import LMOutput, LoopedLM, ModelSpec, StandardLM
 from ouro_lab.objectives import (LoopLoss, entropy, exit_distribution, loop_objective_from_hidden, per_step_token_losses,
@@ -99,6 +100,8 @@ class _LMModule(L.LightningModule):
         checkpoint["ouro_run_id"] = getattr(self, "run_id", None)  # so a Stage II run can name its Stage I
         # the run's step these weights are from (Stage II: Stage I's steps + its own)
         checkpoint["ouro_step"] = self.global_step + self.step_offset
+        if self.cfg.data.task == "lm":  # the tokenizer travels with the model (its files, not a path)
+            checkpoint["ouro_tokenizer"] = tokenizer_files(self.cfg.data.lm.tokenizer)
 
     # --- what subclasses define -------------------------------------------------------
     def build_model(self, spec: ModelSpec) -> torch.nn.Module:

@@ -29,8 +29,9 @@ from lightning.pytorch.utilities import move_data_to_device
 
 from ouro_lab import metric_names as names
 from ouro_lab import tracking
-from ouro_lab.config import ExperimentConfig, to_yaml, used_params, writable_dir
+from ouro_lab.config import ConfigError, ExperimentConfig, to_yaml, used_params, writable_dir
 from ouro_lab.data import Task
+from ouro_lab.data.lm import CorpusError
 from ouro_lab.data.datamodule import TaskDataModule
 from ouro_lab.modules import build_module
 from ouro_lab.views import curve_series, loop_step_figure, plt, run_tables
@@ -147,6 +148,10 @@ def train(cfg: ExperimentConfig, *, run: tracking.Run | None = None, callbacks: 
         # leaves no run behind
         writable_dir(Path(cfg.tracking.output_dir), "tracking.output_dir")
         module = build_module(cfg)
+        try:
+            module.task.describe()  # a corpus left unset (data.lm.source) fails here, before any run exists
+        except CorpusError as err:
+            raise ConfigError(f"data.{cfg.data.task}: {err}") from None
         datamodule = make_datamodule(cfg, module.task)
         if run is not None:
             return _train(cfg, run, module, datamodule, callbacks, verbose, start)

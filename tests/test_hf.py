@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pandas as pd
 import pytest
@@ -32,11 +33,11 @@ def hf_config(**changes) -> dict:
             "rope_scaling": None, **changes}
 
 
-def hf_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+def hf_tensors(seed: int = 0, vocab: int = VOCAB) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     r = lambda *shape, s=0.2: torch.randn(*shape, generator=g) * s  # noqa: E731
-    t = {"model.embed_tokens.weight": r(VOCAB, D, s=1.0), "model.norm.weight": 1 + r(D),
-         "model.early_exit_gate.weight": r(1, D, s=1.0), "model.early_exit_gate.bias": r(1), "lm_head.weight": r(VOCAB, D)}
+    t = {"model.embed_tokens.weight": r(vocab, D, s=1.0), "model.norm.weight": 1 + r(D),
+         "model.early_exit_gate.weight": r(1, D, s=1.0), "model.early_exit_gate.bias": r(1), "lm_head.weight": r(vocab, D)}
     for i in range(LAYERS):
         p = f"model.layers.{i}."
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -191,10 +192,77 @@ def test_bad_tensors_are_named(tmp_path, corpus, change, message):
 
 @pytest.mark.parametrize("changes,message", [
     ({"num_key_value_heads": 1}, "grouped-query attention is not supported"),
-    ({"vocab_size": 49152}, "vocab_size 49152, but data.task=text has a vocabulary of 256"),
+    ({"vocab_size": 49152}, "vocab_size 49152, but data.task=text has a vocabulary of 256 tokens. A model is "
+                            "imported with the tokenizer.json of its folder"),
     ({"model_type": "llama"}, "model_type 'llama'"),
 ])
 def test_unrepresentable_configs_are_refused(tmp_path, corpus, changes, message, capsys):
     folder = write_hf(tmp_path / "ouro", **changes)
     assert cli.main(["import-hf", str(folder), str(tmp_path / "x.ckpt"), *overrides(corpus, tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def write_tokenizer(folder, vocab_size: int = 49152) -> None:
+    """A byte-level BPE tokenizer.json of the released models' size (49152 tokens: the byte
+    alphabet, a few merges, unreachable fillers) and the eos_token in tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    merges = [("l", "o"), ("lo", "o"), ("loo", "p"), ("\u0120", "e"), ("\u0120e", "x")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    while len(vocab) < vocab_size:
+        vocab[f"fill{len(vocab)}"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "bos_token": None}))
+
+
+def test_a_49152_token_model_imports_with_its_tokenizer_evaluates_and_generates(tmp_path, capsys, monkeypatch):
+    """The released models' vocabulary: imported with the folder's tokenizer (data.task=lm), from
+    bf16 weights; per-step logits equal the reference forward; evaluated on text in bits per
+    byte past T; generation prints text and each token's exit step."""
+    from ouro_lab.data import lm
+
+    monkeypatch.chdir(tmp_path)
+    vocab = 49152
+    tensors = {k: v.to(torch.bfloat16) for k, v in hf_tensors(vocab=vocab).items()}
+    folder = write_hf(tmp_path / "ouro", tensors, vocab_size=vocab)
+    write_tokenizer(folder, vocab)
+    ckpt = tmp_path / "ouro.ckpt"
+    cache = f"data.lm.cache_dir={tmp_path / 'cache'}"
+    assert cli.main(["import-hf", str(folder), str(ckpt), "data.lm.context=32", cache, "data.n_val=16",
+                     "data.n_test=16", "data.eval_batch_size=8", "eval.extra_loops=2"]) == 0
+    assert "looped 2 layers x 3 loops" in capsys.readouterr().out
+    shutil.rmtree(folder)  # the tokenizer travels inside the checkpoint
+    cfg, module = load_checkpoint(ckpt)
+    assert cfg.data.task == "lm" and module.task.vocab_size == vocab and module.task.tokenizer.eod == 0
+    idx = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = module.model(idx)
+    ref_logits, _ = reference_forward({k: v.float() for k, v in tensors.items()}, idx)
+    assert torch.allclose(out.logits, ref_logits, atol=1e-4, rtol=1e-4)
+    # evaluation on a corpus given at eval time: bits per byte at every step, past T
+    root = tmp_path / "corpus"
+    root.mkdir()
+    words = "loops exit gate token prior entropy depth cache".split()
+    for i in range(200):
+        (root / f"doc{i}.txt").write_text(f"doc {i}: " + " ".join(words[(i * j + i) % len(words)] for j in range(60)))
+    source = f"data.lm.source={root}/*.txt"
+    result = evaluate_checkpoint(ckpt, [source, cache, "infer.exit_rule=q", "infer.exit_threshold=0.5"], "test")
+    assert {f"test/bpb_step{t}" for t in range(1, LOOPS + 3)} <= set(result.metrics)
+    assert "test/skip_bpb" in result.metrics and "test/exit_q0.5_bpb" in result.metrics
+    # bits per byte = loss per token x tokens per byte / ln 2 (here ~1 token per byte: few merges)
+    split = lm.prepare(f"{root}/*.txt", "text", cfg.data.lm.tokenizer, str(tmp_path / "cache")).meta["splits"]["test"]
+    assert split["tokens"] > split["bytes"] * 0.8
+    assert cli.main(["eval", str(ckpt), source, cache, "--no-log"]) == 0
+    assert "bpb" in capsys.readouterr().out
+    assert cli.main(["generate", str(ckpt), "infer.prompt=loops exit", "infer.max_new_tokens=3",
+                     "infer.show_exits=true"]) == 0
+    printed = capsys.readouterr().out
+    assert "loops exit\u2588" in printed and "exit step per token: " in printed

@@ -155,6 +155,38 @@ def _folder_eos(folder: Path) -> str | None:
     return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_files(spec: str) -> dict[str, str]:
+    """The files of a tokenizer as texts, to keep inside a checkpoint ({} for bytes)."""
+    if spec == BYTES:
+        return {}
+    path = Path(spec).expanduser()
+    folder, main = (path, path / "tokenizer.json") if path.is_dir() else (path.parent, path)
+    files = {"tokenizer.json": main.read_text(encoding="utf-8")}
+    if main.name == "tokenizer.json":  # its folder's special-token files belong to it
+        files |= {name: (folder / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES[1:]
+                  if (folder / name).is_file()}
+    return files
+
+
+def materialize_tokenizer(files: dict[str, str], cache_dir: str) -> str:
+    """A checkpoint's tokenizer files written once under `cache_dir/tokenizers/<digest>/`; the folder."""
+    digest = hashlib.sha256(files["tokenizer.json"].encode("utf-8")).hexdigest()[:16]
+    folder = Path(cache_dir).expanduser() / "tokenizers" / digest
+    if not (folder / "tokenizer.json").is_file():
+        tmp = folder.with_name(f"{digest}.{os.getpid()}.partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process wrote it first: the same files
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
     if spec == BYTES:
         return ByteTokenizer()
@@ -394,6 +426,12 @@ class LMTask(PositionBucketTask):
         problems += cls.bucket_problems(cfg.buckets, cfg.context, "context")
         if problems:
             return problems
+        if not cfg.source:  # a model without a corpus yet (an imported checkpoint): its tokenizer must load
+            try:
+                load_tokenizer(cfg.tokenizer)
+            except CorpusError as err:
+                return [("tokenizer", str(err))]
+            return []
         try:
             cache = prepare(cfg.source, cfg.text_field, cfg.tokenizer, cfg.cache_dir, decode_errors=cfg.decode_errors)
         except CorpusError as err:
@@ -419,6 +457,7 @@ class LMTask(PositionBucketTask):
         return load_tokenizer(self.cfg.tokenizer)
 
     def describe(self) -> dict[str, object]:
+        """Facts of the corpus and tokenizer; CorpusError when data.lm.source is unset."""
         m = self.cache.meta
         facts: dict[str, object] = {"corpus_files": m["files"], "corpus_key": self.cache.folder.name,
                                     "tokenizer_vocab": m["vocab_size"]}
@@ -428,8 +467,8 @@ class LMTask(PositionBucketTask):
         return facts
 
     @property
-    def vocab_size(self) -> int:
-        return int(self.cache.meta["vocab_size"])
+    def vocab_size(self) -> int:  # the tokenizer's: a model can be built before it has a corpus
+        return int(self.tokenizer.vocab_size)
 
     @property
     def seq_len(self) -> int:
