@@ -5,6 +5,9 @@ line on stdout (and in --out), then a `summary` line with the ratios the targets
     python benchmarks/throughput.py                       # --preset cpu: 3 archs x 2 paths
     python benchmarks/throughput.py --preset state        # the default `state` config (conf/state.yaml)
     python benchmarks/throughput.py --preset gpu          # d=1024, 16 heads, 4x4, seq 1024, vocab 32768, bf16
+    python benchmarks/throughput.py --preset lm           # conf/lm.yaml's model (6x4, d=768, seq 1024) on random
+                                                          # tokens of a 32k vocabulary; a real corpus instead:
+                                                          # --set data.task=lm data.lm.source=... data.lm.tokenizer=...
     python benchmarks/throughput.py --checkpointing       # looped at T=8: activation checkpointing none|block|loop
     python benchmarks/throughput.py --set train.compile=true --arch looped
 
@@ -39,13 +42,15 @@ sys.path.insert(0, str(ROOT))
 from ouro_lab.config import ARCHS  # noqa: E402
 
 PATHS = ("lightning", "raw")
-DEFAULT_STEPS = {"cpu": (150, 10), "state": (300, 30), "gpu": (30, 10)}  # (timed, warmup): ~20 s timed on 2 cores
+DEFAULT_STEPS = {"cpu": (150, 10), "state": (300, 30), "gpu": (30, 10), "lm": (30, 10)}  # (timed, warmup): ~20 s timed on 2 cores
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 PRESETS = {
     # (config file, overrides): the same model shape for every arch; baselines derive their depth
     "cpu": ("conf/text.yaml", ["model.d_model=128", "model.n_heads=4", "model.n_layers=2", "model.loops=4",
                                "data.text.context=128", "data.batch_size=8"]),
     "state": ("conf/state.yaml", []),
+    # the GPU-sized LM config; the loader is measured apart (README "Tasks": 2e8 tokens/s)
+    "lm": ("conf/lm.yaml", ["data.task=random", "data.random.vocab=32768", "data.random.length=1024"]),
     "gpu": (None, ["data.task=random", "data.random.vocab=32768", "data.random.length=1024", "data.batch_size=16",
                    "model.d_model=1024", "model.n_heads=16", "model.n_layers=4", "model.loops=4",
                    "model.tie_embeddings=false", "train.compile=true"]),
@@ -139,7 +144,8 @@ def measure(preset: str, arch: str, path: str, steps: int, warmup: int, override
     cfg = load_config(ROOT / conf if conf else None, [
         *preset_overrides, f"model.arch={arch}", f"train.max_steps={warmup + steps}", "train.warmup_steps=1",
         "train.progress_bar=false", f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.output_dir={tmp}",
-        *(["train.compile=false"] if not torch.cuda.is_available() and preset != "gpu" else []), *overrides])
+        *(["train.compile=false"] if not torch.cuda.is_available() and preset not in ("gpu", "lm") else []),
+        *overrides])
     torch.manual_seed(cfg.train.seed)
     module = build_module(cfg)
     datamodule = make_datamodule(cfg, module.task)

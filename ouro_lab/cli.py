@@ -7,6 +7,7 @@
     ouro-lab decode CKPT infer.exit_rule=q infer.exit_threshold=0.5 # cache strategies: bpb, bytes, tokens/s
     ouro-lab import-hf path/to/Ouro-1.4B out.ckpt data.task=text     # a released checkpoint as an ouro-lab one
     ouro-lab tokenizer '~/corpus/*.jsonl' tok/tokenizer.json --vocab-size 8192   # BPE for data.task=lm
+    ouro-lab bench CKPT tasks/piqa.jsonl infer.exit_rule=q   # multiple-choice accuracy at every loop step
     ouro-lab sweep sweeps/loops.yaml seeds=1 train.max_steps=500
     ouro-lab sweep sweeps/gate.yaml --dry-run        # validate, list the trials, train nothing
     ouro-lab report loops --epsilon 0.01
@@ -43,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
                                           "bits per byte, cache bytes, tokens/s, mean loops")
     p_dec.add_argument("checkpoint", help="a .ckpt of a byte-level (text) model")
     p_dec.add_argument("overrides", nargs="*", help="infer.* keys, e.g. infer.exit_rule=q infer.windows=64")
+    p_bench = sub.add_parser("bench", help="multiple-choice benchmarks (jsonl) scored at every loop step: acc, acc_norm")
+    p_bench.add_argument("checkpoint", help="a .ckpt of `ouro-lab train` or `ouro-lab import-hf`")
+    p_bench.add_argument("items", nargs="+", metavar="FILE.jsonl | key=value",
+                         help="task files ({context, choices, gold} per line), then eval/infer overrides, e.g. "
+                              "infer.exit_rule=q infer.exit_threshold=0.5")
+    p_bench.add_argument("--no-log", action="store_true", help="do not log the scores to MLflow")
     p_imp = sub.add_parser("import-hf", help="a released Ouro checkpoint (Hugging Face folder) as an ouro-lab .ckpt")
     p_imp.add_argument("folder", help="folder with config.json and model.safetensors")
     p_imp.add_argument("out", help="the .ckpt to write")
@@ -117,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[import-hf] {args.folder}: looped {m.n_layers} layers x {m.loops} loops, d={m.d_model}, "
                   f"RoPE {m.rope_layout} base {m.rope_base:g} -> {out}\n"
                   f"  evaluate it: ouro-lab eval {out}   generate: ouro-lab generate {out}")
+        elif args.command == "bench":
+            from ouro_lab.choice import run_bench
+
+            files = [item for item in args.items if "=" not in item]
+            if not files:
+                raise ConfigError("bench: name at least one task file (a .jsonl of {context, choices, gold} lines)")
+            overrides = [item for item in args.items if "=" in item]
+            print(run_bench(Path(args.checkpoint), files, overrides, log=not args.no_log))
         elif args.command in ("generate", "decode"):
             from ouro_lab.inference import run_decode, run_generate
 

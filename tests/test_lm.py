@@ -165,3 +165,107 @@ def test_cli_trains_a_tokenizer_and_refuses_what_it_cannot_read(corpus, tmp_path
     load_config(None, [*base, "data.lm.decode_errors=skip"])  # left out: valid
     with pytest.raises(ConfigError, match="data.lm.tokenizer: tokenizer 'nope.json': no such tokenizer.json"):
         load_config(None, [*base, "data.lm.decode_errors=skip", "data.lm.tokenizer=nope.json"])
+
+
+# --- multiple-choice benchmarks per loop step (ouro_lab/choice.py) --------------------------
+
+def test_choice_scores_equal_hand_computed_log_likelihoods(tmp_path, capsys):
+    """Batched, padded scoring = one unpadded forward per choice by hand, at every loop step;
+    acc and acc_norm (per character) from those; the CLI prints and logs them."""
+    from ouro_lab import choice
+    from ouro_lab.cli import main
+    from ouro_lab.config import load_config
+    from ouro_lab.modules import build_module
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["data.task=lm", "data.lm.context=48", "model.d_model=32", "model.n_heads=2",
+                             "model.n_layers=1", "model.loops=3", "eval.extra_loops=1"])  # no corpus: not needed
+    module = build_module(cfg).eval()
+    rows = [{"context": "The cat sat on the", "choices": [" mat", " moon rock", " é"], "gold": 0},
+            {"context": "Loops exit when", "choices": [" done", " the gate says so"], "label": 1}]
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    questions = choice.read_task(path)
+    got = choice.choice_loglikelihoods(module, questions, batch_size=2)  # pads within each batch
+    hand = []
+    for q in questions:
+        for c in q.choices:
+            ctx, cont = list((q.context).encode()), list(c.encode())
+            seq = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                out = module.run(seq[:, :-1], loops=module.eval_loops)
+            hand.append([sum(float(torch.log_softmax(out.head(h)[0, len(ctx) - 1 + i], -1)[tok])
+                             for i, tok in enumerate(cont)) for h in out.hidden])
+    hand = torch.tensor(hand)  # (choices, eval_loops=4)
+    assert got["loglik"].shape == (5, 4) and torch.allclose(got["loglik"].float(), hand, atol=1e-4)
+    scores = choice.score_task(module, questions, batch_size=2)
+    for t in range(1, 5):
+        ll = hand[:, t - 1]
+        acc = ((int(ll[:3].argmax()) == 0) + (int(ll[3:].argmax()) == 1)) / 2
+        chars = torch.tensor([4, 10, 2, 5, 17], dtype=torch.float64)
+        norm = ll.double() / chars
+        acc_norm = ((int(norm[:3].argmax()) == 0) + (int(norm[3:].argmax()) == 1)) / 2
+        assert (scores[f"acc_step{t}"], scores[f"acc_norm_step{t}"]) == (acc, acc_norm)
+    assert scores["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    # under an exit rule: each token read at its own step (here conf at 0: every token exits at step 1)
+    from ouro_lab.models.decoding import ExitRule
+
+    ruled = choice.score_task(module, questions, ExitRule("conf", 1e-9), batch_size=2)
+    assert ruled["loops_rule"] == 1 and (ruled["acc_rule"], ruled["acc_norm_rule"]) == (scores["acc_step1"],
+                                                                                        scores["acc_norm_step1"])
+    # bad files are named with the line
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"context": "x", "choices": ["a", "b"], "gold": 2}) + "\n")
+    with pytest.raises(Exception, match="bad.jsonl:1: \"gold\" must be the index"):
+        choice.read_task(tmp_path / "bad.jsonl")
+
+
+def test_bench_cli_on_a_trained_checkpoint(corpus, tiny_config, tmp_path, capsys, monkeypatch):
+    from ouro_lab.cli import main
+    from ouro_lab.train import train
+
+    result = train(tiny_config("data.task=lm", f"data.lm.source={corpus}", "data.lm.context=32",
+                               f"data.lm.cache_dir={tmp_path / 'cache'}", "train.max_steps=10", "train.val_every=10",
+                               "eval.test=false"), verbose=False)
+    path = tmp_path / "toy.jsonl"
+    path.write_text(json.dumps({"context": "loops exit", "choices": [" gate", " zzzz"], "gold": 0}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", result.checkpoint, str(path), "infer.exit_rule=q", "infer.exit_threshold=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "toy: 1 questions, chance 0.500" in out and "(past T)" in out and "q=0.5: acc" in out
+    assert f"in sqlite:///{tmp_path / 'mlflow.db'}" in out
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    bench = [r for r in client.search_runs([client.get_experiment_by_name("test").experiment_id])
+             if r.data.tags.get("ouro.role") == "bench"][0]
+    assert "bench/toy/acc_step4" in bench.data.metrics
+    # the report of the experiment shows it: accuracy vs loop step
+    from ouro_lab import analysis
+
+    data = analysis.load_study("test", str(tmp_path / "mlflow.db"))
+    assert len(data.runs) == 1 and sorted(data.bench["step"]) == [0, 1, 2, 3, 4]  # (0 = under the exit rule)
+    report = analysis.write_report(data, tmp_path / "report", n_boot=20, log=False)
+    assert "**accuracy on toy vs loop step** (chance 0.500)" in report.markdown
+    assert (tmp_path / "report" / "bench.png").exists() and (tmp_path / "report" / "bench.csv").exists()
+    assert main(["bench", result.checkpoint, str(tmp_path / "none.jsonl"), "--no-log"]) == 2
+    assert "benchmark file not found" in capsys.readouterr().err
+
+
+def test_the_gpu_config_trains_on_cpu_with_size_overrides_for_each_arch(corpus, tmp_path):
+    """conf/lm.yaml with its model shrunk: the looped model and both baselines train end to end."""
+    from ouro_lab.config import load_config
+    from ouro_lab.train import train
+
+    root = Path(__file__).resolve().parents[1]
+    params = {}
+    for arch in ("looped", "param_matched", "depth_matched"):
+        cfg = load_config(root / "conf" / "lm.yaml", [
+            f"model.arch={arch}", "model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.d_ff=64",
+            f"data.lm.source={corpus}", "data.lm.context=32", f"data.lm.cache_dir={tmp_path / 'cache'}",
+            "data.batch_size=8", "data.eval_batch_size=32", "data.n_val=32", "data.n_test=32", "train.compile=false",
+            "train.max_steps=6", "train.val_every=6", "train.warmup_steps=2", "train.progress_bar=false",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.output_dir={tmp_path / 'out'}"])
+        result = train(cfg, verbose=False)
+        assert math.isfinite(result.test["test/bpb_final"]) and result.test["test/bpb_final"] > 0
+        params[arch] = result.summary["n_params"]
+    assert params["param_matched"] < params["looped"] < params["depth_matched"]  # (+ the looped model's exit gate)

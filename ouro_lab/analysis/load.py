@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -82,6 +83,8 @@ class StudyData:
     direction: str = "maximize"
     skip: pd.DataFrame = field(default_factory=pd.DataFrame)
     source: str = "train"
+    # `ouro-lab bench` runs: one row per checkpoint x task x loop step (0 = under its exit rule)
+    bench: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def kind(self) -> str:
@@ -199,7 +202,7 @@ def load_study(study: str, store: str | None = None, source: str = "auto") -> St
         exits=exits, frontier=frontier, gate=gate, trials=_trials_frame(runs, sweep), group_keys=group_keys, averaged_keys=averaged,
         counts=counts, difficulty_name=_difficulty_name(task),
         objective_metric=objective.get("metric", "val/acc_final"), direction=objective.get("direction", "maximize"),
-        skip=_skip_frame(evals, client), source=source)
+        skip=_skip_frame(evals, client), source=source, bench=_bench_frame(runs, client))
 
 
 def _latest_evals(evals: list) -> list:
@@ -229,6 +232,33 @@ def _skip_frame(evals: list, client: MlflowClient) -> pd.DataFrame:
     first = ["run_id", "evaluated", "split", "arch", "loops", "rule", "threshold"]
     frame = pd.DataFrame(rows, columns=first + sorted({k for row in rows for k in row} - set(first)))
     return frame.sort_values(["evaluated", "split", "rule", "threshold"]).reset_index(drop=True)
+
+
+BENCH_METRIC = re.compile(r"^bench/(?P<task>[^/]+)/(?P<kind>acc|acc_norm)_(?:step(?P<step>\d+)|rule)$")
+
+
+def _bench_frame(runs: list, client: MlflowClient) -> pd.DataFrame:
+    """Every finished `ouro-lab bench` run: one row per run x task x loop step (step 0 = under
+    the run's exit rule) with acc and acc_norm; the latest run per checkpoint and task file set."""
+    rows = []
+    for r in sorted((r for r in runs if r.data.tags.get("ouro.role") == "bench" and _state(r) == "COMPLETE"),
+                    key=lambda r: r.info.start_time):
+        evaluated = (_run_name(client, r.data.tags.get("ouro.evaluated_run_id", "unknown"))
+                     or Path(r.data.tags.get("ouro.checkpoint", "?")).name)
+        cells: dict[tuple[str, int], dict[str, float]] = {}
+        for key, value in r.data.metrics.items():
+            m = BENCH_METRIC.match(key)
+            if m:
+                cells.setdefault((m["task"], int(m["step"] or 0)), {})[m["kind"]] = value
+        for (task, step), values in cells.items():
+            rows.append({"run_id": r.info.run_id, "evaluated": evaluated, "task": task, "step": step,
+                         "arch": r.data.tags.get("ouro.arch"), "loops": int(r.data.tags.get("ouro.loops", 1)),
+                         "acc": values.get("acc", math.nan), "acc_norm": values.get("acc_norm", math.nan),
+                         "chance": r.data.metrics.get(f"bench/{task}/chance", math.nan)})
+    columns = ["run_id", "evaluated", "task", "step", "arch", "loops", "acc", "acc_norm", "chance"]
+    frame = pd.DataFrame(rows, columns=columns)
+    latest = frame.drop_duplicates(["evaluated", "task", "step"], keep="last")  # runs came oldest first
+    return latest.sort_values(["task", "evaluated", "step"]).reset_index(drop=True)
 
 
 def _run_name(client: MlflowClient, run_id: str) -> str | None:

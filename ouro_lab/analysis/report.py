@@ -125,7 +125,7 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     figures = {"vs_loops.png": plot_vs_loops(data, sat, kind, split, level), "vs_step.png": plot_vs_step(data, kind, split),
                "compute.png": plot_compute(data, kind, split), "exit_gate.png": plot_exit(data, split),
                "frontier.png": plot_frontier(data, split, frontier_kind), "oracle.png": plot_oracle(data, split),
-               "law.png": plot_law(data, laws, kind, split)}
+               "law.png": plot_law(data, laws, kind, split), "bench.png": plot_bench(data)}
     optuna_figs = plot_optuna(study, importances, data.objective_metric)
     if optuna_figs:
         figures["optuna_history.png"], figures["optuna_importance.png"] = optuna_figs
@@ -143,7 +143,8 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     files.insert(0, folder / "report.md")
     for name, frame in (("curves.csv", curve_table(data, kind, split, level)), ("saturation.csv", sat), ("law.csv", laws),
                         ("steps.csv", data.steps), ("frontier.csv", frontier_table(data, split, frontier_kind)),
-                        *([("skip.csv", data.skip)] if len(data.skip) else [])):
+                        *([("skip.csv", data.skip)] if len(data.skip) else []),
+                        *([("bench.csv", data.bench)] if len(data.bench) else [])):
         frame.to_csv(folder / name, index=False)
         files.append(folder / name)
     if log:
@@ -157,6 +158,22 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
         printed += f"\n\n{split} early exit (the gate within epsilon of full depth; README \"Early exit\"):\n" \
             + gates.to_string(index=False, float_format=lambda v: f"{v:.2f}")
     return Report(folder, text, printed, files)
+
+
+def plot_bench(data: StudyData):
+    """Accuracy vs loop step per benchmark task and checkpoint (None without bench runs)."""
+    if not len(data.bench):
+        return None
+    tasks = sorted(data.bench["task"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False, constrained_layout=True)
+    for ax, task in zip(axes[0], tasks):
+        frame = data.bench[(data.bench["task"] == task) & (data.bench["step"] > 0)]
+        for evaluated, rows in frame.groupby("evaluated"):
+            ax.plot(rows["step"], rows["acc"], marker="o", label=str(evaluated))
+        ax.axhline(frame["chance"].iloc[0], ls=":", color="grey", lw=1)
+        ax.set(title=f"accuracy on {task} vs loop step", xlabel="loop step t", ylabel="acc")
+        ax.legend(fontsize=7)
+    return fig
 
 
 def _stale_runs(data: StudyData) -> pd.DataFrame:
@@ -281,6 +298,18 @@ def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, li
                 "values as of its exit step) next to selection semantics (the same rule, all T steps computed) and "
                 "full depth. MFLOPs per token are the executed ones; seconds are forward wall time.", "",
                 _markdown_table(skip_table(data.skip), ".4g"), ""]
+    if len(data.bench):
+        out += ["## Benchmarks: accuracy vs loop step", "",
+                "`ouro-lab bench CKPT FILE.jsonl` (the latest per checkpoint and task): multiple-choice accuracy "
+                "by log-likelihood (acc) and per character (acc_norm) at every loop step t (t > T: past the trained "
+                "loops), and under the bench run's exit rule (step `rule`).", ""]
+        for task, frame in data.bench.groupby("task", sort=True):
+            wide = frame.assign(step=frame["step"].map(lambda t: "rule" if t == 0 else t)).pivot_table(
+                index="step", columns="evaluated", values=["acc", "acc_norm"], sort=False)
+            wide.columns = [f"{kind} {evaluated}" for kind, evaluated in wide.columns]
+            out += [f"**accuracy on {task} vs loop step** (chance {frame['chance'].iloc[0]:.3f})", "",
+                    _markdown_table(wide.reset_index()), ""]
+        out += ["![benchmarks](bench.png)", ""] if "bench.png" in figures else []
     if "optuna_history.png" in figures:
         out += ["## The sweep", "",
                 f"Objective `{data.objective_metric}` ({data.direction}); trials: "
