@@ -31,6 +31,20 @@ def tiny_config(tmp_path, tracking_uri):
     return make
 
 
+# configs whose data needs the set-up their header names (a corpus package and a tokenizer)
+NEEDS_SETUP = {"lm_cpu.yaml", "lm_loops_cpu.yaml"}
+
+
+@pytest.fixture
+def lm_setup(tmp_path):
+    """Overrides standing in for that set-up: a corpus of 400 small documents, bytes."""
+    root = tmp_path / "lm_corpus"
+    root.mkdir()
+    for i in range(400):
+        (root / f"d{i}.txt").write_text(f"document {i}: " + "the loop exits when the gate says so. " * 6)
+    return [f"data.lm.source={root}/*.txt", "data.lm.tokenizer=bytes", f"data.lm.cache_dir={tmp_path / 'lm_cache'}"]
+
+
 # --- a real PostgreSQL server for the multi-worker tests --------------------------------
 
 @pytest.fixture(scope="session")
