@@ -147,15 +147,20 @@ class DecodeRow:
 
 @torch.no_grad()
 def decode_table(model: torch.nn.Module, tokens: torch.Tensor, prefill: int, rules: list[ExitRule],
-                 strategies: tuple[str, ...] = STRATEGIES, progress=print) -> list[DecodeRow]:
+                 strategies: tuple[str, ...] = STRATEGIES, progress=print, token_bytes=None) -> list[DecodeRow]:
     """Teacher-forced cached decoding of windows `tokens` (B, S+1): prefill the first `prefill`
     positions at full depth, then decode the rest one token at a time with each cache strategy
     and exit rule. Bits per byte, loops, FLOPs and tokens/s are of the decoded positions
-    (prefill excluded); tokens/s for all windows side by side and for the first window alone."""
+    (prefill excluded); tokens/s for all windows side by side and for the first window alone.
+    `token_bytes`: (V,) UTF-8 bytes per token id (a subword tokenizer); None: one byte each."""
     model.eval()
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    decoded = targets[:, prefill:]
+    # tokens per byte of the decoded targets: exactly 1 for byte-level tasks
+    per_byte = 1.0 if token_bytes is None else \
+        decoded.numel() / float(torch.as_tensor(token_bytes, device=device)[decoded].sum().clamp_min(1))
     rows = []
     for rule in rules:
         for strategy in strategies:
@@ -163,7 +168,7 @@ def decode_table(model: torch.nn.Module, tokens: torch.Tensor, prefill: int, rul
             single = teacher_forced(model, inputs[:1], prefill, rule, strategy)
             loss = float(_token_losses(out.logits, targets[:, prefill:]).mean())
             steps = out.exit_steps
-            rows.append(DecodeRow(strategy, str(rule), loss / np.log(2), loss, float(steps.float().mean()),
+            rows.append(DecodeRow(strategy, str(rule), loss * per_byte / np.log(2), loss, float(steps.float().mean()),
                                   out.cache.nbytes, steps.numel() / out.seconds, single.exit_steps.numel() / single.seconds,
                                   out.flops / steps.numel()))
             r = rows[-1]
@@ -190,9 +195,6 @@ def run_decode(path, overrides: list[str] = ()) -> str:
     if not task.byte_level:
         raise ConfigError(f"`ouro-lab decode` measures bits per byte, on byte-level tasks (text); data.task="
                           f"{cfg.data.task}: use `ouro-lab generate` or `ouro-lab eval` with infer.exit_rule")
-    if cfg.data.task == "lm":  # NOTE: decode_table's bits per byte are per token: right for bytes only
-        raise ConfigError("`ouro-lab decode` does not yet count bytes per token: use data.task=text, or `ouro-lab "
-                          "eval` with infer.exit_rule for bits per byte on data.task=lm")
     if cfg.infer.prefill >= task.seq_len:
         raise ConfigError(f"infer.prefill: must be below the context ({task.seq_len}), got {cfg.infer.prefill}")
     tokens, targets, _ = make_datamodule(cfg, task).eval_set("test")[: cfg.infer.windows]
@@ -200,7 +202,8 @@ def run_decode(path, overrides: list[str] = ()) -> str:
     rules = [ExitRule()] + ([exit_rule(cfg)] if cfg.infer.exit_rule != "none" else [])
     print(f"[decode] {len(windows)} test windows of {task.seq_len} tokens: {cfg.infer.prefill} prefilled, "
           f"{task.seq_len - cfg.infer.prefill} decoded one at a time and scored", flush=True)
-    rows = decode_table(module.model.to(device_for(cfg)), windows, cfg.infer.prefill, rules)
+    rows = decode_table(module.model.to(device_for(cfg)), windows, cfg.infer.prefill, rules,
+                        token_bytes=getattr(task, "token_bytes", None))
     return decode_markdown(rows)
 
 

@@ -147,6 +147,25 @@ def test_a_tiny_looped_model_trains_on_the_corpus_and_reports_bits_per_byte(toke
     monkeypatch.chdir(tmp_path)
     assert main(["generate", result.checkpoint, "infer.prompt=héllo 日本", "infer.max_new_tokens=4"]) == 0
     assert "héllo 日本\u2588" in capsys.readouterr().out
+    # cached decoding's bits per byte count the bytes each decoded token covers, as eval does
+    from ouro_lab.checkpoints import load_checkpoint
+    from ouro_lab.inference import decode_table
+    from ouro_lab.models.decoding import ExitRule
+    from ouro_lab.train import make_datamodule
+
+    cfg, module = load_checkpoint(Path(result.checkpoint))
+    tokens, targets, _ = make_datamodule(cfg, module.task).eval_set("test")[:4]
+    windows = torch.cat([tokens, targets[:, -1:]], 1)
+    row = decode_table(module.model, windows, 16, [ExitRule()], ("full",), progress=lambda *_: None,
+                       token_bytes=module.task.token_bytes)[0]
+    with torch.no_grad():
+        logits = module.model(tokens).logits[-1][:, 16:]  # full depth, positions after the prefill
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[:, 16:].reshape(-1),
+                                            reduction="sum")
+    covered = int(torch.as_tensor(module.task.token_bytes)[targets[:, 16:]].sum())
+    assert row.bpb == pytest.approx(float(nll) / math.log(2) / covered, rel=1e-4)
+    assert main(["decode", result.checkpoint, "infer.windows=2", "infer.prefill=24"]) == 0
+    assert "| full | full depth |" in capsys.readouterr().out
 
 
 def test_cli_trains_a_tokenizer_and_refuses_what_it_cannot_read(corpus, tmp_path, capsys):
