@@ -193,7 +193,7 @@ def run_decode(path, overrides: list[str] = ()) -> str:
     _decodable(cfg)
     task = module.task
     if not task.byte_level:
-        raise ConfigError(f"`ouro-lab decode` measures bits per byte, on byte-level tasks (text); data.task="
+        raise ConfigError(f"`ouro-lab decode` measures bits per byte, on text tasks (text, lm); data.task="
                           f"{cfg.data.task}: use `ouro-lab generate` or `ouro-lab eval` with infer.exit_rule")
     if cfg.infer.prefill >= task.seq_len:
         raise ConfigError(f"infer.prefill: must be below the context ({task.seq_len}), got {cfg.infer.prefill}")
