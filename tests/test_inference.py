@@ -96,7 +96,7 @@ def test_generate_answers_arith_and_decode_refuses_non_text(trained, capsys):
     out = capsys.readouterr().out
     assert out.count("<ans> -> ") == 2 and "expected" in out and "<bos> <len_" in out
     assert main(["decode", str(trained[0])]) == 2
-    assert "byte-level tasks" in capsys.readouterr().err
+    assert "on text tasks (text, lm)" in capsys.readouterr().err
     assert main(["generate", str(trained[0]), "infer.prompt=abc"]) == 2
     assert "infer.prompt is text" in capsys.readouterr().err
 
