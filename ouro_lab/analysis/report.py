@@ -150,8 +150,9 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     if log:
         attach_report(data, files)
     printed = _terminal_table(table, sat, kind, split, level)
-    if len(_stale_runs(data)):
-        printed += (f"\n\nNOTE: checkpoints older than their metrics: {len(_stale_runs(data))} of {len(data.runs)} runs "
+    stale = _stale_runs(data)
+    if len(stale):
+        printed += (f"\n\nNOTE: checkpoints older than their metrics: {len(stale)} of {len(data.runs)} runs "
                     f"(logged before the fix; listed in {folder / 'report.md'})")
     gates = gate_table(data, split, level)
     if len(gates):
