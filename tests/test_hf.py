@@ -99,13 +99,14 @@ def corpus(tmp_path):
     root = tmp_path / "corpus"
     root.mkdir()
     words = "loops exit gate token prior entropy depth cache".split()
-    for i in range(12):
-        (root / f"doc{i}.txt").write_text(" ".join(words[(i * j) % len(words)] for j in range(400)))
+    for i in range(40):  # 1 of them val, 2 test (by a hash of the text)
+        (root / f"doc{i}.txt").write_text(f"doc {i}: " + " ".join(words[(i * j) % len(words)] for j in range(400)))
     return f"data.text.paths={root}/*.txt"
 
 
 def overrides(corpus, tmp_path):
-    return [corpus, "data.text.context=32", "data.n_val=16", "data.n_test=16", "data.eval_batch_size=8"]
+    return [corpus, f"data.text.cache_dir={tmp_path / 'cache'}", "data.text.context=32", "data.n_val=16",
+            "data.n_test=16", "data.eval_batch_size=8"]
 
 
 def test_loaded_checkpoint_reproduces_the_reference_forward(tmp_path, corpus):

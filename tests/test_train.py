@@ -199,13 +199,14 @@ def test_multihop_and_text_log_per_step_per_difficulty_metrics(task, tiny_config
                 assert 0.0 <= metrics[f"{split}/acc_step{t}_d{k}"] <= 1.0
         assert f"{split}/acc_step1_d1" in metrics if task == "text" else f"{split}/acc_step1_d1" not in metrics
     if task == "text":
-        assert metrics["val/bpb_final"] == pytest.approx(metrics["val/loss_final"] / math.log(2), rel=1e-5)
-        assert metrics["val/bpb_step3_d4"] == pytest.approx(metrics["val/loss_step3_d4"] / math.log(2), rel=1e-5)
+        # one byte per target, but for the rare end-of-document byte, which covers none
+        assert metrics["val/bpb_final"] == pytest.approx(metrics["val/loss_final"] / math.log(2), rel=2e-3)
+        assert metrics["val/bpb_step3_d4"] == pytest.approx(metrics["val/loss_step3_d4"] / math.log(2), rel=2e-3)
         assert 0 < metrics["val/bpb_final"] < 8.5  # not worse than uniform over bytes by much
-        from ouro_lab.data.text import find_corpus
+        from ouro_lab.data.lm import source_files
 
-        assert run.data.params["derived.corpus_files"] == str(len(find_corpus("stdlib").files))
-        assert len(run.data.params["derived.corpus_fingerprint"]) == 12
+        assert run.data.params["derived.corpus_files"] == str(len(source_files("stdlib")))
+        assert len(run.data.params["derived.corpus_key"]) == 20
     else:
         assert "val/bpb_final" not in metrics
     assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/loop_steps.png"]

@@ -4,7 +4,7 @@
     arith.py         Mano: modular arithmetic in prefix notation (difficulty = number of ops)
     state.py         group word problem, the CPU demo (difficulty = position bucket)
     multihop.py      layered-graph multi-hop questions (difficulty = hops)
-    text.py          byte-level LM on local files (difficulty = context-position bucket)
+    text.py          byte-level LM on local files: lm with bytes (difficulty = context-position bucket)
     lm.py            LM on a real corpus: tokenizer, tokenized cache, document splits (difficulty = token frequency)
     random_tokens.py random tokens for throughput benchmarks
     datamodule.py    TaskDataModule: infinite train stream, fixed val/test sets (Lightning)

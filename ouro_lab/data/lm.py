@@ -1,10 +1,12 @@
 """`lm`: language modelling on a real corpus, with a subword tokenizer or bytes.
 
-Documents come from local files: `.txt` (one document per file), `.jsonl` / `.json` (one per
-line, its `text_field`), `.parquet` (one per row) or a folder written by `datasets`'
-`save_to_disk` (the last two through the optional `datasets` package). The tokenizer is a
+Documents come from local files: `.jsonl` / `.json` (one per line, its `text_field`),
+`.parquet` (one per row), a folder written by `datasets`' `save_to_disk` (these two through the
+optional `datasets` package), or any other file as one plain-text document (`.txt`, `.md`,
+`.py` ...); `stdlib` names the Python standard library's sources. The tokenizer is a
 `tokenizer.json` (or a Hugging Face model folder holding one), run by the `tokenizers`
-library, or `bytes` (the 256 byte values).
+library, or `bytes` (the 256 byte values, byte 0xFF ending a document). The `text` task
+(data/text.py) is this task with `bytes` and position difficulty.
 
 Each document goes to train, val or test by a hash of its text (5% val, 5% test), so adding
 files never moves a document that was already there. A split is its documents' tokens in
@@ -35,6 +37,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -45,8 +48,10 @@ from filelock import FileLock
 from ouro_lab.data.base import SPLITS, Batch, PositionBucketTask, register_task
 
 BYTES = "bytes"
+STDLIB = "stdlib"  # a source: the Python standard library's .py files
+STDLIB_EXCLUDED = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 HELD_OUT_BUCKETS = 20  # a document's hash mod 20: 0 = val, 1 = test (5% each), else train
-CACHE_VERSION = 1  # bump when the cache layout changes: old caches are then rebuilt, never misread
+CACHE_VERSION = 2  # bump when the cache layout changes: old caches are then rebuilt, never misread
 DIFFICULTIES = ("frequency", "position")
 DECODE_ERRORS = ("strict", "replace", "skip")
 EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")  # tried in this order
@@ -54,11 +59,11 @@ EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>") 
 
 @dataclass
 class LMConfig:
-    # documents: a glob of .txt / .jsonl / .json / .parquet files, a `datasets` save_to_disk folder, or
-    # package:NAME/glob inside an installed Python package; "" = none yet (an imported model)
+    # documents: a glob of .jsonl / .json / .parquet / plain-text files, a `datasets` save_to_disk folder,
+    # package:NAME/glob inside an installed Python package, or stdlib; "" = none yet (an imported model)
     source: str = ""
     text_field: str = "text"  # jsonl / parquet / datasets: the column holding the text
-    decode_errors: str = "strict"  # .txt not UTF-8: strict (refused, naming the file) | replace (U+FFFD) | skip (the file)
+    decode_errors: str = "strict"  # a text file not UTF-8: strict (refused, naming the file) | replace (U+FFFD) | skip (the file)
     tokenizer: str = BYTES  # bytes | a tokenizer.json | a Hugging Face model folder with one
     context: int = 512  # tokens per window = the model's sequence length
     difficulty: str = "frequency"  # frequency (train-split token frequency) | position (in the window)
@@ -73,21 +78,23 @@ class CorpusError(ValueError):
 # --- tokenizers -----------------------------------------------------------------------------
 
 class ByteTokenizer:
-    """The 256 byte values, plus an end-of-document token (id 256)."""
+    """The 256 byte values; byte 0xFF (id 255) is the end-of-document token, since UTF-8 text
+    never contains it (so the vocabulary stays the 256 byte values, and byte-level checkpoints
+    import unchanged)."""
 
     name = BYTES
-    eod = 256
-    vocab_size = 257
-    digest = "bytes-v1"
+    eod = 0xFF
+    vocab_size = 256
+    digest = "bytes-v2"
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
 
     def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+        return bytes(int(i) for i in ids if int(i) != self.eod).decode("utf-8", errors="replace")
 
     def token_bytes(self) -> np.ndarray:
-        return np.array([1] * 256 + [0], dtype=np.int64)
+        return np.array([1] * 255 + [0], dtype=np.int64)
 
 
 class HFTokenizer:
@@ -236,18 +243,37 @@ def source_files(source: str) -> list[Path]:
     """The files (or the one `datasets` folder) `source` names, sorted. Raises CorpusError."""
     if not source:
         raise CorpusError("no corpus: set data.lm.source to a glob of .txt / .jsonl / .parquet files")
+    if source == STDLIB:
+        return _stdlib_files()
     pattern = os.path.expanduser(_package_path(source))
     if os.path.isdir(pattern):
         if (Path(pattern) / "dataset_info.json").is_file() or (Path(pattern) / "state.json").is_file():
             return [Path(pattern)]  # a `datasets` save_to_disk folder
         raise CorpusError(f"{source!r} is a folder; give a glob of its files, e.g. '{pattern.rstrip('/')}/**/*.txt'")
-    files = sorted(Path(p).absolute() for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    files = [Path(p).absolute() for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
     if not files:
         raise CorpusError(f"{source!r} matches no files")
-    unknown = [f for f in files if f.suffix not in (".txt", ".jsonl", ".json", ".parquet")]
-    if unknown:
-        raise CorpusError(f"{unknown[0]}: not a corpus file (.txt, .jsonl, .json or .parquet); narrow the glob {source!r}")
-    return files
+    return _once_each(files)
+
+
+def _stdlib_files() -> list[Path]:
+    """The Python standard library's own `.py` sources (tests and site-packages left out): a
+    corpus on every machine with no download. NOTE: it differs between Python versions."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in STDLIB_EXCLUDED)  # prune, don't walk
+        files += [Path(folder, name).absolute() for name in names if name.endswith(".py")]
+    return _once_each(files)
+
+
+def _once_each(files: list[Path]) -> list[Path]:
+    """Sorted, a file reached twice (through a symlink) kept once. NOTE: names stay as found: a
+    link may point outside the corpus folder (Debian's stdlib sitecustomize.py -> /etc)."""
+    unique: dict[Path, Path] = {}
+    for f in sorted(files):
+        unique.setdefault(f.resolve(), f)
+    return sorted(unique.values())
 
 
 def _package_path(source: str) -> str:
@@ -279,8 +305,10 @@ def documents(files: list[Path], text_field: str, decode_errors: str = "strict")
                     if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
                         raise CorpusError(f"{f}:{n}: no text field {text_field!r} (data.lm.text_field names it)")
                     yield row[text_field]
-        else:
+        else:  # any other file is one plain-text document (.txt, .md, .py ...)
             data = f.read_bytes()
+            if b"\0" in data:
+                raise CorpusError(f"{f} is not a text file (NUL bytes); narrow data.lm.source to text files")
             try:
                 yield data.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -371,7 +399,7 @@ def _build(files: list[Path], text_field: str, tok, folder: Path, source: str, p
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    dtype = np.uint8 if tok.vocab_size <= 1 << 8 else np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     outs = {s: (tmp / f"{s}.bin").open("wb") for s in SPLITS}
     stats = {s: {"documents": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
@@ -420,6 +448,7 @@ class LMTask(PositionBucketTask):
     name = "lm"
     Config = LMConfig
     byte_level = True  # scored by loss; reports bits per byte (bpb_step{t} ...)
+    section = "lm"  # the config section its keys live in (data.lm.*), named in messages
 
     difficulty_name = "token frequency bucket"  # the default difficulty's; `position` runs say "context bucket"
 
@@ -457,7 +486,8 @@ class LMTask(PositionBucketTask):
             s = cache.meta["splits"][split]
             if s["tokens"] < cfg.context + 1:
                 problems.append(("source", f"the {split} split ({s['documents']} document(s), {s['tokens']} tokens) "
-                                           f"is shorter than one window of data.lm.context + 1 = {cfg.context + 1} "
+                                           f"is shorter than one window of data.{cls.section}.context + 1 = "
+                                           f"{cfg.context + 1} "
                                            "tokens: documents go to val and test by a hash of their text, 5% each, "
                                            "so the corpus needs more documents (or a shorter context)"))
         return problems
