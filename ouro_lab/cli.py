@@ -92,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("--runs", choices=("auto", "train", "eval"), default="auto",
                           help="the runs analysed: training runs, or `ouro-lab eval` runs (the latest per checkpoint: "
                                "e.g. an imported checkpoint); default auto = train, else eval when there are only evals")
-    args = parser.parse_args(argv)
+    # key=value overrides may also follow an option (`eval CKPT --split test infer.exit_rule=q`):
+    # argparse ends a nargs="*" positional at the first option and cannot intermix with subcommands
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "train":
             cfg = load_config(args.config, args.overrides)
@@ -202,7 +208,13 @@ def _report(args: argparse.Namespace) -> int:
         print("ouro-lab: --level must be in (0, 1) and --epsilon >= 0", file=sys.stderr)
         return 2
     try:
-        data = analysis.load_study(args.study, args.store, args.runs)
+        try:
+            data = analysis.load_study(args.study, args.store, args.runs)
+        except analysis.AnalysisError:
+            bench = analysis.load_bench(args.study, args.store) if args.runs == "auto" else []
+            if not len(bench):
+                raise
+            return _bench_report(args, bench)
         out = Path(args.out or Path("reports") / data.name)
         what = "`ouro-lab eval` runs" if data.source == "eval" else "runs"
         print(f"[report] study {data.name!r}: {len(data.runs)} complete {what} analysed (unit runs by state: "
@@ -219,6 +231,19 @@ def _report(args: argparse.Namespace) -> int:
 
         look = where_to_look(data.tracking_uri, data.experiment_id, data.parent_run_id)
         print(f"logged as artifacts report/ of the study run: {look}")
+    return 0
+
+
+def _bench_report(args: argparse.Namespace, bench) -> int:
+    """An experiment of `ouro-lab bench` runs only (e.g. an imported model): their accuracy table."""
+    from ouro_lab import analysis
+
+    out = Path(args.out or Path("reports") / args.study)
+    print(f"[report] experiment {args.study!r}: benchmark runs only ({bench['run_id'].nunique()}); "
+          "accuracy vs loop step", flush=True)
+    report = analysis.write_bench_report(args.study, bench, out)
+    print(report.table)
+    print(f"\nreport: {report.folder / 'report.md'} ({len(report.files)} files)")
     return 0
 
 

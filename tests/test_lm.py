@@ -85,6 +85,32 @@ def test_the_document_split_is_stable_when_a_file_is_added(corpus, tmp_path):
     assert set(after.values()) == {0, 1, 2}
 
 
+def test_parquet_and_a_datasets_folder_give_the_same_splits_as_jsonl(tmp_path):
+    """The same rows as .jsonl, .parquet (pyarrow) and a `datasets` save_to_disk folder (with a
+    non-text column beside) tokenize to identical splits; a missing column is named."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [f"row {i}: " + " ".join(WORDS[(i * j + 1) % len(WORDS)] for j in range(60)) for i in range(200)]
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "rows.jsonl").write_text("".join(json.dumps({"body": r, "n": i}) + "\n" for i, r in enumerate(rows)))
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.table({"n": list(range(200)), "body": rows}), tmp_path / "p" / "rows.parquet", row_group_size=64)
+    datasets.Dataset.from_dict({"n": list(range(200)), "body": rows}).save_to_disk(str(tmp_path / "ds"))
+    caches = [lm.prepare(src, "body", "bytes", str(tmp_path / "cache"), progress=False)
+              for src in (f"{tmp_path}/j/*.jsonl", f"{tmp_path}/p/*.parquet", str(tmp_path / "ds"))]
+    for split in ("train", "val", "test"):
+        first = np.asarray(caches[0].tokens(split))
+        assert len(first) > 0 and caches[0].meta["splits"][split]["documents"] > 0
+        for other in caches[1:]:
+            np.testing.assert_array_equal(np.asarray(other.tokens(split)), first)
+    assert sum(c["documents"] for c in caches[2].meta["splits"].values()) == 200
+    for src in (f"{tmp_path}/p/*.parquet", str(tmp_path / "ds")):
+        with pytest.raises(lm.CorpusError, match=r"no column 'text' \(columns: n, body; data.lm.text_field"):
+            list(lm.documents(lm.source_files(src), "text"))
+
+
 def test_bits_per_byte_divide_by_the_bytes_the_targets_cover(corpus, bpe):
     """LoopStepMetrics on hand-made losses: bpb = summed loss / ln 2 / bytes, per level too."""
     from ouro_lab.metrics import LoopStepMetrics
@@ -268,6 +294,16 @@ def test_bench_cli_on_a_trained_checkpoint(corpus, tiny_config, tmp_path, capsys
     assert (tmp_path / "report" / "bench.png").exists() and (tmp_path / "report" / "bench.csv").exists()
     assert main(["bench", result.checkpoint, str(tmp_path / "none.jsonl"), "--no-log"]) == 2
     assert "benchmark file not found" in capsys.readouterr().err
+    # an experiment of bench runs only (as an imported model's is) still gets its report
+    assert main(["bench", result.checkpoint, str(path), "tracking.experiment=imported"]) == 0
+    capsys.readouterr()
+    assert main(["report", "imported", "--out", str(tmp_path / "imported")]) == 0
+    out = capsys.readouterr().out
+    assert "benchmark runs only (1)" in out and "acc by loop step" in out
+    text = (tmp_path / "imported" / "report.md").read_text()
+    assert "**accuracy on toy vs loop step** (chance 0.500)" in text and "| 4 |" in text
+    assert (tmp_path / "imported" / "bench.png").exists()
+    assert main(["report", "nothing-here"]) == 2 and "no study or MLflow experiment" in capsys.readouterr().err
 
 
 def test_the_gpu_config_trains_on_cpu_with_size_overrides_for_each_arch(corpus, tmp_path):

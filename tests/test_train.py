@@ -114,13 +114,19 @@ def test_the_named_checkpoint_holds_the_weights_the_final_metrics_score(max_step
 def test_cli_eval(tiny_config, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the evaluation logs into the working folder's store: not the repository's
     result = train(tiny_config("train.max_steps=5", "train.val_every=5", "eval.test=false"), verbose=False)
+    # overrides before or after an option alike
+    for argv in (["eval.extra_loops=3", "--split", "val"], ["--split", "val", "eval.extra_loops=3"]):
+        assert main(["eval", result.checkpoint, *argv, "--no-log"]) == 0
+        out = capsys.readouterr().out
+        assert "val metrics by loop step" in out
+        assert re.search(r"^\s+5\s", out, re.M) and not re.search(r"^\s+6\s", out, re.M)  # T=2 + 3 extra steps
     assert main(["eval", result.checkpoint, "eval.extra_loops=3", "--split", "val"]) == 0
-    out = capsys.readouterr().out
-    assert "val metrics by loop step" in out
-    assert re.search(r"^\s+5\s", out, re.M) and not re.search(r"^\s+6\s", out, re.M)  # T=2 + 3 extra steps
     assert (tmp_path / "mlflow.db").exists()
     assert main(["eval", "nope.ckpt"]) == 2
     assert "checkpoint not found: nope.ckpt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", result.checkpoint, "--split", "val", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 class _PoisonWeights(L.Callback):

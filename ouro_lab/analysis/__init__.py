@@ -23,18 +23,18 @@ Data flows one way (STYLE.md): MLflow runs -> tidy DataFrames -> statistics -> p
 from ouro_lab.analysis.frontier import frontier_summary, frontier_table, gate_table, plot_frontier, plot_oracle
 from ouro_lab.analysis.law import LawFit, fit_law, fit_law_seeds, law_table, plot_law
 from ouro_lab.analysis.load import (ALL, AnalysisError, StudyData, difficulty_order, group_label, list_studies,
-                                   load_study, resolve_store)
+                                   load_bench, load_study, resolve_store)
 from ouro_lab.analysis.optuna_view import optuna_study, param_importances, param_value, plot_optuna
 from ouro_lab.analysis.plots import plot_compute, plot_exit, plot_vs_loops, plot_vs_step
-from ouro_lab.analysis.report import Report, summary, write_report
+from ouro_lab.analysis.report import Report, summary, write_bench_report, write_report
 from ouro_lab.analysis.stats import (Saturation, compute_table, curve_table, exit_table, exit_wide, extrapolation_table,
                                      final_values, key_table, mean_ci, saturation, saturation_point, saturation_table)
 
 __all__ = [
     "ALL", "AnalysisError", "LawFit", "Report", "fit_law", "fit_law_seeds", "law_table", "plot_law", "Saturation", "StudyData", "compute_table", "curve_table", "difficulty_order",
     "exit_table", "exit_wide", "extrapolation_table", "final_values", "frontier_summary", "frontier_table", "gate_table",
-    "plot_frontier", "plot_oracle", "group_label", "key_table", "list_studies", "load_study",
+    "plot_frontier", "plot_oracle", "group_label", "key_table", "list_studies", "load_bench", "load_study",
     "mean_ci", "optuna_study", "param_importances", "param_value", "plot_compute", "plot_exit", "plot_optuna",
     "plot_vs_loops", "plot_vs_step", "resolve_store", "saturation", "saturation_point", "saturation_table",
-    "summary", "write_report",
+    "summary", "write_bench_report", "write_report",
 ]

@@ -144,16 +144,7 @@ def load_study(study: str, store: str | None = None, source: str = "auto") -> St
         raise AnalysisError(f"unknown run source {source!r}; one of: {', '.join(RUN_SOURCES)}")
     uri = resolve_store(store)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(study)
-    if experiment is None and study.isdigit():
-        try:
-            experiment = client.get_experiment(study)
-        except Exception:  # MLflow raises for an unknown id
-            experiment = None
-    if experiment is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise AnalysisError(f"no study or MLflow experiment named {study!r} in {uri}; "
-                            f"experiments there: {', '.join(names) or 'none'}")
+    experiment = _experiment(client, study, uri)
     runs = _search_all(client, experiment.experiment_id)
     parents = [r for r in runs if r.data.tags.get("ouro.role") == "study"]
     parent = max(parents, key=lambda r: r.info.start_time) if parents else None
@@ -268,6 +259,30 @@ def _run_name(client: MlflowClient, run_id: str) -> str | None:
         return client.get_run(run_id).info.run_name
     except Exception:  # MLflow raises for a run id it does not know (another store, deleted)
         return None
+
+
+def _experiment(client: MlflowClient, study: str, uri: str):
+    """The MLflow experiment named `study` (or with that id); AnalysisError naming the others."""
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None and study.isdigit():
+        try:
+            experiment = client.get_experiment(study)
+        except Exception:  # MLflow raises for an unknown id
+            experiment = None
+    if experiment is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise AnalysisError(f"no study or MLflow experiment named {study!r} in {uri}; "
+                            f"experiments there: {', '.join(names) or 'none'}")
+    return experiment
+
+
+def load_bench(study: str, store: str | None = None) -> pd.DataFrame:
+    """The experiment's finished `ouro-lab bench` runs as load_study's `bench` frame (for an
+    experiment that holds nothing else, which load_study refuses)."""
+    uri = resolve_store(store)
+    client = MlflowClient(uri)
+    experiment = _experiment(client, study, uri)
+    return _bench_frame(_search_all(client, experiment.experiment_id, "tags.`ouro.role` = 'bench'"), client)
 
 
 def _sweep_distributions(sweep: Mapping[str, Any]) -> dict[str, optuna.distributions.BaseDistribution]:

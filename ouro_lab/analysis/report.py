@@ -125,7 +125,7 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     figures = {"vs_loops.png": plot_vs_loops(data, sat, kind, split, level), "vs_step.png": plot_vs_step(data, kind, split),
                "compute.png": plot_compute(data, kind, split), "exit_gate.png": plot_exit(data, split),
                "frontier.png": plot_frontier(data, split, frontier_kind), "oracle.png": plot_oracle(data, split),
-               "law.png": plot_law(data, laws, kind, split), "bench.png": plot_bench(data)}
+               "law.png": plot_law(data, laws, kind, split), "bench.png": plot_bench(data.bench)}
     optuna_figs = plot_optuna(study, importances, data.objective_metric)
     if optuna_figs:
         figures["optuna_history.png"], figures["optuna_importance.png"] = optuna_figs
@@ -161,14 +161,50 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     return Report(folder, text, printed, files)
 
 
-def plot_bench(data: StudyData):
+def write_bench_report(name: str, bench: pd.DataFrame, folder: str | Path) -> Report:
+    """report.md, bench.png and bench.csv for an experiment that holds `ouro-lab bench` runs
+    only (an imported model benchmarked, never trained or evaluated here)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fig = plot_bench(bench)
+    fig.savefig(folder / "bench.png", dpi=110)
+    plt.close(fig)
+    text = "\n".join([f"# {name}: accuracy vs loop step", "",
+                      f"Experiment `{name}` holds benchmark runs only ({bench['run_id'].nunique()}): no training or "
+                      "`ouro-lab eval` runs, so there is no saturation analysis.", "",
+                      *_bench_markdown(bench, {"bench.png"})])
+    (folder / "report.md").write_text(text)
+    bench.to_csv(folder / "bench.csv", index=False)
+    table = bench.assign(step=bench["step"].map(lambda t: "rule" if t == 0 else t)).pivot_table(
+        index=["task", "step"], columns="evaluated", values="acc", sort=False).to_string(float_format=lambda v: f"{v:.3f}")
+    return Report(folder, text, f"acc by loop step (step 'rule': under the exit rule):\n{table}",
+                  [folder / "report.md", folder / "bench.png", folder / "bench.csv"])
+
+
+def _bench_markdown(bench: pd.DataFrame, figures: set[str]) -> list[str]:
+    if not len(bench):
+        return []
+    out = ["## Benchmarks: accuracy vs loop step", "",
+           "`ouro-lab bench CKPT FILE.jsonl` (the latest per checkpoint and task): multiple-choice accuracy "
+           "by log-likelihood (acc) and per character (acc_norm) at every loop step t (t > T: past the trained "
+           "loops), and under the bench run's exit rule (step `rule`).", ""]
+    for task, frame in bench.groupby("task", sort=True):
+        wide = frame.assign(step=frame["step"].map(lambda t: "rule" if t == 0 else t)).pivot_table(
+            index="step", columns="evaluated", values=["acc", "acc_norm"], sort=False)
+        wide.columns = [f"{kind} {evaluated}" for kind, evaluated in wide.columns]
+        out += [f"**accuracy on {task} vs loop step** (chance {frame['chance'].iloc[0]:.3f})", "",
+                _markdown_table(wide.reset_index()), ""]
+    return out + (["![benchmarks](bench.png)", ""] if "bench.png" in figures else [])
+
+
+def plot_bench(bench: pd.DataFrame):
     """Accuracy vs loop step per benchmark task and checkpoint (None without bench runs)."""
-    if not len(data.bench):
+    if not len(bench):
         return None
-    tasks = sorted(data.bench["task"].unique())
+    tasks = sorted(bench["task"].unique())
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False, constrained_layout=True)
     for ax, task in zip(axes[0], tasks):
-        frame = data.bench[(data.bench["task"] == task) & (data.bench["step"] > 0)]
+        frame = bench[(bench["task"] == task) & (bench["step"] > 0)]
         for evaluated, rows in frame.groupby("evaluated"):
             ax.plot(rows["step"], rows["acc"], marker="o", label=str(evaluated))
         ax.axhline(frame["chance"].iloc[0], ls=":", color="grey", lw=1)
@@ -299,18 +335,7 @@ def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, li
                 "values as of its exit step) next to selection semantics (the same rule, all T steps computed) and "
                 "full depth. MFLOPs per token are the executed ones; seconds are forward wall time.", "",
                 _markdown_table(skip_table(data.skip), ".4g"), ""]
-    if len(data.bench):
-        out += ["## Benchmarks: accuracy vs loop step", "",
-                "`ouro-lab bench CKPT FILE.jsonl` (the latest per checkpoint and task): multiple-choice accuracy "
-                "by log-likelihood (acc) and per character (acc_norm) at every loop step t (t > T: past the trained "
-                "loops), and under the bench run's exit rule (step `rule`).", ""]
-        for task, frame in data.bench.groupby("task", sort=True):
-            wide = frame.assign(step=frame["step"].map(lambda t: "rule" if t == 0 else t)).pivot_table(
-                index="step", columns="evaluated", values=["acc", "acc_norm"], sort=False)
-            wide.columns = [f"{kind} {evaluated}" for kind, evaluated in wide.columns]
-            out += [f"**accuracy on {task} vs loop step** (chance {frame['chance'].iloc[0]:.3f})", "",
-                    _markdown_table(wide.reset_index()), ""]
-        out += ["![benchmarks](bench.png)", ""] if "bench.png" in figures else []
+    out += _bench_markdown(data.bench, figures)
     if "optuna_history.png" in figures:
         out += ["## The sweep", "",
                 f"Objective `{data.objective_metric}` ({data.direction}); trials: "

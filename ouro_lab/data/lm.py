@@ -1,8 +1,8 @@
 """`lm`: language modelling on a real corpus, with a subword tokenizer or bytes.
 
 Documents come from local files: `.jsonl` / `.json` (one per line, its `text_field`),
-`.parquet` (one per row), a folder written by `datasets`' `save_to_disk` (these two through the
-optional `datasets` package), or any other file as one plain-text document (`.txt`, `.md`,
+`.parquet` (one per row, read by pyarrow), a folder written by `datasets`' `save_to_disk` (read
+by the optional `datasets` package), or any other file as one plain-text document (`.txt`, `.md`,
 `.py` ...); `stdlib` names the Python standard library's sources. The tokenizer is a
 `tokenizer.json` (or a Hugging Face model folder holding one), run by the `tokenizers`
 library, or `bytes` (the 256 byte values, byte 0xFF ending a document). The `text` task
@@ -321,20 +321,38 @@ def documents(files: list[Path], text_field: str, decode_errors: str = "strict")
 
 
 def _datasets_rows(path: Path, text_field: str) -> Iterator[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise CorpusError(f"{path}: parquet files and `datasets` folders are read by the `datasets` package: "
-                          "pip install datasets") from None
-    ds = datasets.load_from_disk(str(path)) if path.is_dir() else \
-        datasets.load_dataset("parquet", data_files=str(path), split="train")
-    if isinstance(ds, datasets.DatasetDict):
-        ds = datasets.concatenate_datasets(list(ds.values()))
-    if text_field not in ds.column_names:
-        raise CorpusError(f"{path}: no column {text_field!r} (columns: {', '.join(ds.column_names)}; "
+    """The rows of a .parquet file (read by pyarrow) or of a `datasets` save_to_disk folder."""
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError:
+            raise CorpusError(f"{path}: a `datasets` folder is read by the `datasets` package: "
+                              "pip install 'ouro-lab[datasets]'") from None
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = datasets.concatenate_datasets(list(ds.values()))
+        _check_column(path, text_field, ds.column_names)
+        batches = (b[text_field] for b in ds.select_columns([text_field]).iter(batch_size=1000))
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as err:  # (pyarrow raises ArrowInvalid, OSError ... for a file it cannot read)
+            raise CorpusError(f"{path}: not a parquet file pyarrow can read ({err})") from None
+        _check_column(path, text_field, parquet.schema_arrow.names)
+        batches = (b.column(0).to_pylist() for b in parquet.iter_batches(batch_size=1000, columns=[text_field]))
+    for batch in batches:
+        for text in batch:
+            if not isinstance(text, str):
+                raise CorpusError(f"{path}: column {text_field!r} holds {type(text).__name__}, not text")
+            yield text
+
+
+def _check_column(path: Path, text_field: str, columns: list[str]) -> None:
+    if text_field not in columns:
+        raise CorpusError(f"{path}: no column {text_field!r} (columns: {', '.join(columns)}; "
                           "data.lm.text_field names it)")
-    for batch in ds.select_columns([text_field]).iter(batch_size=1000):
-        yield from batch[text_field]
 
 
 def split_of_document(text: str) -> int:
