@@ -136,8 +136,8 @@ def summarize(results: list[dict], checkpointing: bool) -> dict:
 # --- one measurement (in its own process) -----------------------------------------------------
 def measure(preset: str, arch: str, path: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     from ouro_lab.config import load_config
-    from ouro_lab.modules import build_module
-    from ouro_lab.train import make_datamodule, make_trainer, resolve_precision
+    from ouro_lab.builders import build_module
+    from ouro_lab.builders import make_datamodule, make_trainer, resolve_precision
 
     conf, preset_overrides = PRESETS[preset]
     tmp = tempfile.mkdtemp(prefix="ouro-throughput-")

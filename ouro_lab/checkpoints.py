@@ -12,7 +12,7 @@ import torch
 from ouro_lab.config import ConfigError, ExperimentConfig, from_dict, load_config, to_dict
 from ouro_lab.data.lm import materialize_tokenizer, tokenizer_files
 from ouro_lab.models import hf
-from ouro_lab.modules import build_module, read_checkpoint
+from ouro_lab.modules import new_module
 
 # Only evaluation and data-size keys may change on reload; anything else is a different model.
 EVAL_OVERRIDABLE = ("eval.", "infer.", "data.eval_batch_size", "data.n_val", "data.n_test", "train.accelerator",
@@ -23,12 +23,27 @@ EVAL_OVERRIDABLE = ("eval.", "infer.", "data.eval_batch_size", "data.n_val", "da
 IMPORT_OVERRIDABLE = ("data.", "eval.", "infer.", "tracking.")  # import-hf: the network is the file's
 
 
-def load_checkpoint(path: Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, L.LightningModule]:
+def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
+    """A checkpoint written by `ouro-lab train`; ConfigError naming the file (and `what` asked
+    for it) when it is missing, not a torch file, truncated, or not ouro-lab's."""
+    if not path.is_file():
+        raise ConfigError(f"{what}: checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # (zip / pickle errors come in several types)
+        raise ConfigError(f"{what}: {path} is not a readable checkpoint (a .ckpt from `ouro-lab train`; "
+                          f"truncated or another kind of file?): {type(err).__name__}: {err}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("hyper_parameters", {}):
+        raise ConfigError(f"{what}: {path} has no ouro-lab config and weights; was it written by `ouro-lab train`?")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, L.LightningModule]:
     """A checkpoint's config (with evaluation-time overrides) and its module, weights loaded, in eval mode."""
     for item in overrides:
         if not item.startswith(EVAL_OVERRIDABLE):
             raise ConfigError(f"override {item!r}: only {', '.join(EVAL_OVERRIDABLE)} can change when re-evaluating")
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(Path(path))
     saved = ckpt["hyper_parameters"]["config"]
     # NOTE: an evaluation logs into the working folder's store ($MLFLOW_TRACKING_URI, else
     # ./mlflow.db) or tracking.uri=...; not into the store the checkpoint was trained into,
@@ -41,7 +56,9 @@ def load_checkpoint(path: Path, overrides: list[str] = ()) -> tuple[ExperimentCo
             "tokenizer": materialize_tokenizer(ckpt["ouro_tokenizer"], cache_dir)}}}
     cfg = from_dict(saved, overrides)  # validated once, here
     _refuse_unused_overrides(cfg, overrides)
-    module = build_module(cfg)
+    module = new_module(cfg)  # (a Stage II checkpoint holds its own weights: its Stage-I file is not read again)
+    if cfg.stage2.init_from:
+        module.start_stage2()
     module.load_state_dict(ckpt["state_dict"])
     module.ouro_run_id = ckpt.get("ouro_run_id")
     module.ouro_source = ckpt.get("ouro_source")  # an imported checkpoint's origin (import_hf)
@@ -77,7 +94,7 @@ def import_hf(folder: Path, out: Path, overrides: list[str] = ()) -> tuple[Exper
     has_tokenizer = (folder / "tokenizer.json").is_file()
     task = ["data.task=lm", f"data.lm.tokenizer={folder.resolve()}"] if has_tokenizer else ["data.task=text"]
     cfg = load_config(None, [*task, *hf.model_overrides(hf_config, str(folder / "config.json")), *overrides])
-    module = build_module(cfg)
+    module = new_module(cfg)
     if module.task.vocab_size != hf_config["vocab_size"]:
         has = (f"its tokenizer.json has {module.task.vocab_size} tokens" if cfg.data.task == "lm" and has_tokenizer
                else f"data.task={cfg.data.task} has a vocabulary of {module.task.vocab_size} tokens")

@@ -23,7 +23,6 @@ same jsonl shape.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ from pathlib import Path
 import torch
 
 from ouro_lab.config import ConfigError
+from ouro_lab.data.base import json_lines
+from ouro_lab.run_record import run_name
 
 GOLD_KEYS = ("gold", "label", "answer")
 
@@ -47,13 +48,9 @@ def read_task(path: Path) -> list[Question]:
     if not path.is_file():
         raise ConfigError(f"benchmark file not found: {path}")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}:{n}: not a JSON line ({err.msg})") from None
+    for n, row in json_lines(path, ConfigError):
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{n}: a question is a JSON object with \"context\", \"choices\" and \"gold\"")
         gold = next((row[k] for k in GOLD_KEYS if k in row), None)
         choices = row.get("choices")
         if not isinstance(row.get("context"), str) or not isinstance(choices, list) or len(choices) < 2 \
@@ -186,7 +183,7 @@ def run_bench(path: Path, files: list[str], overrides: list[str] = (), log: bool
         experiment = tracking.Experiment.open(tracking.resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
         tags = tracking.reproducibility_tags() | {"ouro.role": "bench", "ouro.checkpoint": str(Path(path).resolve()),
                                                   "ouro.evaluated_run_id": module.ouro_run_id or "unknown"}
-        with experiment.create_run(f"bench-{cfg.tracking.run_name or cfg.default_run_name()}", tags) as run:
+        with experiment.create_run(f"bench-{run_name(cfg)}", tags) as run:
             # NOTE: no model.* params: `ouro-lab report` counts runs with a model config as unit runs
             run.set_tags({"ouro.arch": cfg.model.arch, "ouro.loops": str(cfg.model.loops)})
             run.log_params({"bench_files": " ".join(str(Path(f).resolve()) for f in files),

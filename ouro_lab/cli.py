@@ -20,7 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ouro_lab.config import ConfigError, StoreError, load_config
+from ouro_lab.config import ConfigError, load_config
+from ouro_lab.errors import StoreError
 from ouro_lab.models.hf import HFImportError
 
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
             train(cfg)
         elif args.command == "sweep" and args.dry_run:
-            from ouro_lab.sweep.schema import describe
+            from ouro_lab.sweep.dry_run import describe
 
             print(describe(args.sweep, args.overrides))
         elif args.command == "studies":

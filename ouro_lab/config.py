@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +28,10 @@ from ouro_lab.data.lm import LMConfig
 from ouro_lab.data.text import TextConfig
 from ouro_lab.models.decoding import RULES as EXIT_RULES  # online exit rules (infer.exit_rule)
 from ouro_lab.models.decoding import STRATEGIES as CACHE_STRATEGIES  # decode-time KV caches (infer.cache)
-from ouro_lab.models.transformer import CHECKPOINTING, INIT_STATES, INJECTIONS, OURO_LOOP, ROPE_LAYOUTS
+from ouro_lab.models.transformer import (CHECKPOINTING, INIT_STATES, INJECTIONS, RECIPE_NOT_DECODABLE, ROPE_LAYOUTS,
+                                         is_recipe)
+from ouro_lab.errors import ConfigError  # (re-exported: `from ouro_lab.config import ConfigError`)
+from ouro_lab.locations import tracking_uri_problem
 from ouro_lab.objectives import LOOP_SAMPLING, PRIORS, STAGE2_IMPROVEMENT
 
 ARCHS = ("looped", "param_matched", "depth_matched")
@@ -39,15 +41,6 @@ LOOP_STATES = ("normed", "residual")
 # sweep included; "ddp_spawn" starts the ranks from the training call itself.
 STRATEGIES = ("auto", "ddp_spawn", "ddp_fork", "ddp", "ddp_notebook", "fsdp", "deepspeed", "single_device")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
-
-
-class ConfigError(ValueError):
-    """A config problem the user must fix; the message names the key."""
-
-
-class StoreError(ConfigError):
-    """A study or tracking store that cannot be used as it is (damaged, missing, or not the
-    study's); the message names the file and says what to do. Nothing is deleted for the user."""
 
 
 @dataclass
@@ -81,8 +74,7 @@ class ModelConfig:
     @property
     def is_recipe(self) -> bool:
         """A looped model other than Ouro's whole-stack loop (prelude, coda, injection or initial state)."""
-        return (self.arch == "looped"
-                and (self.prelude_layers, self.coda_layers, self.injection, self.init_state) != OURO_LOOP)
+        return is_recipe(self.arch == "looped", self.prelude_layers, self.coda_layers, self.injection, self.init_state)
 
     @property
     def trained_loops(self) -> int:
@@ -237,13 +229,6 @@ class ExperimentConfig:
         """Optimizer steps of the whole run: train.max_steps (+ stage2.steps of gate-only training)."""
         return self.train.max_steps + self.stage2.steps
 
-    def default_run_name(self) -> str:
-        """'{task}-looped-N2xT4-s0', '{task}-depth_matched-L8-s0'."""
-        m = self.model
-        shape = f"N{m.n_layers}xT{m.loops}" if m.arch == "looped" else f"L{m.distinct_layers}"
-        stage = "-stage2" if self.has_stage2 else ""
-        return f"{self.data.task}-{m.arch}-{shape}{stage}-s{self.train.seed}"
-
 
 def read_yaml(path: str | Path, what: str = "config") -> DictConfig:
     """One YAML file whose top level is a mapping (experiment configs and sweep files alike)."""
@@ -369,24 +354,23 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0 (capped at max_steps / 2), got {t.warmup_steps}")
     check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
-    check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
-    check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    for key in ("weight_decay", "grad_clip", "num_workers"):
+        check(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
     choice("train.precision", t.precision, PRECISIONS)
     choice("train.strategy", t.strategy, STRATEGIES)
     for key in ("val_every", "log_every", "devices"):
         check(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
-    check(t.num_workers >= 0, "train.num_workers", f"must be >= 0, got {t.num_workers}")
     choice("train.activation_checkpointing", t.activation_checkpointing, CHECKPOINTING)
     check(t.ce_chunk_tokens >= 0, "train.ce_chunk_tokens", f"must be >= 0 (0 = automatic), got {t.ce_chunk_tokens}")
     e = cfg.eval
-    check(e.extra_loops >= 0, "eval.extra_loops", f"must be >= 0, got {e.extra_loops}")
+    for key in ("extra_loops", "exit_epsilon", "oracle_tolerance"):
+        check(getattr(e, key) >= 0, f"eval.{key}", f"must be >= 0, got {getattr(e, key)}")
     for key, high in (("exit_q", 1.0), ("exit_confidence", 1.0), ("exit_step_change", math.inf)):
         values = getattr(e, key)
         bound = "in (0, 1]" if high == 1.0 else "finite and > 0"
         check(all(0 < v <= high and math.isfinite(v) for v in values), f"eval.{key}",
               f"every threshold must be {bound}, got {values}")
         check(len(set(values)) == len(values), f"eval.{key}", f"has duplicate thresholds: {values}")
-    check(e.exit_epsilon >= 0, "eval.exit_epsilon", f"must be >= 0, got {e.exit_epsilon}")
     s2 = cfg.stage2
     if s2.init_from is not None:
         check(Path(s2.init_from).expanduser().is_file(), "stage2.init_from", f"checkpoint not found: {s2.init_from}")
@@ -402,12 +386,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(s2.k > 0, "stage2.k", f"must be > 0, got {s2.k}")
     check(s2.gamma >= 0, "stage2.gamma", f"must be >= 0, got {s2.gamma}")
     choice("stage2.improvement", s2.improvement, STAGE2_IMPROVEMENT)
-    check(e.oracle_tolerance >= 0, "eval.oracle_tolerance", f"must be >= 0, got {e.oracle_tolerance}")
     i = cfg.infer
     choice("infer.exit_rule", i.exit_rule, EXIT_RULES)
-    check(i.exit_rule == "none" or not m.is_recipe, "infer.exit_rule",
-          "skip semantics and cached decoding support Ouro's whole-stack loop only (model.prelude_layers, "
-          "coda_layers, injection, init_state at their defaults)")
+    check(i.exit_rule == "none" or not m.is_recipe, "infer.exit_rule", RECIPE_NOT_DECODABLE)
     check(i.exit_rule != "q" or m.arch == "looped", "infer.exit_rule",
           f"the q rule reads the exit gate; model.arch={m.arch} has none (conf or change work on any model)")
     choice("infer.cache", i.cache, CACHE_STRATEGIES)
@@ -435,33 +416,6 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def writable_dir(path: Path, key: str) -> Path:
-    """Create `path` if needed; ConfigError naming `key` if that fails or it cannot be written."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"{key}: cannot create the folder {path}: {err.strerror or err}; "
-                          f"point {key} at a writable folder") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}: the folder {path} is not writable; point {key} at a writable folder")
-    return path
-
-
-TRACKING_SCHEMES = ("sqlite:///", "postgresql", "mysql", "mssql", "http://", "https://", "databricks")
-
-
-def tracking_uri_problem(uri: str) -> str | None:
-    """Why an MLflow tracking URI cannot work here, or None. NOTE: MLflow >= 3.13 refuses a
-    plain folder (the file store); we say what to write instead before any run starts."""
-    if uri.startswith(TRACKING_SCHEMES):
-        return None
-    if "://" not in uri:
-        return (f"{uri!r} is a plain path; MLflow needs a database or a server: sqlite:///{Path(uri).expanduser()}"
-                f"{'' if uri.endswith('.db') else '/mlflow.db'} (a file here) or http://host:5000 (an `mlflow server`)")
-    return (f"{uri!r}: unknown scheme {uri.split('://', 1)[0]!r}; use sqlite:///path/mlflow.db, "
-            "postgresql://user@host/db or http://host:5000")
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Schema defaults <- YAML file (with its defaults) <- key=value overrides, validated."""
     parts = [load_yaml(path)] if path is not None else []
@@ -480,21 +434,6 @@ def to_dict(cfg: ExperimentConfig) -> dict:
 
 def to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def used_params(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The flattened config a run logs as MLflow params: one name per key (`model.loops`), and
-    of the task sections only the one `data.task` uses (the full config is the run's
-    config.yaml artifact)."""
-    d = to_dict(cfg)
-    for task in TASKS:
-        if task != cfg.data.task:
-            d["data"].pop(task, None)
-    if not cfg.has_stage2:
-        d.pop("stage2")
-    if cfg.infer == InferConfig():  # inference settings: logged only when an evaluation used them
-        d.pop("infer")
-    return flatten(d)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ouro_lab import tracking
+from ouro_lab.builders import log_setup, make_datamodule, make_trainer
 from ouro_lab.checkpoints import load_checkpoint
 from ouro_lab.inference import device_for, exit_rule, skip_evaluate, skip_table
-from ouro_lab.train import log_setup, make_datamodule, make_trainer
+from ouro_lab.run_record import run_name
 from ouro_lab.views import run_tables
 
 @dataclass
@@ -64,7 +65,7 @@ def _log_eval(cfg, path: Path, module, overrides: list[str], split: str,
     derived facts, model/* metrics: what `ouro-lab report` reads from an experiment of evaluations)."""
     trained_run, source = module.ouro_run_id, module.ouro_source
     experiment = tracking.Experiment.open(tracking.resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
-    name = f"eval-{cfg.tracking.run_name or cfg.default_run_name()}-{split}"
+    name = f"eval-{run_name(cfg)}-{split}"
     tags = tracking.reproducibility_tags() | {"ouro.role": "eval", "ouro.checkpoint": str(path.resolve()),
                                               "ouro.evaluated_run_id": trained_run or "unknown"}
     if source:

@@ -21,15 +21,15 @@ import torch
 
 from ouro_lab import exits
 from ouro_lab import metric_names as names
+from ouro_lab.builders import make_datamodule
 from ouro_lab.checkpoints import load_checkpoint
 from ouro_lab.config import ConfigError, ExperimentConfig
 from ouro_lab.data import IGNORE_INDEX
-from ouro_lab.metrics import SkipEvalMetrics
+from ouro_lab.metrics import LN2, SkipEvalMetrics
 from ouro_lab.models.decoding import (STRATEGIES, ExitRule, clock, executed_flops, forward_chunk, generate, row_flops,
                                       teacher_forced)
-from ouro_lab.models.transformer import LoopedLM
+from ouro_lab.models.transformer import RECIPE_NOT_DECODABLE, LoopedLM
 from ouro_lab.objectives import per_step_token_losses
-from ouro_lab.train import make_datamodule
 
 
 def exit_rule(cfg: ExperimentConfig) -> ExitRule:
@@ -38,8 +38,7 @@ def exit_rule(cfg: ExperimentConfig) -> ExitRule:
 
 def _decodable(cfg: ExperimentConfig) -> None:
     if cfg.model.is_recipe:
-        raise ConfigError("model: skip semantics and cached decoding support Ouro's whole-stack loop only "
-                          "(model.prelude_layers, coda_layers, injection, init_state at their defaults)")
+        raise ConfigError(f"model: {RECIPE_NOT_DECODABLE}")
 
 
 def device_for(cfg: ExperimentConfig) -> torch.device:
@@ -171,7 +170,7 @@ def decode_table(model: torch.nn.Module, tokens: torch.Tensor, prefill: int, rul
             single = teacher_forced(model, inputs[:1], prefill, rule, strategy)
             loss = float(_token_losses(out.logits, targets[:, prefill:]).mean())
             steps = out.exit_steps
-            rows.append(DecodeRow(strategy, str(rule), loss * per_byte / np.log(2), loss, float(steps.float().mean()),
+            rows.append(DecodeRow(strategy, str(rule), loss * per_byte / LN2, loss, float(steps.float().mean()),
                                   out.cache.nbytes, steps.numel() / out.seconds, single.exit_steps.numel() / single.seconds,
                                   out.flops / steps.numel()))
             r = rows[-1]

@@ -20,6 +20,8 @@ from ouro_lab import exits
 from ouro_lab import metric_names as names
 from ouro_lab.objectives import entropy, exit_distribution
 
+LN2 = math.log(2)  # nats per bit: a loss in nats / LN2 = bits (bits per byte divide by this, here and in decoding)
+
 
 class LoopStepMetrics(Metric):
     """Accumulates, for evaluation loop steps t=1..eval_loops and difficulty levels
@@ -90,7 +92,7 @@ class LoopStepMetrics(Metric):
         if self.bpb:  # per token -> per byte: x count / bytes of the same tokens (exactly 1 on byte-level tasks)
             ratio = {None: self.count.sum() / self.nbytes.sum().clamp_min(1)}
             ratio |= {k + 1: self.count[k] / self.nbytes[k].clamp_min(1) for k in levels}
-            out |= {names.as_bpb(name): v * ratio[_level(name)] / math.log(2)
+            out |= {names.as_bpb(name): v * ratio[_level(name)] / LN2
                     for name, v in out.items() if name.startswith("loss")}
         return {k: v.float() for k, v in out.items()}
 
@@ -173,7 +175,7 @@ class ExitFrontierMetrics(Metric):
                  lambda kind, level: names.oracle("right", kind, level)]
         kinds = [("acc", self.correct, 1.0, self.count), ("loss", self.loss, 1.0, self.count),
                  ("loops", self.loops, 1.0, self.count)]
-        kinds += [("bpb", self.loss, math.log(2), self.nbytes)] if self.bpb else []  # bits per byte of text covered
+        kinds += [("bpb", self.loss, LN2, self.nbytes)] if self.bpb else []  # bits per byte of text covered
         for i, name in enumerate(rows):
             if name is None:
                 continue
@@ -198,7 +200,7 @@ class ExitFrontierMetrics(Metric):
         oracle's saving it realises."""
         full, stable = len(self.rules), len(self.rules) + 1
         if self.loss_scored:  # epsilon in bits per byte for text tasks
-            per, scale = (self.nbytes.sum().clamp_min(1), math.log(2)) if self.bpb else (total, 1.0)
+            per, scale = (self.nbytes.sum().clamp_min(1), LN2) if self.bpb else (total, 1.0)
             quality = -self.loss.sum(1) / per / scale  # higher is better
         else:
             quality = self.correct.sum(1) / total
@@ -254,7 +256,7 @@ class SkipEvalMetrics(Metric):
         levels = [k for k in range(self.n_levels) if self.count[k] > 0]
         kinds = [("acc", self.correct, 1.0, self.count), ("loss", self.loss, 1.0, self.count),
                  ("loops", self.loops, 1.0, self.count)]
-        kinds += [("bpb", self.loss, math.log(2), self.nbytes)] if self.bpb else []
+        kinds += [("bpb", self.loss, LN2, self.nbytes)] if self.bpb else []
         for i, semantics in enumerate(names.SEMANTICS):
             for kind, sums, scale, per in kinds:
                 out[names.inference(semantics, kind)] = sums[i].sum() / per.sum().clamp_min(1) / scale

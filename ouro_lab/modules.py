@@ -1,7 +1,7 @@
 """LightningModules: a thin layer that owns the objective, optimizer, schedule and metrics.
 
 `LoopedLMModule` trains `LoopedLM` with the Stage-I exit objective; `StandardLMModule`
-trains the baselines. `build_module(cfg)` picks one from `model.arch`, and the baselines
+trains the baselines. `new_module(cfg)` picks one from `model.arch`, and the baselines
 take their depth from the looped config (param_matched: N layers; depth_matched: N*T,
 `ModelConfig.distinct_layers`), so a sweep over `arch` is fair by construction.
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -267,8 +266,6 @@ class LoopedLMModule(_LMModule):
     def __init__(self, cfg: ExperimentConfig | None = None, *, config: dict | None = None):
         super().__init__(cfg, config=config)
         self.stage1_run_id: str | None = None  # the run that trained the Stage-I checkpoint (Stage II only)
-        if self.cfg.stage2.init_from:
-            self._load_stage1(self.cfg.stage2.init_from)
 
     def start_stage2(self) -> None:
         """Switch to Stage II: freeze every parameter but the exit gate's; the objective becomes
@@ -313,10 +310,10 @@ class LoopedLMModule(_LMModule):
             total += n * (self.model.flops_per_token(seq_len, loops) + 2 * self.model.flops_per_token(seq_len, grad))
         return total / max(t.max_steps, 1)
 
-    def _load_stage1(self, path: str) -> None:
-        """Load a Stage-I checkpoint's weights and freeze all but the exit gate; the model and
-        task must be the checkpoint's (else a different network would be loaded)."""
-        ckpt = read_checkpoint(Path(path).expanduser(), "stage2.init_from")
+    def load_stage1(self, ckpt: dict, path: str) -> None:
+        """Load a Stage-I checkpoint's weights (`ckpt`, read from `path`) and freeze all but the
+        exit gate; the model and task must be the checkpoint's (else a different network would
+        be loaded)."""
         saved = ckpt["hyper_parameters"]["config"]
         here = to_dict(self.cfg)
         differ = [f"model.{k}" for k in here["model"] if saved["model"].get(k) != here["model"][k]]
@@ -348,21 +345,6 @@ class LoopedLMModule(_LMModule):
         return LoopLoss(loss=loss, loss_exit=loss_exit, kl=torch.zeros_like(ent), entropy=ent), step_losses
 
 
-def read_checkpoint(path: Path, what: str = "checkpoint") -> dict:
-    """A checkpoint written by `ouro-lab train`; ConfigError naming the file (and `what` asked
-    for it) when it is missing, not a torch file, truncated, or not ouro-lab's."""
-    if not path.is_file():
-        raise ConfigError(f"{what}: checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # (zip / pickle errors come in several types)
-        raise ConfigError(f"{what}: {path} is not a readable checkpoint (a .ckpt from `ouro-lab train`; "
-                          f"truncated or another kind of file?): {type(err).__name__}: {err}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("hyper_parameters", {}):
-        raise ConfigError(f"{what}: {path} has no ouro-lab config and weights; was it written by `ouro-lab train`?")
-    return ckpt
-
-
 def _get(d: dict, dotted: str):
     for part in dotted.split("."):
         d = d.get(part, {}) if isinstance(d, dict) else None
@@ -376,7 +358,8 @@ class StandardLMModule(_LMModule):
         return StandardLM(spec)
 
 
-def build_module(cfg: ExperimentConfig) -> _LMModule:
-    """The LightningModule for `model.arch`."""
+def new_module(cfg: ExperimentConfig) -> _LMModule:
+    """The LightningModule for `model.arch`, freshly initialised (builders.build_module adds a
+    Stage-I checkpoint's weights for stage2.init_from)."""
     cls = LoopedLMModule if cfg.model.arch == "looped" else StandardLMModule
     return cls(cfg)

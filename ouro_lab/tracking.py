@@ -26,7 +26,8 @@ from typing import Any, Callable
 from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
-from ouro_lab.config import ConfigError, StoreError, tracking_uri_problem, writable_dir
+from ouro_lab.errors import ConfigError, StoreError
+from ouro_lab.locations import tracking_uri_problem, writable_dir
 
 PACKAGES = ("torch", "lightning", "mlflow", "optuna", "omegaconf", "torchmetrics")
 LOCKED_RETRY_SECONDS = 120.0  # how long a write to a locked sqlite store is retried

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -17,23 +15,18 @@ from typing import Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers.multiprocessing import (_disable_module_memory_sharing,
-                                                                     _MultiProcessingLauncher,
-                                                                     _set_num_threads_if_needed)
-from lightning.pytorch.utilities import move_data_to_device
 
 from ouro_lab import metric_names as names
 from ouro_lab import tracking
-from ouro_lab.config import ConfigError, ExperimentConfig, to_yaml, used_params, writable_dir
-from ouro_lab.data import Task
-from ouro_lab.data.lm import CorpusError
+from ouro_lab.builders import build_module, log_setup, make_datamodule, make_trainer
+from ouro_lab.config import ConfigError, ExperimentConfig
 from ouro_lab.data.datamodule import TaskDataModule
-from ouro_lab.modules import build_module
+from ouro_lab.data.lm import CorpusError
+from ouro_lab.locations import writable_dir
+from ouro_lab.run_record import run_name
 from ouro_lab.views import curve_series, loop_step_figure, plt, run_tables
 
 
@@ -66,73 +59,6 @@ class TrainResult:
         return run_tables(self.val if split == "val" else self.test, split)
 
 
-def resolve_precision(cfg: ExperimentConfig) -> str:
-    """auto: fp32 on CPU (bf16 autocast on these CPUs is ~15x slower), bf16-mixed on GPU."""
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    on_gpu = cfg.train.accelerator in ("gpu", "cuda") or (cfg.train.accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if on_gpu else "32-true"
-
-
-def resolve_strategy(cfg: ExperimentConfig) -> str:
-    """auto: one process, or ddp_spawn for devices > 1. NOTE: Lightning's default for several
-    devices ("ddp", a subprocess launcher) re-runs the command line in every rank, which would
-    run a whole sweep (and create MLflow runs) K times; ddp_spawn starts the ranks from here."""
-    if cfg.train.strategy != "auto":
-        return cfg.train.strategy
-    return "ddp_spawn" if cfg.train.devices > 1 else "auto"
-
-
-class _ResultFile:
-    """What rank 0 of a spawned DDP run sends back instead of its results: a file holding them,
-    read on first use (Lightning reads attributes of its `_WorkerOutput` off this)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __getattr__(self, name: str):
-        if name == "path" or name.startswith("__"):  # (pickle probes dunders before __dict__ is set)
-            raise AttributeError(name)
-        if "_output" not in self.__dict__:
-            self.__dict__["_output"] = torch.load(self.path, weights_only=False)
-            shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
-        return getattr(self.__dict__["_output"], name)
-
-
-class _FileResultLauncher(_MultiProcessingLauncher):
-    """NOTE: Lightning 2.6's spawn launcher joins the ranks before it reads rank 0's results
-    from a pipe; results bigger than the pipe buffer (64 KiB: ~230 logged metrics, and the
-    exit frontier logs more) block rank 0 in `put` and the run hangs forever. Rank 0 writes
-    them to a file and sends its name. (`_wrapping_function` as Lightning's, but for the put.)"""
-
-    def _wrapping_function(self, process_idx, trainer, function, args, kwargs, return_queue, global_states=None):
-        if global_states:
-            global_states.restore()
-        if self._start_method == "spawn" and isinstance(self._strategy.accelerator, CPUAccelerator):
-            args, kwargs = _disable_module_memory_sharing((args, kwargs))
-        _set_num_threads_if_needed(num_processes=self._strategy.num_processes)
-        os.environ["LOCAL_RANK"] = str(process_idx)
-        results = function(*args, **kwargs)
-        if trainer is not None:
-            results = self._collect_rank_zero_results(trainer, results)
-        if process_idx == 0:
-            path = os.path.join(tempfile.mkdtemp(prefix="ouro-rank0-"), "results.pt")
-            torch.save(move_data_to_device(results, "cpu"), path)
-            return_queue.put(_ResultFile(path))
-
-
-class _SpawnDDP(DDPStrategy):
-    def _configure_launcher(self) -> None:
-        self._launcher = _FileResultLauncher(self, start_method=self._start_method)
-
-
-def _spawn_strategy(strategy: str):
-    """ddp_spawn / ddp_fork as a strategy whose ranks send results through a file (see above)."""
-    if strategy in ("ddp_spawn", "ddp_fork"):
-        return _SpawnDDP(start_method=strategy.removeprefix("ddp_"))
-    return strategy
-
-
 def train(cfg: ExperimentConfig, *, run: tracking.Run | None = None, callbacks: Sequence[Callback] = (),
           verbose: bool = True) -> TrainResult:
     """Train one model from `cfg`, log it to MLflow, evaluate every loop step; return the result.
@@ -156,7 +82,7 @@ def train(cfg: ExperimentConfig, *, run: tracking.Run | None = None, callbacks: 
         if run is not None:
             return _train(cfg, run, module, datamodule, callbacks, verbose, start)
         experiment = tracking.Experiment.open(tracking.resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
-        own = experiment.create_run(cfg.tracking.run_name or cfg.default_run_name(), {})
+        own = experiment.create_run(run_name(cfg), {})
         try:
             result = _train(cfg, own, module, datamodule, callbacks, verbose, start)
         except BaseException as err:
@@ -228,7 +154,7 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDat
     run.set_tags(run_tags(cfg) | stage)
     summary = module.summary()
     if verbose:
-        print(f"[ouro-lab] run {cfg.tracking.run_name or cfg.default_run_name()} ({run.id}) -> {experiment.tracking_uri}",
+        print(f"[ouro-lab] run {run_name(cfg)} ({run.id}) -> {experiment.tracking_uri}",
               flush=True)
         print(f"[ouro-lab] {cfg.model.arch}: {summary['n_params']:,} params, depth {summary['effective_depth']}, "
               f"{summary['forward_flops_per_token']:,} forward FLOPs/token", flush=True)
@@ -255,7 +181,7 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDat
     if last:  # the step its weights are from, as saved: runs without this tag may name an older checkpoint
         step = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get("ouro_step")
         run.set_tags({"ouro.checkpoint": str(checkpoint.resolve()), "ouro.checkpoint_step": str(step)})
-    _log_plot(run, module, val, cfg.tracking.run_name or cfg.default_run_name())
+    _log_plot(run, module, val, run_name(cfg))
     for split in (val, test):
         run.log_series(curve_series(split, module.trained_loops, kind="bpb" if module.task.byte_level else "acc"))
     return TrainResult(run_id=run.id, experiment_id=experiment.id, tracking_uri=experiment.tracking_uri,
@@ -308,51 +234,8 @@ def _fit(cfg: ExperimentConfig, module, datamodule: TaskDataModule, logger, ckpt
     return trainer, last
 
 
-def make_datamodule(cfg: ExperimentConfig, task: Task) -> TaskDataModule:
-    return TaskDataModule(
-        task, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.n_val, cfg.data.n_test,
-        data_seed=cfg.data.seed, seed=cfg.train.seed, num_workers=cfg.train.num_workers,
-    )
-
-
-def make_trainer(cfg: ExperimentConfig, logger, callbacks: Sequence[Callback], verbose: bool = True,
-                 **overrides) -> L.Trainer:
-    """The Trainer every run uses (the throughput benchmark times this same object)."""
-    refresh = cfg.train.log_every  # NOTE: a bar refresh reads the loss on the host (a device sync)
-    bar = [TQDMProgressBar(refresh_rate=refresh)] if cfg.train.progress_bar and verbose else []
-    kwargs = dict(
-        max_steps=cfg.train.max_steps,
-        val_check_interval=min(cfg.train.val_every, cfg.train.max_steps),
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        gradient_clip_val=cfg.train.grad_clip or None,
-        precision=resolve_precision(cfg),
-        accelerator=cfg.train.accelerator,
-        devices=cfg.train.devices,
-        strategy=_spawn_strategy(resolve_strategy(cfg)),
-        logger=logger,
-        callbacks=[*([LearningRateMonitor("step")] if logger else []), *bar, *callbacks],
-        log_every_n_steps=cfg.train.log_every,
-        enable_progress_bar=cfg.train.progress_bar and verbose,
-        enable_model_summary=verbose,
-    )
-    return L.Trainer(**(kwargs | overrides))
-
-
 def _numbers(metrics: dict, prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k.startswith(prefix)}
-
-
-def log_setup(run: tracking.Run, cfg: ExperimentConfig, summary: dict[str, object]) -> None:
-    """The config (one name per key, only the sections this run uses) and derived facts (model
-    shape, the task's data) as params; the numbers among them as metrics model/*; the full
-    config YAML (+ git diff) as artifacts."""
-    run.log_params(used_params(cfg) | {f"derived.{k}": v for k, v in summary.items()})
-    run.log_metrics({f"model/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-    run.log_text(to_yaml(cfg), "config.yaml")
-    diff = tracking.git_diff()
-    if diff:
-        run.log_text(diff, "git_diff.patch")
 
 
 def _log_plot(run: tracking.Run, module, val: dict[str, float], title: str) -> None:

@@ -30,7 +30,7 @@ def test_skip_eval_with_rule_off_is_the_ordinary_evaluation(trained):
     from ouro_lab.checkpoints import load_checkpoint
     from ouro_lab.evaluate import evaluate_checkpoint
     from ouro_lab.inference import skip_evaluate
-    from ouro_lab.train import make_datamodule
+    from ouro_lab.builders import make_datamodule
 
     ckpt = trained[0]
     ordinary = evaluate_checkpoint(ckpt, [], "test").metrics
@@ -107,7 +107,7 @@ def test_selection_semantics_is_the_frontier_of_the_ordinary_evaluation(trained,
     from ouro_lab.checkpoints import load_checkpoint
     from ouro_lab.evaluate import evaluate_checkpoint
     from ouro_lab.inference import skip_evaluate
-    from ouro_lab.train import make_datamodule
+    from ouro_lab.builders import make_datamodule
 
     ordinary = evaluate_checkpoint(trained[0], [], "test").metrics
     cfg, module = load_checkpoint(trained[0])

@@ -177,7 +177,7 @@ def test_a_tiny_looped_model_trains_on_the_corpus_and_reports_bits_per_byte(toke
     from ouro_lab.checkpoints import load_checkpoint
     from ouro_lab.inference import decode_table
     from ouro_lab.models.decoding import ExitRule
-    from ouro_lab.train import make_datamodule
+    from ouro_lab.builders import make_datamodule
 
     cfg, module = load_checkpoint(Path(result.checkpoint))
     tokens, targets, _ = make_datamodule(cfg, module.task).eval_set("test")[:4]
@@ -220,7 +220,7 @@ def test_choice_scores_equal_hand_computed_log_likelihoods(tmp_path, capsys):
     from ouro_lab import choice
     from ouro_lab.cli import main
     from ouro_lab.config import load_config
-    from ouro_lab.modules import build_module
+    from ouro_lab.builders import build_module
 
     torch.manual_seed(0)
     cfg = load_config(None, ["data.task=lm", "data.lm.context=48", "model.d_model=32", "model.n_heads=2",

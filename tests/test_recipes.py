@@ -144,7 +144,7 @@ def test_truncated_backprop_has_no_gradient_through_earlier_loops(injection):
 
 
 def test_baselines_and_counts_by_structure(tiny_config):
-    from ouro_lab.modules import build_module
+    from ouro_lab.builders import build_module
 
     recipe = ["model.prelude_layers=1", "model.coda_layers=2", "model.injection=concat", "model.loops=3"]
     looped = build_module(tiny_config(*recipe))

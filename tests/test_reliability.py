@@ -49,7 +49,7 @@ def test_a_short_run_needs_no_warmup_override(tiny_config):
     warming up over 30 steps."""
     cfg = load_config(None, ["train.max_steps=60"])
     assert cfg.train.warmup_steps == 100
-    from ouro_lab.modules import build_module
+    from ouro_lab.builders import build_module
 
     module = build_module(tiny_config("train.max_steps=60", "train.warmup_steps=100"))
     schedule = module.configure_optimizers()["lr_scheduler"]["scheduler"]

@@ -256,6 +256,28 @@ def test_sweep_where_every_trial_fails_exits_nonzero(tmp_path, capsys):
     assert "every trial of study 'allfail' failed" in err
 
 
+def test_a_ctrl_c_that_a_finalizer_swallows_still_stops_the_trial():
+    """Python ignores a KeyboardInterrupt raised inside a finalizer ("Exception ignored in"); the
+    sweep's handler also sets a flag its trials check at every batch. The previous handler comes
+    back afterwards."""
+    from ouro_lab.sweep import trial
+    from ouro_lab.sweep.runner import ctrl_c_stops_trials
+
+    before = signal.getsignal(signal.SIGINT)
+    with ctrl_c_stops_trials():
+        class Finalized:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(10_000):  # the handler runs here, inside the finalizer
+                    pass
+
+        Finalized()  # dropped at once: the KeyboardInterrupt raised in its __del__ goes nowhere
+        assert trial.CTRL_C.is_set()
+        with pytest.raises(KeyboardInterrupt, match="Ctrl-C"):
+            trial.stop_if_orphaned()
+    assert signal.getsignal(signal.SIGINT) is before and not trial.CTRL_C.is_set()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
 def test_killed_sweep_resumes_without_losing_or_repeating_trials(tmp_path, sig):
     path = write_sweep(tmp_path, """\

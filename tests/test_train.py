@@ -288,9 +288,16 @@ def test_stage2_trains_only_the_gate_and_names_its_stage1_run(tiny_config, track
     assert "val/gate_efficiency" in run.data.metrics and "stage2" in run.info.run_name
     assert "stage2.init_from" not in MlflowClient(tracking_uri).get_run(stage1.run_id).data.params
     with pytest.raises(ConfigError, match="stage2.init_from: .* different model or task: model.loops=2 there, 3 here"):
-        from ouro_lab.modules import build_module
+        from ouro_lab.builders import build_module
 
         build_module(tiny_config("model.loops=3", "train.max_steps=5", f"stage2.init_from={stage1.checkpoint}"))
+    # the Stage II checkpoint holds its own weights: loading it (a str path) never reads the Stage-I file again
+    from ouro_lab.checkpoints import load_checkpoint
+
+    Path(stage1.checkpoint).write_bytes(b"overwritten")
+    cfg, module = load_checkpoint(str(stage2.checkpoint))
+    assert cfg.stage2.init_from == stage1.checkpoint and module.in_stage2
+    assert all(torch.equal(module.state_dict()[k], after[k]) for k in after)
 
 
 def test_stage2_after_stage1_in_one_run(tiny_config, tracking_uri):

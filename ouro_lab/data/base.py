@@ -6,8 +6,10 @@ difficulty of every labelled position, registered by name with `@register_task`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 
@@ -172,3 +174,16 @@ def build_task(data_config) -> Task:
 
 
 __all__ = ["Batch", "IGNORE_INDEX", "PositionBucketTask", "SPLITS", "TASKS", "Task", "build_task", "get_task", "prefix_hashes", "register_task", "split_of"]
+
+
+def json_lines(path: Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSON-lines file; `error` naming the
+    file and line for one that is not JSON (corpora and benchmark files alike)."""
+    with path.open(encoding="utf-8") as lines:
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(f"{path}:{n}: not a JSON line ({err.msg})") from None

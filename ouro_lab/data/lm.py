@@ -45,7 +45,7 @@ from typing import Iterator
 import numpy as np
 from filelock import FileLock
 
-from ouro_lab.data.base import SPLITS, Batch, PositionBucketTask, register_task
+from ouro_lab.data.base import SPLITS, Batch, PositionBucketTask, json_lines, register_task
 
 BYTES = "bytes"
 STDLIB = "stdlib"  # a source: the Python standard library's .py files
@@ -294,17 +294,10 @@ def documents(files: list[Path], text_field: str, decode_errors: str = "strict")
         if f.is_dir() or f.suffix == ".parquet":
             yield from _datasets_rows(f, text_field)
         elif f.suffix in (".jsonl", ".json"):
-            with f.open(encoding="utf-8") as lines:
-                for n, line in enumerate(lines, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise CorpusError(f"{f}:{n}: not a JSON line ({err.msg})") from None
-                    if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                        raise CorpusError(f"{f}:{n}: no text field {text_field!r} (data.lm.text_field names it)")
-                    yield row[text_field]
+            for n, row in json_lines(f, CorpusError):
+                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                    raise CorpusError(f"{f}:{n}: no text field {text_field!r} (data.lm.text_field names it)")
+                yield row[text_field]
         else:  # any other file is one plain-text document (.txt, .md, .py ...)
             data = f.read_bytes()
             if b"\0" in data:

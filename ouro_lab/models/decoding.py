@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ouro_lab import exits
-from ouro_lab.models.transformer import OURO_LOOP, LoopedLM, _DecoderLM
+from ouro_lab.models.transformer import RECIPE_NOT_DECODABLE, LoopedLM, _DecoderLM, is_recipe
 
 RULES = ("none", "q", "conf", "change")
 STRATEGIES = ("full", "last", "first", "mean")
@@ -175,13 +175,6 @@ def executed_flops(model: _DecoderLM, out: ChunkOutput, seq_len: int) -> int:
     return row_flops(model, seq_len, out.stack_rows, out.gate_rows, out.head_rows)
 
 
-def is_recipe(model: _DecoderLM) -> bool:
-    """A looped model other than Ouro's whole-stack loop (README "Loop recipes")."""
-    spec = model.spec
-    return isinstance(model, LoopedLM) and (spec.prelude_layers, spec.coda_layers, spec.injection,
-                                            spec.init_state) != OURO_LOOP
-
-
 def _loops(model: _DecoderLM) -> int:
     return model.spec.loops if isinstance(model, LoopedLM) else 1
 
@@ -195,9 +188,9 @@ def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = 
     run to full depth.
 
     With rule none and no cache, every operation is the ordinary forward's (same results)."""
-    if is_recipe(model):
-        raise ValueError("skip semantics and cached decoding support Ouro's whole-stack loop only; this model "
-                         "has a prelude, coda, injection or initial state of another loop recipe")
+    spec = model.spec
+    if is_recipe(isinstance(model, LoopedLM), spec.prelude_layers, spec.coda_layers, spec.injection, spec.init_state):
+        raise ValueError(RECIPE_NOT_DECODABLE)
     B, C = idx.shape
     start = cache.length if cache is not None else 0
     spec, blocks = model.spec, model.blocks

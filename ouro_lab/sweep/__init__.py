@@ -6,6 +6,7 @@ under one MLflow parent run; pruning, failure handling, resume and worker proces
     trial.py     what one trial does: claim, suggest, one run per seed (or reuse), the objective
     pruning.py   the Lightning callback that reports to the pruner (also under DDP)
     budget.py    which trials count toward the budget, and which claim a place in it
+    dry_run.py   `--dry-run`: the validated sweep and the trials it would run, touching nothing
     recovery.py  trials of dead processes: failed, their runs ended, retries queued
     repair.py    a study journal a crash cut mid-record: checked, repaired with a backup, or named
     runner.py    run_sweep / run_worker / run_workers: the trial loop and the summary

@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ouro_lab.config import StoreError
+from ouro_lab.errors import StoreError
 
 RECORD_START = b'{"op_code"'  # how every record of Optuna's journal begins (json.dumps of its log dict)
 

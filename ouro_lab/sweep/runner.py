@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import _thread
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +25,7 @@ from ouro_lab.sweep.budget import budget, budget_used
 from ouro_lab.sweep.recovery import has_heartbeat, recover_interrupted
 from ouro_lab.sweep.schema import load_sweep
 from ouro_lab.sweep.study import Study, open_study, this_process
-from ouro_lab.sweep.trial import COORDINATOR_GONE, Discarded, run_trial, stop_if_orphaned
+from ouro_lab.sweep.trial import COORDINATOR_GONE, CTRL_C, Discarded, run_trial, stop_if_orphaned
 
 
 @dataclass
@@ -71,14 +73,15 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ver
               f"(experiment {sweep.name!r}); budget {total} trials x {sweep.seeds} seed(s)"
               + (f"; {len(gpus) or workers} workers" if workers > 1 or gpus else ""), flush=True)
     try:
-        if workers > 1 or gpus:
-            run_workers(path, overrides, workers, gpus, verbose)
-            # a worker that died late may have left its trial for nobody: finish the budget here
-            work(s, total, start, sweep.name, verbose, wait=True)
-        else:
-            # RDB: a trial left RUNNING by a dead process elsewhere is failed once its heartbeat
-            # lapses; wait for that rather than end the study short
-            work(s, total, start, sweep.name, verbose, wait=has_heartbeat(s.study))
+        with ctrl_c_stops_trials():
+            if workers > 1 or gpus:
+                run_workers(path, overrides, workers, gpus, verbose)
+                # a worker that died late may have left its trial for nobody: finish the budget here
+                work(s, total, start, sweep.name, verbose, wait=True)
+            else:
+                # RDB: a trial left RUNNING by a dead process elsewhere is failed once its heartbeat
+                # lapses; wait for that rather than end the study short
+                work(s, total, start, sweep.name, verbose, wait=has_heartbeat(s.study))
     except (KeyboardInterrupt, SystemExit):
         s.parent.end(status="KILLED")
         print(f"\n[sweep {sweep.name}] interrupted; finished trials are saved. Rerun the same command to resume.",
@@ -107,7 +110,31 @@ def run_worker(path: str | Path, overrides: list[str] | tuple[str, ...], index: 
     _exit_with_coordinator(int(os.environ.get("OURO_COORDINATOR_PID", "0")))
     sweep, base = load_sweep(path, overrides)
     s = open_study(sweep, base, worker=f"{socket.gethostname()}:{index}")
-    work(s, budget(sweep), time.perf_counter(), f"{sweep.name} w{index}", verbose)
+    with ctrl_c_stops_trials():
+        work(s, budget(sweep), time.perf_counter(), f"{sweep.name} w{index}", verbose)
+
+
+@contextmanager
+def ctrl_c_stops_trials():
+    """Ctrl-C raises KeyboardInterrupt as always, and also sets `trial.CTRL_C`, which stops the
+    running trial at its next batch: a KeyboardInterrupt that lands inside a finalizer (a weakref
+    callback during garbage collection) is swallowed by Python with "Exception ignored in ...",
+    and the sweep would run on. The previous handler is restored on the way out (sweeps also run
+    in-process, e.g. from a notebook)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_ctrl_c(signum, frame):
+        CTRL_C.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        CTRL_C.clear()
 
 
 def _exit_with_coordinator(pid: int, every: float = 1.0, grace: float = 30.0) -> None:

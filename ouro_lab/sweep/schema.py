@@ -33,7 +33,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ouro_lab import metric_names
-from ouro_lab.config import ConfigError, load_config, override_key, read_yaml, tracking_uri_problem
+from ouro_lab.config import ConfigError, load_config, override_key, read_yaml
+from ouro_lab.locations import tracking_uri_problem
 
 if TYPE_CHECKING:
     import optuna
@@ -350,39 +351,3 @@ def point_overrides(sweep: SweepConfig, point: dict[str, Any]) -> list[str]:
     for key, value in point.items():
         out += list(sweep.bundles[key][str(value)]) if key in sweep.bundles else [override_for(key, value)]
     return out
-
-
-def _point_text(sweep: SweepConfig, point: dict[str, Any]) -> str:
-    """'model.loops=4 recipe=huginn (model.prelude_layers=1 ...)' for the dry run."""
-    return " ".join(f"{k}={v} ({' '.join(sweep.bundles[k][str(v)]) or 'no overrides'})" if k in sweep.bundles
-                    else override_for(k, v) for k, v in point.items())
-
-
-def describe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
-    """`ouro-lab sweep ... --dry-run`: the validated sweep, the trials it would run (the grid's
-    points, or the search space and budget) and the state of its study, touching nothing."""
-    import itertools
-
-    from ouro_lab.sweep.budget import budget
-
-    sweep, base = load_sweep(path, overrides)
-    total = budget(sweep)
-    lines = [f"sweep {sweep.name!r} ({path}) is valid: base {base}, objective {sweep.objective.direction} "
-             f"{sweep.objective.metric}; {total} trial(s) x {sweep.seeds} seed(s) = {total * sweep.seeds} training "
-             f"run(s) (fewer where an identical run is reused)"]
-    if sweep.overrides:
-        lines.append(f"fixed overrides: {' '.join(sweep.overrides)}")
-    if sweep.sampler.name == "grid":
-        points = list(itertools.product(*(grid_values(spec) for spec in sweep.params.values())))
-        lines.append(f"grid sampler (seed {sweep.sampler.seed}; visits its points in a shuffled order), {len(points)} points:")
-        lines += [f"  {_point_text(sweep, dict(zip(sweep.params, point)))}" for point in points[:total]]
-    else:
-        lines.append(f"{sweep.sampler.name} sampler (seed {sweep.sampler.seed}) over:")
-        for key, spec in sweep.params.items():
-            space = (f"choices {list(spec.choices)}" if spec.choices is not None else
-                     f"[{spec.low}, {spec.high}]" + (" log" if spec.log else "") + (f" step {spec.step}" if spec.step else ""))
-            lines.append(f"  {key}: {space}")
-    journal = Path(sweep.study_dir or Path("studies") / sweep.name) / "optuna.journal"
-    where = sweep.storage or journal
-    lines.append(f"study: {where} ({'exists: a run resumes it' if sweep.storage or journal.exists() else 'new'})")
-    return "\n".join(lines)

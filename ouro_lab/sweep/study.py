@@ -3,7 +3,6 @@ the definition check that refuses to resume a changed sweep, and the study's MLf
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -19,7 +18,10 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from ouro_lab import tracking
-from ouro_lab.config import ConfigError, ExperimentConfig, InferConfig, StoreError, load_config, to_dict, writable_dir
+from ouro_lab.config import ConfigError, ExperimentConfig, load_config, to_dict
+from ouro_lab.errors import StoreError
+from ouro_lab.locations import writable_dir
+from ouro_lab.run_record import STUDY_HASH_LATER, drop_later_defaults
 from ouro_lab.sweep.budget import counts_toward_budget, retried_trials
 from ouro_lab.sweep.repair import repair_journal
 from ouro_lab.sweep.schema import SweepConfig, grid_values
@@ -257,16 +259,6 @@ def _check_same_study(sweep: SweepConfig, study: optuna.Study | None, experiment
                 f"storage) at the study's journal, or give the sweep a new name= to start over (nothing was changed)")
 
 
-# config keys added after studies were made with this code (their definition hash left them out)
-LATER_KEYS = (("train", "strategy"), ("eval", "exit_q"), ("eval", "exit_confidence"), ("eval", "exit_step_change"),
-              ("eval", "exit_epsilon"), ("eval", "oracle_tolerance"), ("stage2", "init_from"), ("stage2", "k"),
-              ("stage2", "gamma"), ("stage2", "improvement"), ("stage2", "steps"), ("model", "rope_layout"),
-              ("model", "rope_base"), ("model", "norm_eps"), *(("infer", f.name) for f in dataclasses.fields(InferConfig)),
-              ("model", "prelude_layers"), ("model", "coda_layers"), ("model", "injection"), ("model", "init_state"),
-              ("train", "loops_sampling"), ("train", "loops_min"), ("train", "loops_max"), ("train", "backprop_loops"),
-              ("data", "lm"))
-
-
 def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:
     """What makes two invocations the same study: the search space, objective, seeds and the
     resolved experiment config (budget, timeout and retries may change between resumes)."""
@@ -278,10 +270,7 @@ def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:
         d.pop("bundles")  # (studies made before bundles existed keep their hash)
     d["base_config"] = to_dict(base_cfg)
     d["base_config"].pop("tracking")
-    defaults = to_dict(ExperimentConfig())
-    for section, key in LATER_KEYS:  # NOTE: at their defaults, left out: studies made before them resume
-        if d["base_config"][section].get(key) == defaults[section][key]:
-            d["base_config"][section].pop(key)
+    drop_later_defaults(d["base_config"], STUDY_HASH_LATER)  # at their defaults, left out: studies made before resume
     d["base_config"] = {k: v for k, v in d["base_config"].items() if v != {}}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -21,12 +21,14 @@ import optuna
 from optuna.trial import TrialState
 
 from ouro_lab import tracking
-from ouro_lab.config import ExperimentConfig, load_config, to_dict, used_params
+from ouro_lab.config import ExperimentConfig, load_config, to_dict
+from ouro_lab.run_record import RUN_HASH_LATER, drop_later_defaults, used_params
 from ouro_lab.sweep.budget import claims_budget, retried_trials
 from ouro_lab.sweep.pruning import PruningCallback
 from ouro_lab.sweep.schema import SweepConfig, distribution, point_overrides
 from ouro_lab.sweep.study import Study, this_process
-from ouro_lab.train import resolve_precision, train
+from ouro_lab.builders import resolve_precision
+from ouro_lab.train import train
 
 
 class Discarded(Exception):
@@ -61,13 +63,7 @@ def canonical_hash(cfg: ExperimentConfig) -> str:
     d = to_dict(cfg)
     d.pop("tracking")
     d.pop("infer")  # inference settings do not change what training produces
-    later = {"model": {"rope_layout": "interleaved", "rope_base": 10000.0, "norm_eps": 1e-6, "prelude_layers": 0,
-                       "coda_layers": 0, "injection": "none", "init_state": "input"},
-             "train": {"loops_sampling": "fixed", "loops_min": 1, "loops_max": 0, "backprop_loops": 0}}
-    for section, defaults in later.items():  # keys added later: at their defaults, hashes made before stay valid
-        for key, default in defaults.items():
-            if d[section][key] == default:
-                d[section].pop(key)
+    drop_later_defaults(d, RUN_HASH_LATER)  # keys added later: at their defaults, hashes made before stay valid
     if cfg.data.task != "lm":
         d["data"].pop("lm")  # (hashes made before the lm task existed stay valid)
     if not cfg.has_stage2:
@@ -177,6 +173,9 @@ def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int,
 
 # set by a sweep worker whose coordinator is gone (runner._exit_with_coordinator)
 COORDINATOR_GONE = threading.Event()
+# set by the sweep's Ctrl-C handler (runner.ctrl_c_stops_trials): a Ctrl-C whose KeyboardInterrupt
+# a finalizer swallowed ("Exception ignored in ...", seen in CI) still stops the trial at its next batch
+CTRL_C = threading.Event()
 
 
 class StopWhenOrphaned(L.Callback):
@@ -193,9 +192,11 @@ class StopWhenOrphaned(L.Callback):
 
 
 def stop_if_orphaned() -> None:
-    """A KeyboardInterrupt, here and now, once this worker's coordinator is gone."""
+    """A KeyboardInterrupt, here and now, once this worker's coordinator is gone or after a Ctrl-C."""
     if COORDINATOR_GONE.is_set():
         raise KeyboardInterrupt("the sweep's coordinator is gone")
+    if CTRL_C.is_set():
+        raise KeyboardInterrupt("interrupted (Ctrl-C)")
 
 
 class TrialProgress(L.Callback):
