@@ -9,7 +9,7 @@ from ouro_lab import tracking
 from ouro_lab.builders import log_setup, make_datamodule, make_trainer
 from ouro_lab.checkpoints import load_checkpoint
 from ouro_lab.inference import device_for, exit_rule, skip_evaluate, skip_table
-from ouro_lab.run_record import run_name
+from ouro_lab.run_record import METRIC_KIND_TAG, metric_kind, run_name
 from ouro_lab.views import run_tables
 
 @dataclass
@@ -21,12 +21,13 @@ class EvalResult:
     experiment: str | None = None  # and its experiment
     where: str | None = None  # how to look at it
     skip: str | None = None  # the skip / selection / full-depth table (infer.exit_rule set)
+    kind: str = "acc"  # the per-step quality metric: acc or bpb (run_record.metric_kind)
 
     @property
     def table(self) -> str:
-        tables = run_tables(self.metrics, self.split)
+        tables = run_tables(self.metrics, self.split, self.kind)
         return tables + (f"\n\nskip semantics vs selection semantics ({self.skip})\n"
-                         + skip_table(self.metrics, self.split, f"{self.split}/skip_bpb" in self.metrics)
+                         + skip_table(self.metrics, self.split, self.kind == "bpb")
                          if self.skip else "")
 
 
@@ -45,12 +46,12 @@ def evaluate_checkpoint(path: Path, overrides: list[str] = (), split: str = "tes
     datamodule = make_datamodule(cfg, module.task)
     run(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}
-    result = EvalResult(metrics=metrics, split=split)
+    result = EvalResult(metrics=metrics, split=split, kind=metric_kind(module.task))
     rule = exit_rule(cfg)
     if rule.name != "none":  # the rule in skip semantics, next to selection semantics and full depth
         loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
         skip = skip_evaluate(module.model.to(device_for(cfg)), loader, rule, len(module.task.difficulty_levels),
-                             module.task.byte_level, module.task.seq_len, getattr(module.task, "token_bytes", None))
+                             result.kind == "bpb", module.task.seq_len, getattr(module.task, "token_bytes", None))
         metrics |= {f"{split}/{k}": v for k, v in skip.items()}
         result.skip = str(rule)
     if log:
@@ -67,7 +68,8 @@ def _log_eval(cfg, path: Path, module, overrides: list[str], split: str,
     experiment = tracking.Experiment.open(tracking.resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
     name = f"eval-{run_name(cfg)}-{split}"
     tags = tracking.reproducibility_tags() | {"ouro.role": "eval", "ouro.checkpoint": str(path.resolve()),
-                                              "ouro.evaluated_run_id": trained_run or "unknown"}
+                                              "ouro.evaluated_run_id": trained_run or "unknown",
+                                              METRIC_KIND_TAG: metric_kind(module.task)}
     if source:
         tags["ouro.imported_from"] = source["folder"]
     with experiment.create_run(name, tags) as run:

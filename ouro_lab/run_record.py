@@ -1,5 +1,6 @@
 """What a run records in MLflow besides its metrics: its name (`run_name`), the params it logs
-(`used_params`), and which config keys its hashes leave out (`drop_later_defaults`)."""
+(`used_params`), the kind of quality metric it logs (`metric_kind`, tag `ouro.metric_kind`), and
+which config keys its hashes leave out (`drop_later_defaults`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import dataclasses
 
 from ouro_lab.config import ExperimentConfig, InferConfig, flatten, to_dict
-from ouro_lab.data import TASKS
+from ouro_lab.data import TASKS, Task
 
 
 def used_params(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -59,3 +60,12 @@ def drop_later_defaults(d: dict, keys: tuple[tuple[str, str], ...]) -> None:
     for section, key in keys:
         if section in d and key in d[section] and d[section][key] == defaults[section][key]:
             d[section].pop(key)
+
+
+METRIC_KIND_TAG = "ouro.metric_kind"  # "acc" or "bpb": what the run's per-step quality metric is
+
+
+def metric_kind(task: Task) -> str:
+    """The per-step quality metric a task's runs report: bits per byte on byte-level tasks
+    (`text`, `lm`), else accuracy. Decided here only; training and evaluation runs record it."""
+    return "bpb" if task.byte_level else "acc"

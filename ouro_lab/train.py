@@ -26,7 +26,7 @@ from ouro_lab.config import ConfigError, ExperimentConfig
 from ouro_lab.data.datamodule import TaskDataModule
 from ouro_lab.data.lm import CorpusError
 from ouro_lab.locations import writable_dir
-from ouro_lab.run_record import run_name
+from ouro_lab.run_record import METRIC_KIND_TAG, metric_kind, run_name
 from ouro_lab.views import curve_series, loop_step_figure, plt, run_tables
 
 
@@ -54,9 +54,10 @@ class TrainResult:
     val: dict[str, float] = field(default_factory=dict)  # final val metrics, e.g. val["val/acc_final"]
     test: dict[str, float] = field(default_factory=dict)
     summary: dict[str, int] = field(default_factory=dict)  # params, FLOPs/token, depth
+    kind: str = "acc"  # the per-step quality metric: acc or bpb (run_record.metric_kind)
 
     def table(self, split: str = "val") -> str:
-        return run_tables(self.val if split == "val" else self.test, split)
+        return run_tables(self.val if split == "val" else self.test, split, self.kind)
 
 
 def train(cfg: ExperimentConfig, *, run: tracking.Run | None = None, callbacks: Sequence[Callback] = (),
@@ -151,7 +152,8 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDat
     module.run_id = run.id  # saved in the checkpoint, so a Stage II run can name where it came from
     stage = {"ouro.stage": "2", "ouro.stage1_run_id": module.stage1_run_id or "unknown"} if cfg.stage2.init_from \
         else {"ouro.stage": "1+2"} if cfg.stage2.steps else {}
-    run.set_tags(run_tags(cfg) | stage)
+    kind = metric_kind(module.task)
+    run.set_tags(run_tags(cfg) | stage | {METRIC_KIND_TAG: kind})
     summary = module.summary()
     if verbose:
         print(f"[ouro-lab] run {run_name(cfg)} ({run.id}) -> {experiment.tracking_uri}",
@@ -183,10 +185,10 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDat
         run.set_tags({"ouro.checkpoint": str(checkpoint.resolve()), "ouro.checkpoint_step": str(step)})
     _log_plot(run, module, val, run_name(cfg))
     for split in (val, test):
-        run.log_series(curve_series(split, module.trained_loops, kind="bpb" if module.task.byte_level else "acc"))
+        run.log_series(curve_series(split, module.trained_loops, kind=kind))
     return TrainResult(run_id=run.id, experiment_id=experiment.id, tracking_uri=experiment.tracking_uri,
                        checkpoint=last,
-                       seconds=time.perf_counter() - start, val=val, test=test, summary=summary)
+                       seconds=time.perf_counter() - start, val=val, test=test, summary=summary, kind=kind)
 
 
 class _SaveAfterFinalValidation(Callback):
@@ -242,6 +244,6 @@ def _log_plot(run: tracking.Run, module, val: dict[str, float], title: str) -> N
     history = {f"val/{names.step('loss', t)}": run.metric_history(f"val/{names.step('loss', t)}")
                for t in range(1, module.eval_loops + 1)}
     fig = loop_step_figure(history, val, module.trained_loops, module.eval_loops, module.task.difficulty_levels,
-                           module.task.difficulty_name, title, kind="bpb" if module.task.byte_level else "acc")
+                           module.task.difficulty_name, title, kind=metric_kind(module.task))
     run.log_figure(fig, "plots/loop_steps.png")
     plt.close(fig)

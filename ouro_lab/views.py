@@ -48,11 +48,10 @@ def loop_step_figure(history: dict[str, list[tuple[int, float]]], final: dict[st
     return fig
 
 
-def metrics_table(metrics: dict[str, float], split: str = "val") -> str:
-    """Loss and accuracy (bits per byte for byte-level tasks) by loop step and difficulty, as a
-    plain-text table."""
+def metrics_table(metrics: dict[str, float], split: str = "val", kind: str = "acc") -> str:
+    """Loss and accuracy (and bits per byte, kind "bpb": byte-level tasks) by loop step, and
+    `kind` by difficulty, as a plain-text table."""
     steps, levels = names.steps_and_levels(metrics, split)
-    kind = "bpb" if f"{split}/{names.step('bpb', 1)}" in metrics else "acc"
     header = ["step", "loss", *(["acc", "bpb"] if kind == "bpb" else ["acc"]), *[f"{kind}_d{k}" for k in levels]]
     rows = [header]
     for t in steps:
@@ -94,11 +93,10 @@ def curve_series(metrics: dict[str, float], trained_loops: int, kind: str = "acc
     return out
 
 
-def frontier_table(metrics: dict[str, float], split: str = "val") -> str:
+def frontier_table(metrics: dict[str, float], split: str = "val", kind: str = "acc") -> str:
     """The early-exit frontier as a plain-text table: each rule's threshold, mean loops and
-    accuracy (bits per byte for byte-level tasks), the oracles and the gate scalars; '' for a
-    run without a gate."""
-    kind = "bpb" if any(names.EXIT_RULE_METRIC.match(k) and k.endswith("_bpb") for k in metrics) else "acc"
+    `kind` (accuracy, or bits per byte for byte-level tasks), the oracles and the gate scalars;
+    '' for a run without a gate."""
     rows = _rule_points(metrics, split, kind)
     if not rows:
         return ""
@@ -129,7 +127,8 @@ def _rule_points(metrics: dict[str, float], split: str, kind: str) -> list[tuple
     return points
 
 
-def run_tables(metrics: dict[str, float], split: str = "val") -> str:
-    """What `ouro-lab train` and `eval` print: metrics by loop step, then the exit frontier."""
-    frontier = frontier_table(metrics, split)
-    return metrics_table(metrics, split) + (f"\n{frontier}" if frontier else "")
+def run_tables(metrics: dict[str, float], split: str = "val", kind: str = "acc") -> str:
+    """What `ouro-lab train` and `eval` print: metrics by loop step, then the exit frontier
+    (`kind`: the run's metric kind, run_record.metric_kind)."""
+    frontier = frontier_table(metrics, split, kind)
+    return metrics_table(metrics, split, kind) + (f"\n{frontier}" if frontier else "")

@@ -121,6 +121,10 @@ def test_cli_eval(tiny_config, capsys, tmp_path, monkeypatch):
         assert "val metrics by loop step" in out
         assert re.search(r"^\s+5\s", out, re.M) and not re.search(r"^\s+6\s", out, re.M)  # T=2 + 3 extra steps
     assert main(["eval", result.checkpoint, "eval.extra_loops=3", "--split", "val"]) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (evaluation,) = [r for r in client.search_runs([client.get_experiment_by_name("test").experiment_id])
+                     if r.data.tags.get("ouro.role") == "eval"]
+    assert evaluation.data.tags["ouro.metric_kind"] == "acc"  # (state: accuracy)
     assert (tmp_path / "mlflow.db").exists()
     assert main(["eval", "nope.ckpt"]) == 2
     assert "checkpoint not found: nope.ckpt" in capsys.readouterr().err
@@ -195,6 +199,7 @@ def test_multihop_and_text_log_per_step_per_difficulty_metrics(task, tiny_config
     client = MlflowClient(tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["ouro.task"] == task
+    assert run.data.tags["ouro.metric_kind"] == {"multihop": "acc", "text": "bpb"}[task] == result.kind
     metrics = run.data.metrics
     # memorised multihop holds out compositions only (k >= 2); text buckets context positions
     levels = {"multihop": [2, 3], "text": [1, 2, 3, 4]}[task]
