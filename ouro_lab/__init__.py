@@ -3,6 +3,8 @@ MLflow runs one way through these rooms:
 
     config.py        YAML + key=value overrides -> typed, validated ExperimentConfig (once);
                      its derived facts (distinct_layers, trained_loops, eval_loops) live on it
+    errors.py        ConfigError (names the key), StoreError (names the file)
+    locations.py     writable folders, tracking URIs that can work
     data/            tasks (tokens, targets, difficulty per position) and the DataModule
     models/          pure nn.Modules: blocks, LoopedLM, StandardLM
     objectives.py    exit distribution, priors, the Stage-I objective, fused head + CE
@@ -11,10 +13,16 @@ MLflow runs one way through these rooms:
     metrics.py       the per-loop-step and exit-frontier torchmetrics Metrics
     modules.py       LightningModules: optimizer, schedule, objective, metrics
     tracking.py      MLflow: Experiment and the Run handle (one owner per run)
+    run_record.py    what a run records besides metrics: name, params, metric kind, hash keys
     views.py         a run's figure and terminal table
+    builders.py      module (+ Stage-I weights), DataModule, Trainer, the setup logged per run
     train.py         train(cfg, run=None): the one way anything trains
-    evaluate.py      re-evaluate a checkpoint, with train's builders
+    checkpoints.py   reading a checkpoint; load_checkpoint (eval-time overrides); import-hf
+    evaluate.py      re-evaluate a checkpoint, with the builders training uses
+    inference.py     skip vs selection, the cached-decoding table, generation
+    choice.py        multiple-choice benchmarks per loop step
     sweep/           Optuna studies whose trials are train() runs (see its __init__)
     analysis/        a study read back from MLflow -> statistics, plots, report
-    cli.py           `ouro-lab train | eval | sweep | report | studies`
+    cli.py           `ouro-lab train | eval | generate | decode | bench | import-hf | tokenizer |
+                     sweep | report | studies`
 """

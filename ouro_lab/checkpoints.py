@@ -57,8 +57,6 @@ def load_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[Experi
     cfg = from_dict(saved, overrides)  # validated once, here
     _refuse_unused_overrides(cfg, overrides)
     module = new_module(cfg)  # (a Stage II checkpoint holds its own weights: its Stage-I file is not read again)
-    if cfg.stage2.init_from:
-        module.start_stage2()
     module.load_state_dict(ckpt["state_dict"])
     module.ouro_run_id = ckpt.get("ouro_run_id")
     module.ouro_source = ckpt.get("ouro_source")  # an imported checkpoint's origin (import_hf)

@@ -305,8 +305,9 @@ def _unknown_key_message(err: ConfigKeyError) -> str:
     return f"unknown config key '{full_key}'; valid keys {where}: {', '.join(valid)}"
 
 
-def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Check ranges and combinations; raise ConfigError listing every problem."""
+def validate(cfg: ExperimentConfig, saved: bool = False) -> ExperimentConfig:
+    """Check ranges and combinations; raise ConfigError listing every problem. `saved`: a
+    checkpoint's own config (a Stage-I file it was trained from need not exist any more)."""
     problems: list[str] = []
 
     def check(ok: bool, key: str, message: str) -> None:
@@ -372,7 +373,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
               f"every threshold must be {bound}, got {values}")
         check(len(set(values)) == len(values), f"eval.{key}", f"has duplicate thresholds: {values}")
     s2 = cfg.stage2
-    if s2.init_from is not None:
+    if s2.init_from is not None and not saved:  # (a saved Stage II config: its weights are its checkpoint's)
         check(Path(s2.init_from).expanduser().is_file(), "stage2.init_from", f"checkpoint not found: {s2.init_from}")
     check(s2.steps >= 0, "stage2.steps", f"must be >= 0 (0 = no Stage II after Stage I), got {s2.steps}")
     if s2.steps > 0:
@@ -425,7 +426,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def from_dict(config: dict, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """A config saved as a plain dict (a checkpoint's hyperparameters) back as a validated object."""
-    return validate(OmegaConf.to_object(merge(config, parse_overrides(list(overrides)))))
+    return validate(OmegaConf.to_object(merge(config, parse_overrides(list(overrides)))), saved=True)
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:

@@ -260,12 +260,15 @@ class _LMModule(L.LightningModule):
 
 class LoopedLMModule(_LMModule):
     """Ouro: N shared blocks x T loops, per-step head, exit gate; the Stage-I objective, or
-    with `stage2.init_from` Stage II: the checkpoint's weights, all frozen but the exit gate,
-    which learns from the per-token loss improvements (DESIGN.md Part 1 "Stage II")."""
+    with `stage2.init_from` Stage II: all weights frozen but the exit gate, which learns from
+    the per-token loss improvements (DESIGN.md Part 1 "Stage II"). The Stage-I checkpoint's
+    weights come from `load_stage1` (builders.build_module), or from a Stage II checkpoint."""
 
     def __init__(self, cfg: ExperimentConfig | None = None, *, config: dict | None = None):
         super().__init__(cfg, config=config)
         self.stage1_run_id: str | None = None  # the run that trained the Stage-I checkpoint (Stage II only)
+        if self.cfg.stage2.init_from:
+            self.start_stage2()
 
     def start_stage2(self) -> None:
         """Switch to Stage II: freeze every parameter but the exit gate's; the objective becomes

@@ -276,6 +276,13 @@ def test_a_ctrl_c_that_a_finalizer_swallows_still_stops_the_trial():
         with pytest.raises(KeyboardInterrupt, match="Ctrl-C"):
             trial.stop_if_orphaned()
     assert signal.getsignal(signal.SIGINT) is before and not trial.CTRL_C.is_set()
+    # a sweep started in the background (SIGINT ignored) keeps ignoring Ctrl-C
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with ctrl_c_stops_trials():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])

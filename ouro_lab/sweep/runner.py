@@ -72,8 +72,8 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ver
         print(f"[sweep {sweep.name}] study in {storage_desc}; runs in {s.tracking_uri} "
               f"(experiment {sweep.name!r}); budget {total} trials x {sweep.seeds} seed(s)"
               + (f"; {len(gpus) or workers} workers" if workers > 1 or gpus else ""), flush=True)
-    try:
-        with ctrl_c_stops_trials():
+    with ctrl_c_stops_trials():  # (outside the clean-up below: a second Ctrl-C does not cut it short)
+        try:
             if workers > 1 or gpus:
                 run_workers(path, overrides, workers, gpus, verbose)
                 # a worker that died late may have left its trial for nobody: finish the budget here
@@ -82,11 +82,11 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ver
                 # RDB: a trial left RUNNING by a dead process elsewhere is failed once its heartbeat
                 # lapses; wait for that rather than end the study short
                 work(s, total, start, sweep.name, verbose, wait=has_heartbeat(s.study))
-    except (KeyboardInterrupt, SystemExit):
-        s.parent.end(status="KILLED")
-        print(f"\n[sweep {sweep.name}] interrupted; finished trials are saved. Rerun the same command to resume.",
-              file=sys.stderr, flush=True)
-        raise
+        except (KeyboardInterrupt, SystemExit):
+            s.parent.end(status="KILLED")
+            print(f"\n[sweep {sweep.name}] interrupted; finished trials are saved. Rerun the same command to resume.",
+                  file=sys.stderr, flush=True)
+            raise
     summary = summarize(s, time.perf_counter() - start, storage_desc)
     _log_summary(s, summary)
     if verbose:
@@ -120,8 +120,10 @@ def ctrl_c_stops_trials():
     running trial at its next batch: a KeyboardInterrupt that lands inside a finalizer (a weakref
     callback during garbage collection) is swallowed by Python with "Exception ignored in ...",
     and the sweep would run on. The previous handler is restored on the way out (sweeps also run
-    in-process, e.g. from a notebook)."""
-    if threading.current_thread() is not threading.main_thread():
+    in-process, e.g. from a notebook). A process that ignores SIGINT (started in the background
+    by a shell) keeps ignoring it."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
         yield
         return
 
