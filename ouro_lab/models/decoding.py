@@ -17,6 +17,8 @@ before it; everything else is a way of calling it:
 Only executed work is done: after a token exits, its rows leave the matmuls (tokens still
 running are packed; attention pads them per sequence), and the counts of rows that went
 through the stack, the gate and the head are returned so FLOPs are counted from what ran.
+The blocks are training's own (`Block.forward`); only what attention reads differs, given
+as its `kv` (`_Kept`: the chunk alone, its keys/values kept; `_Packed`: running rows + cache).
 
 Cache strategies (DESIGN.md "KV cache"; paper: decode-time reuse of the last step's cache
 cuts cache memory T-fold at almost no loss, the first step's collapses):
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ouro_lab import exits
-from ouro_lab.models.transformer import RECIPE_NOT_DECODABLE, LoopedLM, _DecoderLM, is_recipe
+from ouro_lab.models.transformer import RECIPE_NOT_DECODABLE, LoopedLM, _DecoderLM, causal_attention, is_recipe
 
 RULES = ("none", "q", "conf", "change")
 STRATEGIES = ("full", "last", "first", "mean")
@@ -222,10 +224,14 @@ def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = 
             rows = active.nonzero(as_tuple=True)  # (b, c) of the tokens still running
             if start == 0 and bool(active.all()):  # nothing cached, nothing exited: the ordinary blocks
                 for layer, block in enumerate(blocks):
-                    h = block(h, kv_out=(k_now[layer], v_now[layer]))
+                    h = block(h, _Kept(k_now[layer], v_now[layer]))
                 x = h.reshape(B * C, D)
-            else:
-                x = _packed_stack(model, cache, t, h[rows], rows, active, positions, k_now, v_now)
+            else:  # the running rows only, through the same blocks
+                packed, x = _Packed(cache, t, rows, active, positions, k_now, v_now), h[rows]
+                for layer, block in enumerate(blocks):
+                    # NOTE: .forward, not the call: eager even where training compiled the blocks
+                    # (fullgraph), since the packed shapes change with every exit
+                    x = block.forward(x, packed.layer(layer))
             stack_rows += x.shape[0]
             x_normed = model.final_norm(x)
             if spec.loop_state == "normed":  # Ouro: the normed state is the next loop's input
@@ -272,38 +278,59 @@ def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = 
                        stack_rows=stack_rows, gate_rows=gate_rows, head_rows=head_rows)
 
 
-def _packed_stack(model: _DecoderLM, cache: KVCache | None, step: int, x: torch.Tensor, rows: tuple,
-                  active: torch.Tensor, positions: torch.Tensor, k_now: torch.Tensor, v_now: torch.Tensor) -> torch.Tensor:
-    """One pass of the blocks over the running tokens only: x (n, D) packed rows (b, c).
+class _Kept:
+    """Attention as in training over the whole chunk (nothing cached, nothing exited), its keys
+    and values copied into k_out, v_out (B, H, C, Dh): the `kv` of `Block.forward`."""
 
-    Matmuls see the n rows; attention packs each sequence's running queries into A slots
-    (A = the most running in one sequence) and reads the cached tokens, then the chunk's keys
-    (running tokens' new ones, exited tokens' frozen ones), causally within the chunk."""
-    B, C = active.shape
-    b, c = rows
-    slot = (active.long().cumsum(1) - 1)[rows]  # each running token's slot in its sequence's queries
-    A = int(active.sum(1).max())
-    query_c = torch.full((B, A), C - 1, dtype=torch.long, device=x.device)  # padding slots see all: finite, unused
-    query_c[b, slot] = c
-    P = cache.length if cache is not None else 0
-    sees = torch.arange(C, device=x.device)[None, None, :] <= query_c[:, :, None]  # (B, A, C)
-    mask = torch.cat([sees.new_ones(B, A, P), sees], dim=-1)[:, None]  # (B, 1, A, P + C)
-    pos = positions[c]
-    for layer, block in enumerate(model.blocks):
-        attn = block.attn
-        q, k, v = attn.project_rows(block.norm1(x), pos)  # (n, H, Dh)
-        k_now[layer][b, :, c] = k
-        v_now[layer][b, :, c] = v
-        keys, values = k_now[layer], v_now[layer]
-        if P:
-            cached_k, cached_v = cache.keys_values(step, layer)
+    positions = None
+
+    def __init__(self, k_out: torch.Tensor, v_out: torch.Tensor):
+        self.k_out, self.v_out = k_out, v_out
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.k_out.copy_(k)
+        self.v_out.copy_(v)
+        return causal_attention(q, k, v)
+
+
+class _Packed:
+    """The running tokens' attention at one loop step, for `Block.forward` over packed rows
+    (n, D) (b, c): each sequence's running queries go into A slots (A = the most running in one
+    sequence) and read the cached tokens, then the chunk's keys (running tokens' new ones,
+    exited tokens' frozen ones), causally within the chunk. `layer(i)` points it at block i."""
+
+    def __init__(self, cache: KVCache | None, step: int, rows: tuple, active: torch.Tensor, positions: torch.Tensor,
+                 k_now: torch.Tensor, v_now: torch.Tensor):
+        B, C = active.shape
+        self.cache, self.step, self.rows, self.k_now, self.v_now = cache, step, rows, k_now, v_now
+        b, c = rows
+        self.slot = (active.long().cumsum(1) - 1)[rows]  # each running token's slot in its sequence's queries
+        A = int(active.sum(1).max())
+        query_c = torch.full((B, A), C - 1, dtype=torch.long, device=active.device)  # padding slots see all: finite, unused
+        query_c[b, self.slot] = c
+        self.cached = cache.length if cache is not None else 0
+        sees = torch.arange(C, device=active.device)[None, None, :] <= query_c[:, :, None]  # (B, A, C)
+        self.mask = torch.cat([sees.new_ones(B, A, self.cached), sees], dim=-1)[:, None]  # (B, 1, A, cached + C)
+        self.positions = positions[c]
+        self.index = 0
+
+    def layer(self, index: int) -> _Packed:
+        self.index = index
+        return self
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v (n, H, Dh) of the running rows -> (n, H, Dh)."""
+        (b, c), slot = self.rows, self.slot
+        keys, values = self.k_now[self.index], self.v_now[self.index]  # (B, H, C, Dh)
+        keys[b, :, c] = k
+        values[b, :, c] = v
+        if self.cached:
+            cached_k, cached_v = self.cache.keys_values(self.step, self.index)
             keys, values = torch.cat([cached_k, keys], dim=2), torch.cat([cached_v, values], dim=2)
-        queries = q.new_zeros(B, q.shape[1], A, q.shape[2])
+        queries = q.new_zeros(self.mask.shape[0], q.shape[1], self.mask.shape[2], q.shape[2])  # (B, H, A, Dh)
         queries[b, :, slot] = q
-        y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)  # (B, H, A, Dh)
-        x = x + block.norm2(attn.out(y[b, :, slot].flatten(1)))
-        x = x + block.norm4(block.mlp(block.norm3(x)))
-    return x
+        y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.mask)  # (B, H, A, Dh)
+        return y[b, :, slot]
 
 
 def clock(device: torch.device) -> float:

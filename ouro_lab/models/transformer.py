@@ -93,6 +93,11 @@ class RotaryEmbedding(nn.Module):
         return rotated.flatten(-2)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain causal self-attention: q, k, v (B, H, S, Dh) -> (B, S, H, Dh)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, rope: RotaryEmbedding | None):
         super().__init__()
@@ -101,26 +106,22 @@ class Attention(nn.Module):
         self.out = nn.Linear(spec.d_model, spec.d_model, bias=False)
         self.rope = rope  # shared table, not a parameter
 
-    def forward(self, x: torch.Tensor, kv_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Causal self-attention over x (B, S, D); `kv_out`: (B, H, S, Dh) buffers that receive
-        the keys and values (skip-semantics / cached decoding, models/decoding.py)."""
-        B, S, D = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        if self.rope is not None:
-            q, k = self.rope(q), self.rope(k)
-        if kv_out is not None:
-            kv_out[0].copy_(k)
-            kv_out[1].copy_(v)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, S, Dh)
-        return self.out(y.transpose(1, 2).reshape(B, S, D))
-
-    def project_rows(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q, k, v of packed token rows x (n, D) at `positions` (n,): each (n, H, Dh)."""
-        n, D = x.shape
-        q, k, v = self.qkv(x).view(n, 3, self.n_heads, D // self.n_heads).unbind(1)
+    def forward(self, x: torch.Tensor, kv=None) -> torch.Tensor:
+        """Causal self-attention over x (B, S, D). `kv` (skip semantics and cached decoding,
+        models/decoding.py) decides what the queries meet: `kv.attend(q, k, v)` in place of
+        plain causal attention, returning (..., H, Dh) in x's layout; with `kv.positions` (n,)
+        set, x is packed token rows (n, D), row i at position kv.positions[i]."""
+        positions = None if kv is None else kv.positions
+        D = x.shape[-1]
+        if positions is None:
+            B, S, _ = x.shape
+            q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, H, S, Dh)
+        else:
+            q, k, v = self.qkv(x).view(x.shape[0], 3, self.n_heads, D // self.n_heads).unbind(1)  # (n, H, Dh)
         if self.rope is not None:
             q, k = self.rope(q, positions), self.rope(k, positions)
-        return q, k, v
+        y = causal_attention(q, k, v) if kv is None else kv.attend(q, k, v)
+        return self.out(y.flatten(-2))
 
 
 class SwiGLU(nn.Module):
@@ -146,8 +147,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(spec.d_model, spec.d_ff)
         self.norm4 = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
 
-    def forward(self, h: torch.Tensor, kv_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        h = h + self.norm2(self.attn(self.norm1(h), kv_out))
+    def forward(self, h: torch.Tensor, kv=None) -> torch.Tensor:
+        """h (B, S, D); or packed token rows (n, D) with `kv` (`Attention.forward`)."""
+        h = h + self.norm2(self.attn(self.norm1(h), kv))
         return h + self.norm4(self.mlp(self.norm3(h)))
 
 
