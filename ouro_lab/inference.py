@@ -56,13 +56,14 @@ def _selection_steps(rule: ExitRule, gate_logits: torch.Tensor | None, logits: l
         return torch.full((B, S), T, dtype=torch.long, device=logits[0].device)
     if rule.name == "q":
         return exits.q_exit(gate_logits.reshape(B * S, T), [rule.threshold])[0].reshape(B, S)
-    log_probs = [torch.log_softmax(x.float(), -1) for x in logits]
+    confidence, change, log_probs = [], [], None
+    for x in logits:
+        log_probs, step_confidence, step_change = exits.rule_inputs(x, log_probs)
+        confidence.append(step_confidence)
+        change.append(step_change)
     if rule.name == "conf":
-        confidence = torch.stack([lp.max(-1).values.exp() for lp in log_probs]).reshape(T, -1)
-        return exits.confidence_exit(confidence, [rule.threshold])[0].reshape(B, S)
-    change = torch.stack([torch.full((B, S), float("inf"), device=logits[0].device)]
-                         + [exits.step_change(log_probs[t], log_probs[t - 1]) for t in range(1, T)]).reshape(T, -1)
-    return exits.step_change_exit(change, [rule.threshold])[0].reshape(B, S)
+        return exits.confidence_exit(torch.stack(confidence).reshape(T, -1), [rule.threshold])[0].reshape(B, S)
+    return exits.step_change_exit(torch.stack(change).reshape(T, -1), [rule.threshold])[0].reshape(B, S)
 
 
 def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

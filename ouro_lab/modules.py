@@ -208,18 +208,16 @@ class _LMModule(L.LightningModule):
         tokens, targets, difficulty = batch
         out = self.run(tokens, loops=self.eval_loops)
         step_losses, correct, preds, confidence, change = [], [], [], [], []
-        prev_log_probs = None
+        log_probs = None
         for t, hidden in enumerate(out.hidden):  # one step's (B, S, V) logits at a time
             logits = out.head(hidden)
             step_losses.append(per_step_token_losses(logits[None], targets)[0])
             preds.append(logits.argmax(-1))
             correct.append(preds[-1] == targets)
             if frontier is not None and t < self.trained_loops:  # what the exit rules read, trained steps only
-                log_probs = torch.log_softmax(logits.float(), dim=-1)
-                confidence.append(log_probs.max(-1).values.exp())
-                change.append(exits.step_change(log_probs, prev_log_probs) if prev_log_probs is not None
-                              else torch.full_like(confidence[-1], math.inf))
-                prev_log_probs = log_probs
+                log_probs, step_confidence, step_change = exits.rule_inputs(logits, log_probs)
+                confidence.append(step_confidence)
+                change.append(step_change)
         step_losses, correct = torch.stack(step_losses), torch.stack(correct)  # (T', B, S)
         scored = difficulty * (targets != IGNORE_INDEX)
         exit_probs = None

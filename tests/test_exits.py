@@ -46,6 +46,33 @@ def test_confidence_and_step_change_exits():
     assert exits.step_change(p, q).item() > 0.5
 
 
+def test_the_online_rules_one_step_at_a_time_are_the_offline_rules():
+    """cdf_step / rule_inputs and the per-step tests, run step by step as cached decoding does,
+    exit every token where q_exit / confidence_exit / step_change_exit put it."""
+    torch.manual_seed(0)
+    T, N = 4, 50
+    gate, logits = torch.randn(N, T) * 2, torch.randn(T, N, 7) * 2
+    rules = {"q": [0.3, 0.6, 0.9], "conf": [0.4, 0.6, 0.8], "change": [0.1, 0.3, 1.0]}
+    survival, prev, cdf, confidence, change = torch.ones(N, dtype=torch.float64), None, [], [], []
+    for t in range(T):
+        survival, step_cdf = exits.cdf_step(survival, gate[:, t])
+        prev, step_confidence, step_change = exits.rule_inputs(logits[t], prev)
+        cdf.append(step_cdf)
+        confidence.append(step_confidence)
+        change.append(step_change)
+    cdf, confidence, change = torch.stack(cdf), torch.stack(confidence), torch.stack(change)  # (T, N)
+    assert torch.equal(cdf[:-1], exits.exit_cdf(gate).T[:-1])  # the last step is capped at 1 offline
+    assert torch.isinf(change[0]).all()
+    online = {"q": lambda x: exits.q_reached(cdf, x), "conf": lambda x: exits.confident(confidence, x),
+              "change": lambda x: exits.settled(change, x)}
+    offline = {"q": exits.q_exit(gate, rules["q"]), "conf": exits.confidence_exit(confidence, rules["conf"]),
+               "change": exits.step_change_exit(change, rules["change"])}
+    for name, thresholds in rules.items():
+        for r, threshold in enumerate(thresholds):
+            assert torch.equal(exits.first_hit(online[name](threshold)), offline[name][r])
+        assert 1 < offline[name].float().mean() < T  # the exits really varied
+
+
 def test_oracles_on_crafted_predictions():
     # tokens (columns): a right from step 1; b right from 2; c flips away and back; d never right
     preds = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 0], [1, 1, 1, 2]])  # (T=3, N=4), target 1 everywhere

@@ -213,10 +213,11 @@ def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = 
     active = torch.ones(B, C, dtype=torch.bool, device=device)
     exit_steps = torch.full((B, C), T, dtype=torch.long, device=device)
     may_exit = (positions >= exit_from)[None].expand(B, C)
-    survival = torch.ones(B, C, dtype=torch.float64, device=device)  # prod_{j<=t} (1 - lambda_j), for Q-exit
+    survival = torch.ones(B, C, dtype=torch.float64, device=device)  # prod_{j<=t} (1 - lambda_j), for Q-exit (exits.cdf_step)
     exit_logits = prev_log_probs = None
     if rule.needs_logits:
         exit_logits = h.new_zeros(B, C, spec.vocab_size)
+    if rule.name == "change":
         prev_log_probs = torch.zeros(B, C, spec.vocab_size, device=device)
     stack_rows = gate_rows = head_rows = 0
     for t in range(1, T + 1):
@@ -244,19 +245,20 @@ def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = 
                 g = gate(x_normed).squeeze(-1)  # (n,)
                 gate_rows += g.shape[0]
                 gate_now = gate_now.index_put(rows, g)
-                survival[rows] = survival[rows] * (1.0 - torch.sigmoid(g.double()))
+                survival[rows], cdf = exits.cdf_step(survival[rows], g)
                 if rule.name == "q" and rule.threshold < 1.0:
-                    fires = 1.0 - survival[rows] >= rule.threshold
+                    fires = exits.q_reached(cdf, rule.threshold)
             if rule.needs_logits:
                 logits = model.lm_head(x_normed)  # (n, V)
                 head_rows += logits.shape[0]
                 exit_logits[rows] = logits
-                log_probs = torch.log_softmax(logits.float(), dim=-1)
+                prev = prev_log_probs[rows] if prev_log_probs is not None and t > 1 else None
+                log_probs, confidence, change = exits.rule_inputs(logits, prev)
                 if rule.name == "conf":
-                    fires = log_probs.max(-1).values.exp() >= rule.threshold
-                elif t > 1:
-                    fires = exits.step_change(log_probs, prev_log_probs[rows]) < rule.threshold
-                prev_log_probs[rows] = log_probs
+                    fires = exits.confident(confidence, rule.threshold)
+                else:
+                    fires = exits.settled(change, rule.threshold)  # never at step 1 (change = inf)
+                    prev_log_probs[rows] = log_probs
             if t < T:
                 fires = fires & may_exit[rows]
                 stop = (rows[0][fires], rows[1][fires])
