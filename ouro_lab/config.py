@@ -28,8 +28,8 @@ from ouro_lab.data.lm import LMConfig
 from ouro_lab.data.text import TextConfig
 from ouro_lab.models.decoding import RULES as EXIT_RULES  # online exit rules (infer.exit_rule)
 from ouro_lab.models.decoding import STRATEGIES as CACHE_STRATEGIES  # decode-time KV caches (infer.cache)
-from ouro_lab.models.transformer import (CHECKPOINTING, INIT_STATES, INJECTIONS, RECIPE_NOT_DECODABLE, ROPE_LAYOUTS,
-                                         is_recipe)
+from ouro_lab.models.decoding import decoding_refusal
+from ouro_lab.models.transformer import CHECKPOINTING, INIT_STATES, INJECTIONS, ROPE_LAYOUTS
 from ouro_lab.errors import ConfigError  # (re-exported: `from ouro_lab.config import ConfigError`)
 from ouro_lab.locations import tracking_uri_problem
 from ouro_lab.objectives import LOOP_SAMPLING, PRIORS, STAGE2_IMPROVEMENT
@@ -72,9 +72,10 @@ class ModelConfig:
         return self.prelude_layers + core + self.coda_layers
 
     @property
-    def is_recipe(self) -> bool:
-        """A looped model other than Ouro's whole-stack loop (prelude, coda, injection or initial state)."""
-        return is_recipe(self.arch == "looped", self.prelude_layers, self.coda_layers, self.injection, self.init_state)
+    def decoding_refusal(self) -> str | None:
+        """Why skip semantics and cached decoding refuse this model, or None (`decoding.decoding_refusal`)."""
+        return decoding_refusal(self.arch == "looped", self.prelude_layers, self.coda_layers, self.injection,
+                                self.init_state)
 
     @property
     def trained_loops(self) -> int:
@@ -389,7 +390,7 @@ def validate(cfg: ExperimentConfig, saved: bool = False) -> ExperimentConfig:
     choice("stage2.improvement", s2.improvement, STAGE2_IMPROVEMENT)
     i = cfg.infer
     choice("infer.exit_rule", i.exit_rule, EXIT_RULES)
-    check(i.exit_rule == "none" or not m.is_recipe, "infer.exit_rule", RECIPE_NOT_DECODABLE)
+    check(i.exit_rule == "none" or not m.decoding_refusal, "infer.exit_rule", m.decoding_refusal)
     check(i.exit_rule != "q" or m.arch == "looped", "infer.exit_rule",
           f"the q rule reads the exit gate; model.arch={m.arch} has none (conf or change work on any model)")
     choice("infer.cache", i.cache, CACHE_STRATEGIES)

@@ -28,7 +28,7 @@ from ouro_lab.data import IGNORE_INDEX
 from ouro_lab.metrics import LN2, SkipEvalMetrics
 from ouro_lab.models.decoding import (STRATEGIES, ExitRule, clock, executed_flops, forward_chunk, generate, row_flops,
                                       teacher_forced)
-from ouro_lab.models.transformer import RECIPE_NOT_DECODABLE, LoopedLM
+from ouro_lab.models.transformer import LoopedLM
 from ouro_lab.objectives import per_step_token_losses
 
 
@@ -37,8 +37,8 @@ def exit_rule(cfg: ExperimentConfig) -> ExitRule:
 
 
 def _decodable(cfg: ExperimentConfig) -> None:
-    if cfg.model.is_recipe:
-        raise ConfigError(f"model: {RECIPE_NOT_DECODABLE}")
+    if cfg.model.decoding_refusal:
+        raise ConfigError(f"model: {cfg.model.decoding_refusal}")
 
 
 def device_for(cfg: ExperimentConfig) -> torch.device:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ouro_lab import exits
-from ouro_lab.models.transformer import RECIPE_NOT_DECODABLE, LoopedLM, _DecoderLM, causal_attention, is_recipe
+from ouro_lab.models.transformer import LoopedLM, _DecoderLM, causal_attention, is_recipe
 
 RULES = ("none", "q", "conf", "change")
 STRATEGIES = ("full", "last", "first", "mean")
@@ -177,6 +177,16 @@ def executed_flops(model: _DecoderLM, out: ChunkOutput, seq_len: int) -> int:
     return row_flops(model, seq_len, out.stack_rows, out.gate_rows, out.head_rows)
 
 
+def decoding_refusal(looped: bool, prelude_layers: int, coda_layers: int, injection: str, init_state: str) -> str | None:
+    """Why skip semantics and cached decoding refuse a model, or None where they run it: a loop
+    recipe (`transformer.is_recipe`) is refused. The one refusal: the config's validation,
+    inference and `forward_chunk` ask it."""
+    if is_recipe(looped, prelude_layers, coda_layers, injection, init_state):
+        return ("skip semantics and cached decoding support Ouro's whole-stack loop only (model.prelude_layers, "
+                "coda_layers, injection, init_state at their defaults)")
+    return None
+
+
 def _loops(model: _DecoderLM) -> int:
     return model.spec.loops if isinstance(model, LoopedLM) else 1
 
@@ -191,8 +201,10 @@ def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = 
 
     With rule none and no cache, every operation is the ordinary forward's (same results)."""
     spec = model.spec
-    if is_recipe(isinstance(model, LoopedLM), spec.prelude_layers, spec.coda_layers, spec.injection, spec.init_state):
-        raise ValueError(RECIPE_NOT_DECODABLE)
+    refusal = decoding_refusal(isinstance(model, LoopedLM), spec.prelude_layers, spec.coda_layers, spec.injection,
+                               spec.init_state)
+    if refusal:
+        raise ValueError(refusal)
     B, C = idx.shape
     start = cache.length if cache is not None else 0
     spec, blocks = model.spec, model.blocks
@@ -421,6 +433,6 @@ def teacher_forced(model: _DecoderLM, tokens: torch.Tensor, prefill: int, rule: 
                    logits=torch.stack(logits, 1))
 
 
-__all__ = ["ChunkOutput", "Decoded", "ExitRule", "KVCache", "RULES", "STRATEGIES", "clock", "executed_flops",
-           "row_flops",
+__all__ = ["ChunkOutput", "Decoded", "ExitRule", "KVCache", "RULES", "STRATEGIES", "clock", "decoding_refusal",
+           "executed_flops", "row_flops",
            "forward_chunk", "generate", "teacher_forced"]

@@ -24,13 +24,11 @@ INJECTIONS = ("none", "additive", "concat", "stable")  # how the input enters ev
 INIT_STATES = ("input", "zeros", "random")  # the state before loop step 1 (LoopedLM)
 # (prelude_layers, coda_layers, injection, init_state) of Ouro's whole-stack loop; anything else is a recipe
 OURO_LOOP = (0, 0, "none", "input")
-RECIPE_NOT_DECODABLE = ("skip semantics and cached decoding support Ouro's whole-stack loop only (model.prelude_layers, "
-                        "coda_layers, injection, init_state at their defaults)")
 
 
 def is_recipe(looped: bool, prelude_layers: int, coda_layers: int, injection: str, init_state: str) -> bool:
     """A looped model other than Ouro's whole-stack loop (a prelude, coda, injection or initial
-    state of another recipe): the one definition the config, inference and decoding ask."""
+    state of another recipe): the one definition (the config and `decoding.decoding_refusal` ask)."""
     return looped and (prelude_layers, coda_layers, injection, init_state) != OURO_LOOP
 
 
