@@ -4,22 +4,25 @@ re-implementation of the skip rule."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ouro_lab.models import LoopedLM, ModelSpec, StandardLM
-from ouro_lab.models.decoding import (STRATEGIES, ExitRule, KVCache, executed_flops, forward_chunk, generate,
-                                      teacher_forced)
+from ouro_lab.models.decoding import (STRATEGIES, ExitRule, KVCache, decoding_refusal, executed_flops, forward_chunk,
+                                      generate, teacher_forced)
 
 V, S, P = 19, 10, 4  # vocabulary, sequence length, prefilled prompt
 
 
-def make(kind: str = "looped", loop_state: str = "normed", positions: str = "rope", seed: int = 0):
+def make(kind: str = "looped", loop_state: str = "normed", positions: str = "rope", rope_layout: str = "interleaved",
+         seed: int = 0, **recipe):
     torch.manual_seed(seed)
     loops = 3 if kind == "looped" else 1
     spec = ModelSpec(vocab_size=V, max_seq_len=S, d_model=16, n_heads=2, n_layers=2, loops=loops, d_ff=32,
-                     loop_state=loop_state, positions=positions, tie_embeddings=False)
+                     loop_state=loop_state, positions=positions, rope_layout=rope_layout, tie_embeddings=False, **recipe)
     model = (LoopedLM if kind == "looped" else StandardLM)(spec).eval()
     with torch.no_grad():  # peaked predictions and a gate that varies across tokens and steps: varied exits
         model.lm_head.weight.normal_(0, 1.0)
@@ -81,30 +84,57 @@ def skip_reference(model, idx: torch.Tensor, rule: ExitRule, exit_from: int) -> 
     return torch.stack(states), exit_steps
 
 
-CASES = [("looped", "normed", "rope"), ("looped", "residual", "learned"), ("standard", "normed", "rope")]
+# every model decoding runs: looped (either loop state) and standard, under each position scheme
+POSITIONS = [("rope", "interleaved"), ("rope", "rotate_half"), ("learned", "interleaved")]
+CASES = [("looped", loop_state, *positions) for loop_state in ("normed", "residual") for positions in POSITIONS] + \
+        [("standard", "normed", *positions) for positions in POSITIONS]
 
 
-@pytest.mark.parametrize("kind,loop_state,positions", CASES)
-def test_rule_off_skip_forward_is_the_ordinary_forward(kind, loop_state, positions):
-    model = make(kind, loop_state, positions)
+@pytest.mark.parametrize("kind,loop_state,positions,rope_layout", CASES)
+def test_decoding_paths_equal_the_training_forward(kind, loop_state, positions, rope_layout):
+    """The one-forward guard: with no exit (rule none, or rules whose thresholds no token meets
+    before step T), every way decoding runs the blocks gives the training forward's per-step
+    logits: the whole sequence at once (bit for bit: the same operations), prefill + cached
+    decoding one token and two tokens at a time (packed rows over the cache), teacher-forced
+    decoding, and greedy generation."""
+    model = make(kind, loop_state, positions, rope_layout)
+    T = model.spec.loops
     idx = torch.randint(0, V, (3, S))
     with torch.no_grad():
-        ref = model(idx)
-    out = forward_chunk(model, idx)
-    assert torch.equal(out.hidden, ref.hidden)  # bit for bit: the same operations
-    assert torch.equal(out.exit_steps, torch.full((3, S), ref.hidden.shape[0]))
+        ref = model(idx).logits  # (T, B, S, V) per step, as training computes them
+    never = [ExitRule(), ExitRule("conf", 2.0), ExitRule("change", -1.0)] + [ExitRule("q", 0.999)] * (kind == "looped")
+    for rule in never:
+        whole = forward_chunk(model, idx, rule=rule)
+        assert torch.equal(whole.exit_steps, torch.full((3, S), T)), rule
+        assert torch.equal(model.lm_head(whole.hidden), ref), rule
+        assert torch.equal(whole.exit_logits, ref[-1]), rule
+        for chunk in (1, 2):
+            cache = KVCache(model, 3, "full")
+            states = [forward_chunk(model, idx[:, :P], cache, prefill=True).hidden]
+            for j in range(P, S, chunk):
+                out = forward_chunk(model, idx[:, j:j + chunk], cache, rule)
+                assert torch.equal(out.exit_steps, torch.full_like(out.exit_steps, T)), rule
+                states.append(out.hidden)
+            assert torch.allclose(model.lm_head(torch.cat(states, dim=2)), ref, rtol=1e-5, atol=1e-5), (rule, chunk)
+        for prefill in (0, P):
+            forced = teacher_forced(model, idx, prefill, rule)
+            assert torch.allclose(forced.logits, ref[-1][:, prefill:], rtol=1e-5, atol=1e-5), (rule, prefill)
+    generated = generate(model, idx[:, :P], S - P + 1, ExitRule("conf", 2.0)).tokens
+    with torch.no_grad():
+        final = model(generated[:, :S]).logits[-1]
+    assert torch.equal(final[:, P - 1:].argmax(-1), generated[:, P:])  # each token the training forward's argmax
 
 
 RULES = [ExitRule(), ExitRule("q", 0.6), ExitRule("conf", 0.6), ExitRule("change", 0.8)]  # varied exits (tuned)
 
 
-@pytest.mark.parametrize("kind,loop_state,positions,rule",
+@pytest.mark.parametrize("kind,loop_state,positions,rope_layout,rule",
                          [(*case, rule) for case in CASES for rule in RULES if case[0] == "looped" or rule.name != "q"])
-def test_full_cache_decoding_equals_the_uncached_forward(kind, loop_state, positions, rule):
+def test_full_cache_decoding_equals_the_uncached_forward(kind, loop_state, positions, rope_layout, rule):
     """Prefill P tokens, then decode one at a time with the full cache: every loop step's logits
     of every position equal the uncached pass over the whole sequence (the ordinary forward
     without exit; the brute-force skip reference with exit from position P)."""
-    model = make(kind, loop_state, positions)
+    model = make(kind, loop_state, positions, rope_layout)
     idx = torch.randint(0, V, (3, S))
     with torch.no_grad():
         ref_states, ref_exits = skip_reference(model, idx, rule, exit_from=P)
@@ -126,6 +156,18 @@ def test_full_cache_decoding_equals_the_uncached_forward(kind, loop_state, posit
     whole = forward_chunk(model, idx, rule=rule, exit_from=P)
     assert torch.equal(whole.exit_steps, ref_exits)
     assert torch.allclose(whole.hidden, ref_states, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", [{"prelude_layers": 1}, {"coda_layers": 1}, {"injection": "additive"},
+                                    {"injection": "concat", "init_state": "zeros"}])
+def test_loop_recipes_are_refused_with_the_one_message(recipe):
+    assert decoding_refusal(True, 0, 0, "none", "input") is None and decoding_refusal(False, 0, 0, "none", "input") is None
+    model = make("looped", **recipe)
+    spec = model.spec
+    message = decoding_refusal(True, spec.prelude_layers, spec.coda_layers, spec.injection, spec.init_state)
+    assert message.startswith("skip semantics and cached decoding support Ouro's whole-stack loop only")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        forward_chunk(model, torch.zeros(1, 3, dtype=torch.long))
 
 
 def test_q_rule_on_a_model_without_gate_is_refused():
