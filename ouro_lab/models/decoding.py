@@ -207,7 +207,7 @@ def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = 
         raise ValueError(refusal)
     B, C = idx.shape
     start = cache.length if cache is not None else 0
-    spec, blocks = model.spec, model.blocks
+    blocks = model.blocks
     if start + C > spec.max_seq_len:
         raise ValueError(f"positions up to {start + C} asked; the model's context is {spec.max_seq_len} tokens")
     T, L, H, D = _loops(model), len(blocks), spec.n_heads, spec.d_model
@@ -225,7 +225,7 @@ def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = 
     active = torch.ones(B, C, dtype=torch.bool, device=device)
     exit_steps = torch.full((B, C), T, dtype=torch.long, device=device)
     may_exit = (positions >= exit_from)[None].expand(B, C)
-    survival = torch.ones(B, C, dtype=torch.float64, device=device)  # prod_{j<=t} (1 - lambda_j), for Q-exit (exits.cdf_step)
+    survival = torch.ones(B, C, dtype=torch.float64, device=device)  # prod_{j<=t} (1 - lambda_j): exits.cdf_step
     exit_logits = prev_log_probs = None
     if rule.needs_logits:
         exit_logits = h.new_zeros(B, C, spec.vocab_size)
