@@ -177,7 +177,8 @@ def executed_flops(model: _DecoderLM, out: ChunkOutput, seq_len: int) -> int:
     return row_flops(model, seq_len, out.stack_rows, out.gate_rows, out.head_rows)
 
 
-def decoding_refusal(looped: bool, prelude_layers: int, coda_layers: int, injection: str, init_state: str) -> str | None:
+def decoding_refusal(looped: bool, prelude_layers: int, coda_layers: int, injection: str,
+                     init_state: str) -> str | None:
     """Why skip semantics and cached decoding refuse a model, or None where they run it: a loop
     recipe (`transformer.is_recipe`) is refused. The one refusal: the config's validation,
     inference and `forward_chunk` ask it."""
