@@ -8,12 +8,13 @@ MLflow runs one way through these rooms:
     data/            tasks (tokens, targets, difficulty per position) and the DataModule
     models/          pure nn.Modules: blocks, LoopedLM, StandardLM
     objectives.py    exit distribution, priors, the Stage-I objective, fused head + CE
-    metric_names.py  every metric name, built and parsed here
+    metric_names.py  the per-step, exit, frontier and bench metric names, built and parsed here
     exits.py         early-exit rules (Q-exit, confidence, step-change) and the oracles
     metrics.py       the per-loop-step and exit-frontier torchmetrics Metrics
     modules.py       LightningModules: optimizer, schedule, objective, metrics
     tracking.py      MLflow: Experiment and the Run handle (one owner per run)
-    run_record.py    what a run records besides metrics: name, params, metric kind, hash keys
+    run_record.py    the run record: every tag, param, role, run state and non-step metric name
+                     (built and parsed here), the params a run logs, its name and metric kind
     views.py         a run's figure and terminal table
     builders.py      module (+ Stage-I weights), DataModule, Trainer, the setup logged per run
     train.py         train(cfg, run=None): the one way anything trains

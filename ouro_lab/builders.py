@@ -27,7 +27,7 @@ from ouro_lab.config import ExperimentConfig, to_yaml
 from ouro_lab.data import Task
 from ouro_lab.data.datamodule import TaskDataModule
 from ouro_lab.modules import new_module
-from ouro_lab.run_record import used_params
+from ouro_lab.run_record import CONFIG_ARTIFACT, DIFF_ARTIFACT, derived_params, model_metrics, used_params
 
 
 def build_module(cfg: ExperimentConfig):
@@ -142,9 +142,9 @@ def log_setup(run: tracking.Run, cfg: ExperimentConfig, summary: dict[str, objec
     """The config (one name per key, only the sections this run uses) and derived facts (model
     shape, the task's data) as params; the numbers among them as metrics model/*; the full
     config YAML (+ git diff) as artifacts."""
-    run.log_params(used_params(cfg) | {f"derived.{k}": v for k, v in summary.items()})
-    run.log_metrics({f"model/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-    run.log_text(to_yaml(cfg), "config.yaml")
+    run.log_params(used_params(cfg) | derived_params(summary))
+    run.log_metrics(model_metrics(summary))
+    run.log_text(to_yaml(cfg), CONFIG_ARTIFACT)
     diff = tracking.git_diff()
     if diff:
-        run.log_text(diff, "git_diff.patch")
+        run.log_text(diff, DIFF_ARTIFACT)

@@ -31,7 +31,8 @@ import torch
 
 from ouro_lab.config import ConfigError
 from ouro_lab.data.base import json_lines
-from ouro_lab.run_record import run_name
+from ouro_lab.metric_names import bench, step, under_rule
+from ouro_lab.run_record import ARCH, BENCH_FILES, BENCH_RUN, EVAL_OVERRIDES, LOOPS, evaluation_tags, run_name
 
 GOLD_KEYS = ("gold", "label", "answer")
 
@@ -94,7 +95,7 @@ def choice_loglikelihoods(module, questions: list[Question], rule=None, batch_si
             seq = (ctx + cont)[-(task.seq_len + 1):]  # the model's context: the oldest tokens go first
             n_cont = min(len(cont), len(seq) - 1)
             rows.append((q_index, seq, len(seq) - 1 - n_cont, n_cont, len(choice)))
-    per_step, under_rule, loops = [], [], []
+    per_step, rule_lls, loops = [], [], []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         width = max(len(r[1]) for r in batch) - 1
@@ -114,12 +115,12 @@ def choice_loglikelihoods(module, questions: list[Question], rule=None, batch_si
             steps = _selection_steps(rule, out.gate_logits[..., : module.trained_loops] if out.gate_logits is not None
                                      else None, trained)  # (B, W)
             picked = token_ll[: module.trained_loops].gather(0, (steps - 1)[None])[0]
-            under_rule.append((picked * scored).sum(-1))
+            rule_lls.append((picked * scored).sum(-1))
             loops.append((steps * scored).sum(-1) / scored.sum(-1).clamp_min(1))
     result = {"loglik": torch.cat(per_step).cpu(), "question": torch.tensor([r[0] for r in rows]),
               "chars": torch.tensor([r[4] for r in rows], dtype=torch.float64)}
-    if under_rule:
-        result |= {"loglik_rule": torch.cat(under_rule).cpu(), "loops_rule": torch.cat(loops).cpu()}
+    if rule_lls:
+        result |= {"loglik_rule": torch.cat(rule_lls).cpu(), "loops_rule": torch.cat(loops).cpu()}
     return result
 
 
@@ -141,11 +142,12 @@ def score_task(module, questions: list[Question], rule=None, batch_size: int = 3
     gold = [q.gold for q in questions]
     out: dict[str, float] = {}
     for t in range(lls["loglik"].shape[1]):
-        out[f"acc_step{t + 1}"], out[f"acc_norm_step{t + 1}"] = accuracy(lls["loglik"][:, t], lls["question"],
-                                                                       lls["chars"], gold)
+        out[step("acc", t + 1)], out[step("acc_norm", t + 1)] = accuracy(lls["loglik"][:, t], lls["question"],
+                                                                         lls["chars"], gold)
     if "loglik_rule" in lls:
-        out["acc_rule"], out["acc_norm_rule"] = accuracy(lls["loglik_rule"], lls["question"], lls["chars"], gold)
-        out["loops_rule"] = float(lls["loops_rule"].mean())
+        out[under_rule("acc")], out[under_rule("acc_norm")] = accuracy(lls["loglik_rule"], lls["question"],
+                                                                       lls["chars"], gold)
+        out[under_rule("loops")] = float(lls["loops_rule"].mean())
     out["questions"] = float(len(questions))
     out["chance"] = sum(1 / len(q.choices) for q in questions) / len(questions)
     return out
@@ -181,14 +183,13 @@ def run_bench(path: Path, files: list[str], overrides: list[str] = (), log: bool
                        for name, v in results.items())
     if log:
         experiment = tracking.Experiment.open(tracking.resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
-        tags = tracking.reproducibility_tags() | {"ouro.role": "bench", "ouro.checkpoint": str(Path(path).resolve()),
-                                                  "ouro.evaluated_run_id": module.ouro_run_id or "unknown"}
+        tags = tracking.reproducibility_tags() | evaluation_tags(BENCH_RUN, str(Path(path).resolve()), module.ouro_run_id)
         with experiment.create_run(f"bench-{run_name(cfg)}", tags) as run:
             # NOTE: no model.* params: `ouro-lab report` counts runs with a model config as unit runs
-            run.set_tags({"ouro.arch": cfg.model.arch, "ouro.loops": str(cfg.model.loops)})
-            run.log_params({"bench_files": " ".join(str(Path(f).resolve()) for f in files),
-                            "eval_overrides": " ".join(overrides) or "none"})
-            run.log_metrics({f"bench/{name}/{k}": v for name, vals in results.items() for k, v in vals.items()
+            run.set_tags({ARCH: cfg.model.arch, LOOPS: str(cfg.model.loops)})
+            run.log_params({BENCH_FILES: " ".join(str(Path(f).resolve()) for f in files),
+                            EVAL_OVERRIDES: " ".join(overrides) or "none"})
+            run.log_metrics({bench(name, k): v for name, vals in results.items() for k, v in vals.items()
                              if math.isfinite(v)})
             run.log_figure(bench_figure(results, module.trained_loops), "plots/bench.png")
         text += f"\n\n[ouro-lab] logged as run {run.id} in {experiment.tracking_uri}: {experiment.where_to_look(run.id)}"

@@ -9,7 +9,8 @@ from ouro_lab import tracking
 from ouro_lab.builders import log_setup, make_datamodule, make_trainer
 from ouro_lab.checkpoints import load_checkpoint
 from ouro_lab.inference import device_for, exit_rule, skip_evaluate, skip_table
-from ouro_lab.run_record import METRIC_KIND_TAG, metric_kind, run_name
+from ouro_lab.run_record import (EVAL_OVERRIDES, EVAL_RUN, EVAL_SPLIT, IMPORTED_FROM, METRIC_KIND_TAG, evaluation_tags,
+                                 metric_kind, run_name)
 from ouro_lab.views import run_tables
 
 @dataclass
@@ -67,13 +68,12 @@ def _log_eval(cfg, path: Path, module, overrides: list[str], split: str,
     trained_run, source = module.ouro_run_id, module.ouro_source
     experiment = tracking.Experiment.open(tracking.resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
     name = f"eval-{run_name(cfg)}-{split}"
-    tags = tracking.reproducibility_tags() | {"ouro.role": "eval", "ouro.checkpoint": str(path.resolve()),
-                                              "ouro.evaluated_run_id": trained_run or "unknown",
-                                              METRIC_KIND_TAG: metric_kind(module.task)}
+    tags = (tracking.reproducibility_tags() | evaluation_tags(EVAL_RUN, str(path.resolve()), trained_run)
+            | {METRIC_KIND_TAG: metric_kind(module.task)})
     if source:
-        tags["ouro.imported_from"] = source["folder"]
+        tags[IMPORTED_FROM] = source["folder"]
     with experiment.create_run(name, tags) as run:
         log_setup(run, cfg, module.summary() | module.task.describe())
-        run.log_params({"eval_overrides": " ".join(overrides) or "none", "eval_split": split})
+        run.log_params({EVAL_OVERRIDES: " ".join(overrides) or "none", EVAL_SPLIT: split})
         run.log_metrics(metrics)
     return run.id, experiment.tracking_uri, experiment.where_to_look(run.id)

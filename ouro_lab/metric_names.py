@@ -166,3 +166,18 @@ def inference(semantics: str, kind: str, level: int | None = None) -> str:
     of scored tokens) | flops (forward FLOPs per token executed) | seconds (wall time, forward only)."""
     assert semantics in SEMANTICS, semantics
     return f"{semantics}_{kind}{_level(level)}"
+
+
+# `ouro-lab bench`: bench/{task}/{acc|acc_norm}_step{t}, bench/{task}/{acc|acc_norm|loops}_rule
+# (under the exit rule), bench/{task}/questions, bench/{task}/chance
+BENCH_METRIC = re.compile(r"^bench/(?P<task>[^/]+)/(?P<kind>acc|acc_norm)_(?:step(?P<step>\d+)|rule)$")
+
+
+def bench(task: str, name: str) -> str:
+    """'bench/arc/acc_step3', 'bench/arc/chance': a benchmark task's metric."""
+    return f"bench/{task}/{name}"
+
+
+def under_rule(kind: str) -> str:
+    """'acc_rule': a benchmark metric under the exit rule."""
+    return f"{kind}_rule"

@@ -1,17 +1,231 @@
-"""What a run records in MLflow besides its metrics: its name (`run_name`), the params it logs
-(`used_params`), the kind of quality metric it logs (`metric_kind`, tag `ouro.metric_kind`), and
-which config keys its hashes leave out (`drop_later_defaults`)."""
+"""The run record: every tag, param and non-step metric name a run carries in MLflow, its role
+and its state, built and parsed here and nowhere else (the per-step metric names are
+`metric_names.py`'s). Writers (train, evaluate, bench, the sweep) and the reader
+(`analysis.load`) both import these names.
+
+    tags     ouro.role      study | trial | seed | eval | bench (a plain `ouro-lab train` run: none)
+             ouro.study, ouro.trial, ouro.bundle.<param>        a sweep's runs
+             ouro.task, ouro.arch, ouro.loops, ouro.seed        a training run (and its copies)
+             ouro.metric_kind                                   acc | bpb: the run's quality metric
+             ouro.checkpoint, ouro.checkpoint_step, ouro.stage, ouro.stage1_run_id
+             ouro.config_hash, ouro.reused_from, ouro.recovered_from_trial
+             ouro.evaluated_run_id, ouro.imported_from           eval and bench runs
+             optuna.state (COMPLETE | PRUNED | FAIL | RUNNING), error, interrupted, pruned: how it ended
+             versions.<package>, git.dirty, mlflow.source.git.commit, mlflow.parentRunId
+    params   the config, one name per key (`used_params`); derived.<fact> (model shape, task data);
+             eval_split, eval_overrides, bench_files; sweep.<key> on a study run
+    metrics  model/<fact> (the numeric derived facts); seeds/<objective>_std|_min|_max on a trial
+             run with several seeds; study/n_<state>, study/best_<objective> on a study run
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
 import dataclasses
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import optuna
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from ouro_lab.config import ExperimentConfig, InferConfig, flatten, to_dict
 from ouro_lab.data import TASKS, Task
 
+# --- tags -----------------------------------------------------------------------------------
+ROLE = "ouro.role"
+STUDY, TRIAL, BUNDLE = "ouro.study", "ouro.trial", "ouro.bundle."
+TASK, ARCH, LOOPS, SEED = "ouro.task", "ouro.arch", "ouro.loops", "ouro.seed"
+METRIC_KIND_TAG = "ouro.metric_kind"  # "acc" or "bpb": what the run's per-step quality metric is
+CHECKPOINT, CHECKPOINT_STEP = "ouro.checkpoint", "ouro.checkpoint_step"
+STAGE, STAGE1_RUN_ID = "ouro.stage", "ouro.stage1_run_id"
+CONFIG_HASH, REUSED_FROM, RECOVERED_FROM_TRIAL = "ouro.config_hash", "ouro.reused_from", "ouro.recovered_from_trial"
+EVALUATED_RUN_ID, IMPORTED_FROM = "ouro.evaluated_run_id", "ouro.imported_from"
+OPTUNA_STATE, ERROR, INTERRUPTED, PRUNED = "optuna.state", "error", "interrupted", "pruned"
+VERSIONS, GIT_DIRTY, GIT_COMMIT = "versions.", "git.dirty", MLFLOW_GIT_COMMIT
+PARENT = MLFLOW_PARENT_RUN_ID  # (MLflow's own: the run a run is nested under)
+UNKNOWN = "unknown"  # the evaluated run of an imported checkpoint (it has no training run)
 
+# roles (tag ouro.role)
+STUDY_RUN, TRIAL_RUN, SEED_RUN, EVAL_RUN, BENCH_RUN = "study", "trial", "seed", "eval", "bench"
+
+# run states, Optuna's names: a sweep's runs carry theirs as tag optuna.state
+COMPLETE, FAIL, PRUNED_STATE, RUNNING = "COMPLETE", "FAIL", "PRUNED", "RUNNING"
+
+# --- params and non-step metrics ------------------------------------------------------------
+DERIVED = "derived."  # derived.<fact>: model shape and the task's data, as params
+MODEL = "model/"  # model/<fact>: the numeric derived facts, as metrics
+EVAL_SPLIT, EVAL_OVERRIDES, BENCH_FILES = "eval_split", "eval_overrides", "bench_files"
+SWEEP = "sweep."  # sweep.<key>: a study run's sweep definition, as params
+N_PARAMS, SEQ_LEN = "model/n_params", "model/seq_len"
+FORWARD_FLOPS, TRAIN_FLOPS = "model/forward_flops_per_token", "model/train_flops_per_token"
+
+# artifacts
+CONFIG_ARTIFACT, SWEEP_ARTIFACT, SUMMARY_ARTIFACT = "config.yaml", "sweep.yaml", "summary.txt"
+ERROR_ARTIFACT, DIFF_ARTIFACT, REPORT_ARTIFACTS = "error.txt", "git_diff.patch", "report"
+
+
+def role_filter(role: str) -> str:
+    """An MLflow search filter for the runs of one role."""
+    return f"tags.`{ROLE}` = '{role}'"
+
+
+def hash_filter(digest: str) -> str:
+    """An MLflow search filter for a sweep's whole finished runs with config hash `digest`."""
+    return (f"tags.`{CONFIG_HASH}` = '{digest}' and attributes.status = 'FINISHED' "
+            f"and tags.`{OPTUNA_STATE}` = '{COMPLETE}'")
+
+
+RUNNING_FILTER = "attributes.status = 'RUNNING'"
+
+
+def training_tags(cfg: ExperimentConfig, task: Task, stage1_run_id: str | None = None) -> dict[str, str]:
+    """What every training run is tagged with besides reproducibility: task, arch, loop count,
+    seed (for the MLflow UI's search), its Stage II lineage and its metric kind."""
+    stage = {STAGE: "2", STAGE1_RUN_ID: stage1_run_id or UNKNOWN} if cfg.stage2.init_from \
+        else {STAGE: "1+2"} if cfg.stage2.steps else {}
+    return {TASK: cfg.data.task, ARCH: cfg.model.arch, LOOPS: str(cfg.model.loops), SEED: str(cfg.train.seed),
+            **stage, METRIC_KIND_TAG: metric_kind(task)}
+
+
+def checkpoint_tags(path: str, step: int | None) -> dict[str, str]:
+    """Where a training run's final weights are, and the step they are from."""
+    return {CHECKPOINT: path, CHECKPOINT_STEP: str(step)}
+
+
+def evaluation_tags(role: str, checkpoint: str, evaluated_run_id: str | None) -> dict[str, str]:
+    """An `ouro-lab eval` (role eval) or `ouro-lab bench` (role bench) run: what it scored."""
+    return {ROLE: role, CHECKPOINT: checkpoint, EVALUATED_RUN_ID: evaluated_run_id or UNKNOWN}
+
+
+def sweep_tags(study: str, role: str, trial: int | None = None) -> dict[str, str]:
+    """A sweep's study, trial or seed run."""
+    return {STUDY: study, ROLE: role} | ({TRIAL: str(trial)} if trial is not None else {})
+
+
+def bundle_tags(values: Mapping[str, Any]) -> dict[str, str]:
+    """A trial's bundle params (named override lists, such as a loop recipe) as tags."""
+    return {f"{BUNDLE}{k}": str(v) for k, v in values.items()}
+
+
+def bundles(tags: Mapping[str, str]) -> dict[str, str]:
+    """The bundle params a sweep's trial run is tagged with: {'recipe': 'huginn'}."""
+    return {k[len(BUNDLE):]: v for k, v in tags.items() if k.startswith(BUNDLE)}
+
+
+def copied_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """The tags a reused run's copy takes over from the run it copies (what it is, where from)."""
+    return {k: v for k, v in tags.items() if k.startswith(("ouro.", VERSIONS, "mlflow.source"))}
+
+
+def derived_params(summary: Mapping[str, object]) -> dict[str, object]:
+    """Derived facts (model shape, the task's data) as params derived.<fact>."""
+    return {f"{DERIVED}{k}": v for k, v in summary.items()}
+
+
+def derived_of(params: Mapping[str, str]) -> dict[str, str]:
+    """A run's derived.* params."""
+    return {k: v for k, v in params.items() if k.startswith(DERIVED)}
+
+
+def model_metrics(summary: Mapping[str, object]) -> dict[str, float]:
+    """The numeric derived facts as metrics model/<fact> (n_params, FLOPs per token ...)."""
+    return {f"{MODEL}{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+
+
+def seed_std(objective: str) -> str:
+    """'seeds/val/acc_final_std': the seed spread of a trial's objective."""
+    return f"seeds/{objective}_std"
+
+
+def seed_spread(objective: str, values: list[float]) -> dict[str, float]:
+    """The seed spread a trial run with several seeds logs beside the seed means."""
+    if len(values) < 2:
+        return {}
+    return {seed_std(objective): statistics.stdev(values), f"seeds/{objective}_min": min(values),
+            f"seeds/{objective}_max": max(values)}
+
+
+def study_metrics(counts: Mapping[str, int], objective: str, best: float | None) -> dict[str, float]:
+    """A study run's summary: trials per state (study/n_complete ...) and the best objective."""
+    metrics = {f"study/n_{k.lower()}": v for k, v in counts.items()}
+    if best is not None:
+        metrics[f"study/best_{objective.replace('/', '_')}"] = best
+    return metrics
+
+
+# --- run states -----------------------------------------------------------------------------
+def ended_by(err: BaseException | None) -> tuple[str, dict[str, str]]:
+    """How a run ends when its work raised `err` (None: it did not): FINISHED; KILLED for an
+    interruption (Ctrl-C, SystemExit), with the reason in tag `interrupted`; FAILED otherwise,
+    with the reason in tag `error`."""
+    if err is None:
+        return "FINISHED", {}
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        return "KILLED", {INTERRUPTED: f"{type(err).__name__}: {err}".rstrip(": ")[:5000]}
+    return "FAILED", {ERROR: f"{type(err).__name__}: {err}"[:5000]}
+
+
+def trial_ending(err: BaseException | None) -> tuple[str, dict[str, str]]:
+    """How a sweep's run ends: FINISHED + optuna.state COMPLETE; KILLED + PRUNED (tag `pruned`:
+    why); FAILED + FAIL (tag `error`); KILLED + FAIL (tag `interrupted`)."""
+    if err is None:
+        return "FINISHED", {OPTUNA_STATE: COMPLETE}
+    if isinstance(err, optuna.TrialPruned):
+        return "KILLED", {OPTUNA_STATE: PRUNED_STATE, PRUNED: str(err)}
+    status, tags = ended_by(err)
+    return status, tags | {OPTUNA_STATE: FAIL}
+
+
+def superseded(by_trial: int) -> dict[str, str]:
+    """The tags that end a trial run whose seed runs another trial recovered."""
+    return {OPTUNA_STATE: FAIL, INTERRUPTED: f"superseded: its runs were recovered by trial {by_trial}"}
+
+
+def killed_with_sweep() -> dict[str, str]:
+    """The tags that end a run a killed sweep process left RUNNING."""
+    return {OPTUNA_STATE: FAIL, INTERRUPTED: "the sweep process was killed"}
+
+
+def state(status: str, tags: Mapping[str, str]) -> str:
+    """The Optuna-style state of a run: the sweep's own tag, else the MLflow status.
+
+    NOTE: MLFlowLogger marks a run FINISHED when fit() ends, before the final validation and
+    test: a sweep's run is whole only once the sweep tags it COMPLETE."""
+    tag = tags.get(OPTUNA_STATE)
+    if tag:
+        return tag
+    if STUDY in tags:
+        return RUNNING if status in ("RUNNING", "FINISHED") else FAIL
+    return {"FINISHED": COMPLETE, "FAILED": FAIL, "KILLED": FAIL}.get(status, status)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as the analysis reads it: plain data (`analysis.load` fills it from MLflow; tests
+    build it by hand)."""
+
+    run_id: str
+    name: str = ""
+    status: str = "FINISHED"  # MLflow's: RUNNING | FINISHED | FAILED | KILLED
+    start_time: int = 0  # ms since the epoch
+    params: Mapping[str, str] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        return state(self.status, self.tags)
+
+    @property
+    def role(self) -> str | None:
+        return self.tags.get(ROLE)
+
+    @property
+    def parent(self) -> str | None:
+        return self.tags.get(PARENT)
+
+
+# --- what a run records -----------------------------------------------------------------------
 def used_params(cfg: ExperimentConfig) -> dict[str, Any]:
     """The flattened config a run logs as MLflow params: one name per key (`model.loops`), and
     of the task sections only the one `data.task` uses (the full config is the run's
@@ -37,6 +251,12 @@ def run_name(cfg: ExperimentConfig) -> str:
     return f"{cfg.data.task}-{m.arch}-{shape}{stage}-s{cfg.train.seed}"
 
 
+def metric_kind(task: Task) -> str:
+    """The per-step quality metric a task's runs report: bits per byte on byte-level tasks
+    (`text`, `lm`), else accuracy. Decided here only; training and evaluation runs record it."""
+    return "bpb" if task.byte_level else "acc"
+
+
 # Config keys added after runs (the reuse hash) and studies (the definition hash) were first
 # hashed: left out of a hash while at their schema default, so hashes made before them stay
 # valid and old studies resume and reuse their runs.
@@ -53,19 +273,10 @@ STUDY_HASH_LATER = (("train", "strategy"), ("eval", "exit_q"), ("eval", "exit_co
                     ("train", "loops_max"), ("train", "backprop_loops"), ("data", "lm"))
 
 
-def drop_later_defaults(d: dict, keys: tuple[tuple[str, str], ...]) -> None:
+def drop_later_defaults(d: dict, keys: Iterable[tuple[str, str]]) -> None:
     """Remove from a config dict (`to_dict`'s) each (section, key) of `keys` that holds its
     schema default."""
     defaults = to_dict(ExperimentConfig())
     for section, key in keys:
         if section in d and key in d[section] and d[section][key] == defaults[section][key]:
             d[section].pop(key)
-
-
-METRIC_KIND_TAG = "ouro.metric_kind"  # "acc" or "bpb": what the run's per-step quality metric is
-
-
-def metric_kind(task: Task) -> str:
-    """The per-step quality metric a task's runs report: bits per byte on byte-level tasks
-    (`text`, `lm`), else accuracy. Decided here only; training and evaluation runs record it."""
-    return "bpb" if task.byte_level else "acc"

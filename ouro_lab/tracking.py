@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from ouro_lab.errors import ConfigError, StoreError
 from ouro_lab.locations import tracking_uri_problem, writable_dir
+from ouro_lab.run_record import ERROR_ARTIFACT, GIT_COMMIT, GIT_DIRTY, PARENT, VERSIONS, ended_by
 
 PACKAGES = ("torch", "lightning", "mlflow", "optuna", "omegaconf", "torchmetrics")
 LOCKED_RETRY_SECONDS = 120.0  # how long a write to a locked sqlite store is retried
@@ -178,7 +179,7 @@ class Experiment:
 
     def create_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> Run:
         """A new RUNNING run, nested under run id `parent` when given (MLFlowLogger never nests by itself)."""
-        tags = dict(tags) | ({"mlflow.parentRunId": parent} if parent else {})
+        tags = dict(tags) | ({PARENT: parent} if parent else {})
         return Run(self, self.client.create_run(self.id, run_name=name, tags=tags).info.run_id)
 
     def run(self, run_id: str) -> Run:
@@ -205,16 +206,6 @@ class Experiment:
 
     def where_to_look(self, run_id: str | None = None) -> str:
         return where_to_look(self.tracking_uri, self.id, run_id)
-
-
-def ended_by(err: BaseException | None) -> tuple[str, dict[str, str]]:
-    """How a run ends when its work raised `err` (None: it did not): FINISHED; KILLED for an
-    interruption (Ctrl-C, SystemExit); FAILED otherwise; with the reason in tag `error`."""
-    if err is None:
-        return "FINISHED", {}
-    if isinstance(err, (KeyboardInterrupt, SystemExit)):
-        return "KILLED", {"interrupted": f"{type(err).__name__}: {err}".rstrip(": ")[:5000]}
-    return "FAILED", {"error": f"{type(err).__name__}: {err}"[:5000]}
 
 
 class Run:
@@ -300,7 +291,7 @@ class Run:
         self.set_tags(extra | (tags or {}))
         if err is not None and err.__traceback__ is not None and not isinstance(err, (KeyboardInterrupt, SystemExit)):
             try:  # the whole traceback, for a failure the terminal showed in one line
-                self.log_text("".join(traceback.format_exception(err)), "error.txt")
+                self.log_text("".join(traceback.format_exception(err)), ERROR_ARTIFACT)
             except Exception:  # noqa: BLE001 (the run still ends; its `error` tag has the reason)
                 pass
         when_unlocked(lambda: self.client.set_terminated(self.id, status))
@@ -317,11 +308,11 @@ class Run:
 
 def reproducibility_tags() -> dict[str, str]:
     """Git commit (+ dirty flag) of the working tree and versions of the key packages."""
-    tags = {f"versions.{p}": _version(p) for p in PACKAGES}
+    tags = {f"{VERSIONS}{p}": _version(p) for p in PACKAGES}
     commit = _git("rev-parse", "HEAD")
     if commit:
-        tags["mlflow.source.git.commit"] = commit
-        tags["git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
+        tags[GIT_COMMIT] = commit
+        tags[GIT_DIRTY] = str(bool(_git("status", "--porcelain", "--untracked-files=no")))
     return tags
 
 

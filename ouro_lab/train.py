@@ -26,7 +26,7 @@ from ouro_lab.config import ConfigError, ExperimentConfig
 from ouro_lab.data.datamodule import TaskDataModule
 from ouro_lab.data.lm import CorpusError
 from ouro_lab.locations import writable_dir
-from ouro_lab.run_record import METRIC_KIND_TAG, metric_kind, run_name
+from ouro_lab.run_record import checkpoint_tags, metric_kind, run_name, training_tags
 from ouro_lab.views import curve_series, loop_step_figure, plt, run_tables
 
 
@@ -99,14 +99,6 @@ def train(cfg: ExperimentConfig, *, run: tracking.Run | None = None, callbacks: 
         return result
 
 
-def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
-    """What every training run is tagged with: git commit and package versions, and the run's
-    task, arch, loop count and seed (for the MLflow UI's search)."""
-    return tracking.reproducibility_tags() | {
-        "ouro.task": cfg.data.task, "ouro.arch": cfg.model.arch, "ouro.loops": str(cfg.model.loops),
-        "ouro.seed": str(cfg.train.seed)}
-
-
 class _MetricsLogger(MLFlowLogger):
     """Lightning's MLFlowLogger for the metrics only. NOTE: its `log_hyperparams` would log the
     module's saved config a second time under other names (`config/model/loops` beside our
@@ -150,10 +142,9 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDat
            verbose: bool, start: float) -> TrainResult:
     experiment = run.experiment
     module.run_id = run.id  # saved in the checkpoint, so a Stage II run can name where it came from
-    stage = {"ouro.stage": "2", "ouro.stage1_run_id": module.stage1_run_id or "unknown"} if cfg.stage2.init_from \
-        else {"ouro.stage": "1+2"} if cfg.stage2.steps else {}
     kind = metric_kind(module.task)
-    run.set_tags(run_tags(cfg) | stage | {METRIC_KIND_TAG: kind})
+    stage1_run_id = module.stage1_run_id if cfg.stage2.init_from else None  # (looped modules only)
+    run.set_tags(tracking.reproducibility_tags() | training_tags(cfg, module.task, stage1_run_id))
     summary = module.summary()
     if verbose:
         print(f"[ouro-lab] run {run_name(cfg)} ({run.id}) -> {experiment.tracking_uri}",
@@ -182,7 +173,7 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDat
     last = str(checkpoint) if checkpoint.exists() else None
     if last:  # the step its weights are from, as saved: runs without this tag may name an older checkpoint
         step = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get("ouro_step")
-        run.set_tags({"ouro.checkpoint": str(checkpoint.resolve()), "ouro.checkpoint_step": str(step)})
+        run.set_tags(checkpoint_tags(str(checkpoint.resolve()), step))
     _log_plot(run, module, val, run_name(cfg))
     for split in (val, test):
         run.log_series(curve_series(split, module.trained_loops, kind=kind))

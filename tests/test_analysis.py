@@ -185,7 +185,7 @@ def test_plain_train_runs_are_a_study_too(tiny_config, tmp_path):
 
 
 def test_stale_checkpoints_of_old_runs_are_told_from_their_params():
-    from ouro_lab.analysis.load import stale_checkpoint
+    from ouro_lab.analysis.tidy import stale_checkpoint
 
     old = {"ouro.checkpoint": "/x/last.ckpt"}
     params = {"train.max_steps": "300", "train.val_every": "250"}
@@ -225,38 +225,33 @@ def test_logged_params_map_back_to_the_sweep_distributions():
 def test_runs_logged_with_and_without_other_tasks_sections_form_one_group():
     """Runs log only their own data.<task> section now; runs logged before (every section, and
     Lightning's config/... copy) must fall in the same group as new runs of the same config."""
-    from types import SimpleNamespace
-
-    from ouro_lab.analysis.load import _runs_frame
+    from ouro_lab.analysis.tidy import runs_frame
+    from ouro_lab.run_record import RunRecord
 
     def run(run_id, seed, old):
         params = {"model.arch": "looped", "model.loops": "2", "train.seed": str(seed), "data.task": "state",
                   "data.state.length": "8", "train.max_steps": "10", "data.batch_size": "4"}
         if old:
             params |= {"data.arith.modulus": "7", "data.text.context": "64", "config/model/loops": "2"}
-        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, run_name=run_id),
-                               data=SimpleNamespace(params=params, metrics={}, tags={}))
+        return RunRecord(run_id, run_id, params=params)
 
-    frame, group_keys, _ = _runs_frame([run("a", 0, True), run("b", 1, False)], {}, [])
+    frame, group_keys, _ = runs_frame([run("a", 0, True), run("b", 1, False)], {}, [])
     assert group_keys == [] and set(frame["group"]) == {"all runs"} and len(frame) == 2
 
 
 def test_bundle_runs_group_by_the_bundle_and_other_runs_by_their_keys():
     """A sweep's bundle runs group as recipe=<name>; a run without the bundle tag (a plain train
     run in that experiment) keeps the keys the bundles set, so it is not merged with them."""
-    from types import SimpleNamespace
-
-    from ouro_lab.analysis.load import _runs_frame
+    from ouro_lab.analysis.tidy import runs_frame
+    from ouro_lab.run_record import RunRecord, bundle_tags
 
     def run(run_id, injection, recipe=None):
         params = {"model.arch": "looped", "model.loops": "2", "train.seed": "0", "data.task": "state",
                   "model.injection": injection, "train.max_steps": "10", "data.batch_size": "4"}
-        tags = {"ouro.bundle.recipe": recipe} if recipe else {}
-        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, run_name=run_id),
-                               data=SimpleNamespace(params=params, metrics={}, tags=tags))
+        return RunRecord(run_id, run_id, params=params, tags=bundle_tags({"recipe": recipe} if recipe else {}))
 
     runs = [run("a", "none", "ouro"), run("b", "additive", "additive"), run("c", "additive"), run("d", "none")]
-    frame, group_keys, _ = _runs_frame(runs, {}, [], ["recipe"], {"model.injection"})
+    frame, group_keys, _ = runs_frame(runs, {}, [], ["recipe"], {"model.injection"})
     groups = dict(zip(frame["run_id"], frame["group"]))
     assert group_keys == ["model.injection", "recipe"]
     assert groups == {"a": "model.injection=nan recipe=ouro", "b": "model.injection=nan recipe=additive",
@@ -265,16 +260,15 @@ def test_bundle_runs_group_by_the_bundle_and_other_runs_by_their_keys():
 
 def test_the_latest_finished_evaluation_stands_for_its_checkpoint():
     """A re-evaluation still running (or crashed) does not hide the finished one."""
-    from types import SimpleNamespace
-
-    from ouro_lab.analysis.load import _latest_evals
+    from ouro_lab.analysis.tidy import latest_evals
+    from ouro_lab.run_record import RunRecord
 
     def run(run_id, start, status):
-        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, start_time=start, status=status),
-                               data=SimpleNamespace(params={"eval_split": "test"}, tags={"ouro.checkpoint": "/c.ckpt"}))
+        return RunRecord(run_id, status=status, start_time=start, params={"eval_split": "test"},
+                         tags={"ouro.checkpoint": "/c.ckpt"})
 
-    assert [r.info.run_id for r in _latest_evals([run("old", 1, "FINISHED"), run("new", 2, "RUNNING")])] == ["old"]
-    assert [r.info.run_id for r in _latest_evals([run("old", 1, "FINISHED"), run("new", 2, "FINISHED")])] == ["new"]
+    assert [r.run_id for r in latest_evals([run("old", 1, "FINISHED"), run("new", 2, "RUNNING")])] == ["old"]
+    assert [r.run_id for r in latest_evals([run("old", 1, "FINISHED"), run("new", 2, "FINISHED")])] == ["new"]
 
 
 def test_report_has_the_early_exit_frontier(tiny_study, tmp_path):

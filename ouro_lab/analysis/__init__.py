@@ -1,9 +1,11 @@
 """Turn a study into the answer to "when do extra loops stop helping?".
 
-Data flows one way (STYLE.md): MLflow runs -> tidy DataFrames -> statistics -> plots -> report.
+Data flows one way (STYLE.md): MLflow runs -> run records -> tidy DataFrames -> statistics -> plots -> report.
 
-    load.py         MLflow -> `StudyData` (runs, steps, exits, trials); the only module that
-                    talks to MLflow (it also attaches the report to the study run)
+    load.py         MLflow -> run records -> `StudyData`; the only module that talks to MLflow
+                    (it also attaches the report to the study run)
+    tidy.py         run records -> `StudyData` (runs, steps, exits, trials, frontier, skip,
+                    bench): pure, no MLflow
     stats.py        seed means + t-intervals, saturation points + seed bootstrap, the tables
     law.py          the saturating law m(t) = m_inf + a exp(-k t) (Parcae): fits, seed bootstrap, plot
     optuna_view.py  the trials as an in-memory Optuna study: fANOVA importance, history
@@ -22,8 +24,8 @@ Data flows one way (STYLE.md): MLflow runs -> tidy DataFrames -> statistics -> p
 
 from ouro_lab.analysis.frontier import frontier_summary, frontier_table, gate_table, plot_frontier, plot_oracle
 from ouro_lab.analysis.law import LawFit, fit_law, fit_law_seeds, law_table, plot_law
-from ouro_lab.analysis.load import (ALL, AnalysisError, StudyData, difficulty_order, group_label, list_studies,
-                                   load_bench, load_study, resolve_store)
+from ouro_lab.analysis.load import list_studies, load_bench, load_study, resolve_store
+from ouro_lab.analysis.tidy import ALL, AnalysisError, StudyData, difficulty_order, group_label
 from ouro_lab.analysis.optuna_view import optuna_study, param_importances, param_value, plot_optuna
 from ouro_lab.analysis.plots import plot_compute, plot_exit, plot_vs_loops, plot_vs_step
 from ouro_lab.analysis.report import Report, summary, write_bench_report, write_report

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pandas as pd
 
-from ouro_lab.analysis.load import ALL, StudyData, difficulty_order
+from ouro_lab.analysis.tidy import ALL, StudyData, difficulty_order
 from ouro_lab.analysis.stats import _in_group_order, mean_ci
 from ouro_lab.views import plt
 

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.optimize import OptimizeWarning, curve_fit  # noqa: E402
 
-from ouro_lab.analysis.load import ALL, StudyData  # noqa: E402
+from ouro_lab.analysis.tidy import ALL, StudyData  # noqa: E402
 from ouro_lab.analysis.stats import final_values  # noqa: E402
 
 MIN_R2 = 0.9  # below this the law explains too little of the curve: no fit

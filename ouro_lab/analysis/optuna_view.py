@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import numpy as np
 import optuna
 
-from ouro_lab.analysis.load import StudyData, typed_value
+from ouro_lab.analysis.tidy import StudyData, typed_value
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ouro_lab.analysis.load import ALL, StudyData, difficulty_order
+from ouro_lab.analysis.tidy import ALL, StudyData, difficulty_order
 from ouro_lab.analysis.stats import compute_table, curve_table, exit_table
 from ouro_lab.config import ARCHS
 from ouro_lab.views import plt

@@ -13,7 +13,8 @@ import pandas as pd
 from ouro_lab import metric_names as names
 from ouro_lab.analysis.frontier import frontier_summary, frontier_table, gate_table, plot_frontier, plot_oracle
 from ouro_lab.analysis.law import law_table, plot_law
-from ouro_lab.analysis.load import ALL, MAX_GROUP_VALUES, StudyData, attach_report, difficulty_order
+from ouro_lab.analysis.load import attach_report
+from ouro_lab.analysis.tidy import ALL, MAX_GROUP_VALUES, StudyData, difficulty_order
 from ouro_lab.analysis.optuna_view import optuna_study, param_importances, plot_optuna
 from ouro_lab.analysis.plots import plot_compute, plot_exit, plot_vs_loops, plot_vs_step
 from ouro_lab.analysis.stats import (compute_table, curve_table, exit_table, exit_wide, extrapolation_table, final_values,

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ouro_lab.analysis.load import ALL, AnalysisError, StudyData, difficulty_order
+from ouro_lab.analysis.tidy import ALL, AnalysisError, StudyData, difficulty_order
 from ouro_lab.config import ARCHS
 
 

@@ -12,6 +12,7 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
+from ouro_lab import run_record as rr
 from ouro_lab.sweep.budget import retried_trials, was_interrupted
 from ouro_lab.sweep.study import Study
 
@@ -40,13 +41,12 @@ def recover_interrupted(s: Study, verbose: bool) -> None:
                 print(f"[sweep {s.sweep.name}] trial {t.number} was left running by a dead worker "
                       f"({worker}): marked FAIL", flush=True)
     states = {t.number: t for t in s.study.get_trials(deepcopy=False)}
-    for run in s.experiment.find_runs("attributes.status = 'RUNNING'"):
+    for run in s.experiment.find_runs(rr.RUNNING_FILTER):
         if run.info.run_id == s.parent.id:
             continue
-        trial_no = run.data.tags.get("ouro.trial")
+        trial_no = run.data.tags.get(rr.TRIAL)
         if trial_no is not None and int(trial_no) in states and states[int(trial_no)].state.is_finished():
-            s.experiment.run(run.info.run_id).end(status="KILLED", tags={
-                "optuna.state": "FAIL", "interrupted": "the sweep process was killed"})
+            s.experiment.run(run.info.run_id).end(status="KILLED", tags=rr.killed_with_sweep())
     trials = list(states.values())
     retried = retried_trials(trials)
     for t in trials:

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import optuna
 from optuna.trial import TrialState
 
+from ouro_lab import run_record as rr
 from ouro_lab import tracking
 from ouro_lab.config import ConfigError, load_config
 from ouro_lab.sweep.budget import budget, budget_used
@@ -279,7 +280,7 @@ def summarize(s: Study, seconds: float, storage_desc: str) -> SweepSummary:
         std = None
         run_id = t.user_attrs.get("mlflow_run_id")
         if s.sweep.seeds > 1 and run_id:
-            std = s.experiment.run(run_id).fetch().data.metrics.get(f"seeds/{s.sweep.objective.metric}_std")
+            std = s.experiment.run(run_id).fetch().data.metrics.get(rr.seed_std(s.sweep.objective.metric))
         best.append({"number": t.number, "value": t.value, "std": std, "params": t.params, "run_id": run_id,
                      "checkpoint": t.user_attrs.get("checkpoint")})
     return SweepSummary(s.sweep.name, s.study_dir, storage_desc, s.tracking_uri, s.experiment.id, s.parent.id,
@@ -289,11 +290,9 @@ def summarize(s: Study, seconds: float, storage_desc: str) -> SweepSummary:
 def _log_summary(s: Study, summary: SweepSummary) -> None:
     s.study_dir.mkdir(parents=True, exist_ok=True)
     text = summary.table(k=len(summary.best) or 1)
-    (s.study_dir / "summary.txt").write_text(text + "\n")
-    s.parent.log_text(text, "summary.txt")
-    metrics = {f"study/n_{k.lower()}": v for k, v in summary.counts.items()}
-    if summary.best:
-        metrics[f"study/best_{s.sweep.objective.metric.replace('/', '_')}"] = summary.best[0]["value"]
-    s.parent.log_metrics(metrics)
+    (s.study_dir / rr.SUMMARY_ARTIFACT).write_text(text + "\n")
+    s.parent.log_text(text, rr.SUMMARY_ARTIFACT)
+    s.parent.log_metrics(rr.study_metrics(summary.counts, s.sweep.objective.metric,
+                                          summary.best[0]["value"] if summary.best else None))
     failed_all = summary.counts and not summary.counts.get("COMPLETE") and not summary.counts.get("PRUNED")
     s.parent.end(status="FAILED" if failed_all else "FINISHED")

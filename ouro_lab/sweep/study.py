@@ -21,6 +21,7 @@ from ouro_lab import tracking
 from ouro_lab.config import ConfigError, ExperimentConfig, load_config, to_dict
 from ouro_lab.errors import StoreError
 from ouro_lab.locations import writable_dir
+from ouro_lab import run_record as rr
 from ouro_lab.run_record import STUDY_HASH_LATER, drop_later_defaults
 from ouro_lab.sweep.budget import counts_toward_budget, retried_trials
 from ouro_lab.sweep.repair import repair_journal
@@ -203,11 +204,11 @@ def open_study(sweep: SweepConfig, base: Path, worker: str | None = None) -> Stu
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
     _check_same_study(sweep, study, experiment, parent_id, sweep.storage or study_dir / "optuna.journal", uri)
     if parent_id is None or not experiment.has_run(parent_id):
-        parent = experiment.create_run(f"study-{sweep.name}", {
-            "ouro.study": sweep.name, "ouro.role": "study", **tracking.reproducibility_tags()})
+        parent = experiment.create_run(f"study-{sweep.name}", rr.sweep_tags(sweep.name, rr.STUDY_RUN)
+                                       | tracking.reproducibility_tags())
         study.set_user_attr("mlflow_parent_run_id", parent.id)
-        parent.log_params({f"sweep.{k}": v for k, v in _sweep_params(sweep).items()})
-        parent.log_text(OmegaConf.to_yaml(OmegaConf.structured(sweep)), "sweep.yaml")
+        parent.log_params({f"{rr.SWEEP}{k}": v for k, v in _sweep_params(sweep).items()})
+        parent.log_text(OmegaConf.to_yaml(OmegaConf.structured(sweep)), rr.SWEEP_ARTIFACT)
     else:
         parent = experiment.run(parent_id)
         parent.reopen()
@@ -249,9 +250,9 @@ def _check_same_study(sweep: SweepConfig, study: optuna.Study | None, experiment
             "tracking.uri points elsewhere. Point tracking_uri (sweep) or tracking.uri (config) at the store that "
             f"holds them, or give the sweep a new name= to start over (nothing was changed)")
     if parent_id is None and experiment is not None:
-        others = experiment.find_runs("tags.`ouro.role` = 'study'", max_results=1)
+        others = experiment.find_runs(rr.role_filter(rr.STUDY_RUN), max_results=1)
         if others:
-            trials = experiment.find_runs("tags.`ouro.role` = 'trial'")
+            trials = experiment.find_runs(rr.role_filter(rr.TRIAL_RUN))
             raise StoreError(
                 f"MLflow experiment {sweep.name!r} in {uri} already holds study run "
                 f"{others[0].info.run_id} with {len(trials)} trial run(s), but the Optuna study ({where}) is new: "

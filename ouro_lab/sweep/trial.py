@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from ouro_lab import tracking
 from ouro_lab.config import ExperimentConfig, load_config, to_dict
+from ouro_lab import run_record as rr
 from ouro_lab.run_record import RUN_HASH_LATER, drop_later_defaults, used_params
 from ouro_lab.sweep.budget import claims_budget, retried_trials
 from ouro_lab.sweep.pruning import PruningCallback
@@ -109,8 +110,8 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = 
                  f"tracking.uri={s.tracking_uri}", f"tracking.experiment={sweep.name}", "train.progress_bar=false"]
     cfg = load_config(s.base, overrides)
     label = " ".join(f"{k}={v}" for k, v in sampled.items())
-    tags = {"ouro.study": sweep.name, "ouro.trial": str(trial.number), "ouro.role": "trial",
-            "optuna.state": "RUNNING", **{f"ouro.bundle.{k}": str(v) for k, v in sampled.items() if k in sweep.bundles}}
+    tags = (rr.sweep_tags(sweep.name, rr.TRIAL_RUN, trial.number) | {rr.OPTUNA_STATE: rr.RUNNING}
+            | rr.bundle_tags({k: v for k, v in sampled.items() if k in sweep.bundles}))
     if sweep.seeds == 1:
         value, _ = _train_seed(s, trial, cfg, cfg.train.seed, 0, s.parent.id, tags, label, verbose)
         return value
@@ -121,7 +122,7 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = 
         results, values = [], []
         first_seed = cfg.train.seed
         for i in range(sweep.seeds):
-            seed_tags = {"ouro.study": sweep.name, "ouro.trial": str(trial.number), "ouro.role": "seed"}
+            seed_tags = rr.sweep_tags(sweep.name, rr.SEED_RUN, trial.number)
             value, seed_run = _train_seed(s, trial, cfg, first_seed + i, i, run.id, seed_tags,
                                           f"{label} seed {first_seed + i}", verbose)
             values.append(value)
@@ -136,15 +137,15 @@ def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int,
     cfg.train.seed = seed
     cfg.tracking.run_name = f"trial-{trial.number} {label}"
     digest = canonical_hash(cfg)
-    tags = tags | {"ouro.config_hash": digest}
+    tags = tags | {rr.CONFIG_HASH: digest}
     metric = s.sweep.objective.metric
     reused = _find_finished(s, digest)
     if reused is not None:
         value = reused.data.metrics.get(metric)
         if value is None:
             raise KeyError(f"objective metric {metric!r} was not logged by run {reused.info.run_id}")
-        if index == 0 and reused.data.tags.get("ouro.checkpoint"):
-            trial.set_user_attr("checkpoint", reused.data.tags["ouro.checkpoint"])
+        if index == 0 and reused.data.tags.get(rr.CHECKPOINT):
+            trial.set_user_attr("checkpoint", reused.data.tags[rr.CHECKPOINT])
         if _orphaned(s, reused):
             return value, _adopt(s, trial, reused, parent, verbose)
         if verbose:
@@ -225,25 +226,14 @@ def _trial_run(s: Study, name: str, tags: dict[str, str], parent: str) -> tracki
     KILLED + PRUNED (tag `pruned`: why); FAILED + FAIL (tag `error`, the traceback in error.txt);
     KILLED + FAIL (tag `interrupted`)."""
     run = s.experiment.create_run(name, tags, parent)
-    run.ending = trial_ending
+    run.ending = rr.trial_ending
     return run
-
-
-def trial_ending(err: BaseException | None) -> tuple[str, dict[str, str]]:
-    """`tracking.Run.ending` for trial runs: the MLflow status and the `optuna.state` tag."""
-    if err is None:
-        return "FINISHED", {"optuna.state": "COMPLETE"}
-    if isinstance(err, optuna.TrialPruned):
-        return "KILLED", {"optuna.state": "PRUNED", "pruned": str(err)}
-    status, tags = tracking.ended_by(err)
-    return status, tags | {"optuna.state": "FAIL"}
 
 
 def _find_finished(s: Study, digest: str):
     """An original (not itself a copy) run of this study with the same config hash, ended whole."""
-    runs = s.experiment.find_runs(f"tags.`ouro.config_hash` = '{digest}' and attributes.status = 'FINISHED' "
-                                  "and tags.`optuna.state` = 'COMPLETE'", max_results=10)
-    originals = [r for r in runs if "ouro.reused_from" not in r.data.tags]
+    runs = s.experiment.find_runs(rr.hash_filter(digest), max_results=10)
+    originals = [r for r in runs if rr.REUSED_FROM not in r.data.tags]
     return originals[0] if originals else None
 
 
@@ -251,7 +241,7 @@ def _orphaned(s: Study, run) -> bool:
     """A finished run whose trial failed (its process was killed after the run ended and
     before the trial's result reached the study). NOTE: not a RUNNING trial's: with seeds > 1
     a live trial has finished seed runs too."""
-    number = run.data.tags.get("ouro.trial")
+    number = run.data.tags.get(rr.TRIAL)
     if number is None:
         return False
     states = {t.number: t.state for t in s.study.get_trials(deepcopy=False)}
@@ -262,12 +252,11 @@ def _adopt(s: Study, trial: optuna.Trial, source, parent: str, verbose: bool) ->
     """Take over an orphaned finished run as this trial's (instead of training the same point
     again): re-tagged and moved under this trial's parent; a trial-level run it hung under
     (seeds > 1) is ended as superseded, so one FINISHED run per point remains."""
-    old_trial, old_parent = source.data.tags["ouro.trial"], source.data.tags.get("mlflow.parentRunId")
+    old_trial, old_parent = source.data.tags[rr.TRIAL], source.data.tags.get(rr.PARENT)
     run = s.experiment.run(source.info.run_id)
-    run.set_tags({"ouro.trial": str(trial.number), "mlflow.parentRunId": parent, "ouro.recovered_from_trial": old_trial})
+    run.set_tags({rr.TRIAL: str(trial.number), rr.PARENT: parent, rr.RECOVERED_FROM_TRIAL: old_trial})
     if old_parent and old_parent not in (parent, s.parent.id):
-        s.experiment.run(old_parent).end(status="KILLED", tags={
-            "optuna.state": "FAIL", "interrupted": f"superseded: its runs were recovered by trial {trial.number}"})
+        s.experiment.run(old_parent).end(status="KILLED", tags=rr.superseded(trial.number))
     if s.sweep.seeds == 1:
         trial.set_user_attr("mlflow_run_id", run.id)
     trial.set_user_attr("recovered_from_trial", int(old_trial))
@@ -280,12 +269,11 @@ def _adopt(s: Study, trial: optuna.Trial, source, parent: str, verbose: bool) ->
 def _copy_run(s: Study, source, cfg: ExperimentConfig, parent: str, tags: dict[str, str]) -> tracking.Run:
     """A child run that points at an identical finished run and carries its final metrics;
     its params are this trial's own config (e.g. the T it stands for), plus the derived facts."""
-    source_tags = {k: v for k, v in source.data.tags.items() if k.startswith(("ouro.", "versions.", "mlflow.source"))}
-    run_tags = source_tags | tags | {"ouro.reused_from": source.info.run_id, "optuna.state": "COMPLETE",
-                                     "ouro.loops": str(cfg.model.loops), "ouro.seed": str(cfg.train.seed)}
+    run_tags = rr.copied_tags(source.data.tags) | tags | {
+        rr.REUSED_FROM: source.info.run_id, rr.OPTUNA_STATE: rr.COMPLETE, rr.LOOPS: str(cfg.model.loops),
+        rr.SEED: str(cfg.train.seed)}
     with _trial_run(s, cfg.tracking.run_name, run_tags, parent) as run:
-        derived = {k: v for k, v in source.data.params.items() if k.startswith("derived.")}
-        run.log_params(used_params(cfg) | derived)
+        run.log_params(used_params(cfg) | rr.derived_of(source.data.params))
         run.log_metrics(source.data.metrics)
     return run
 
@@ -294,9 +282,5 @@ def _seed_aggregate(results: list[dict[str, float]], objective: str) -> dict[str
     """Mean over seeds of every final val/test metric (same names), and the objective's spread."""
     keys = set.intersection(*(set(r) for r in results))
     metrics = {k: statistics.fmean(r[k] for r in results) for k in sorted(keys)
-               if k.startswith(("val/", "test/", "model/"))}
-    values = [r[objective] for r in results if objective in r]
-    if len(values) > 1:
-        metrics |= {f"seeds/{objective}_std": statistics.stdev(values), f"seeds/{objective}_min": min(values),
-                    f"seeds/{objective}_max": max(values)}
-    return metrics
+               if k.startswith(("val/", "test/", rr.MODEL))}
+    return metrics | rr.seed_spread(objective, [r[objective] for r in results if objective in r])

@@ -1,0 +1,99 @@
+"""The run record: what writers record is what the reader parses back, and the tidy frames of
+a study are built from plain run records (no MLflow, no fakes)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+
+from ouro_lab import metric_names as names
+from ouro_lab import run_record as rr
+from ouro_lab.analysis.tidy import AnalysisError, study_data
+from ouro_lab.run_record import RunRecord
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ouro_lab"
+
+
+@pytest.mark.parametrize("err, state", [(None, "COMPLETE"), (optuna.TrialPruned("slow"), "PRUNED"),
+                                        (ValueError("nan loss"), "FAIL"), (KeyboardInterrupt(), "FAIL")])
+def test_the_state_a_sweep_run_ends_in_is_the_state_the_reader_reads(err, state):
+    status, tags = rr.trial_ending(err)
+    assert rr.state(status, rr.sweep_tags("s", rr.TRIAL_RUN, 3) | tags) == state
+    if isinstance(err, ValueError):
+        assert status == "FAILED" and tags[rr.ERROR] == "ValueError: nan loss"
+    if isinstance(err, KeyboardInterrupt):
+        assert status == "KILLED" and rr.INTERRUPTED in tags
+
+
+def test_runs_outside_sweeps_take_their_state_from_mlflow_and_a_sweep_run_is_whole_only_when_tagged():
+    assert [rr.state(*rr.ended_by(e)) for e in (None, ValueError("x"), SystemExit())] == ["COMPLETE", "FAIL", "FAIL"]
+    # MLFlowLogger ends a run FINISHED after fit, before the sweep's final validation and tag
+    assert rr.state("FINISHED", rr.sweep_tags("s", rr.SEED_RUN, 0)) == "RUNNING"
+    assert rr.state("FAILED", rr.sweep_tags("s", rr.SEED_RUN, 0)) == "FAIL"
+
+
+def test_builders_and_parsers_agree():
+    assert rr.bundles(rr.bundle_tags({"recipe": "huginn"}) | {"ouro.trial": "1"}) == {"recipe": "huginn"}
+    spread = rr.seed_spread("val/acc_final", [0.5, 0.7, 0.6])
+    assert spread[rr.seed_std("val/acc_final")] == pytest.approx(0.1)
+    assert rr.seed_spread("val/acc_final", [0.5]) == {}
+    assert rr.derived_of(rr.derived_params({"seq_len": 8}) | {"model.loops": "2"}) == {"derived.seq_len": 8}
+    assert rr.model_metrics({"n_params": 10, "rope": "half"}) == {rr.N_PARAMS: 10}
+    assert rr.study_metrics({"COMPLETE": 2}, "val/acc_final", 0.9) == {"study/n_complete": 2,
+                                                                        "study/best_val_acc_final": 0.9}
+
+
+def _unit(run_id: str, loops: int, kind_tag: str | None, **tags) -> RunRecord:
+    params = {"model.arch": "looped", "model.loops": str(loops), "train.seed": "0", "data.task": "state",
+              "train.max_steps": "10", "data.batch_size": "4"}
+    metrics = {f"val/{names.step(k, t)}": 0.1 * t + (k == "bpb") for k in ("acc", "loss", "bpb")
+               for t in range(1, loops + 1)} | {rr.N_PARAMS: 1000.0}
+    tags = tags | ({rr.METRIC_KIND_TAG: kind_tag} if kind_tag else {})
+    return RunRecord(run_id, f"run-{run_id}", params=params, metrics=metrics, tags=tags)
+
+
+def test_a_study_is_built_from_plain_run_records_and_reads_the_recorded_metric_kind():
+    runs = [_unit("a", 1, "acc"), _unit("b", 2, "acc"), RunRecord("c", params={"model.arch": "looped"},
+                                                                    status="FAILED")]
+    objective = {"objective": {"metric": "val/gate_efficiency", "direction": "maximize"}}
+    data = study_data("test", "sqlite:///x.db", "1", runs, objective)
+    assert sorted(data.runs["run_id"]) == ["a", "b"] and data.counts == {"COMPLETE": 2, "FAIL": 1}
+    assert sorted(data.steps["step"]) == [1, 1, 2] and set(data.steps["difficulty"]) == {"all"}
+    assert data.runs["n_params"].tolist() == [1000.0, 1000.0]
+    # the objective is no per-step metric: the kind is the one the runs recorded, not a guess
+    # from the logged columns (which hold bpb too, as a byte-level task's would)
+    assert data.kind == "acc"
+    older = study_data("test", "sqlite:///x.db", "1", [_unit("a", 1, None), _unit("b", 2, None)], objective)
+    assert older.kind == "bpb"  # runs logged before the tag: the columns decide, as before
+    with pytest.raises(AnalysisError, match="no finished runs yet"):
+        study_data("test", "sqlite:///x.db", "1", runs[2:], {})
+
+
+def test_evaluations_are_named_by_the_run_they_scored():
+    ev = RunRecord("e", params={"model.arch": "looped", "model.loops": "2", "eval_split": "test",
+                                "infer.exit_rule": "q", "infer.exit_threshold": "0.5", "data.task": "state",
+                                "train.seed": "0"},
+                   metrics={"test/skip_acc": 0.5, "test/acc_step1": 0.4, "test/acc_step2": 0.5},
+                   tags=rr.evaluation_tags(rr.EVAL_RUN, "/ckpt/last.ckpt", "trained") | {rr.METRIC_KIND_TAG: "acc"})
+    imported = RunRecord("i", params=ev.params, metrics=ev.metrics,
+                         tags=rr.evaluation_tags(rr.EVAL_RUN, "/ckpt/ouro.ckpt", None))
+    data = study_data("e", "sqlite:///x.db", "1", [ev, imported], {}, names={"trained": "state-looped-N2xT2-s0"})
+    assert data.source == "eval"
+    assert sorted(data.skip["evaluated"]) == ["ouro.ckpt", "state-looped-N2xT2-s0"]
+
+
+def test_no_other_module_spells_the_run_record():
+    """Tags, roles, states and the non-step metric families are spelt in run_record.py only."""
+    record = re.compile(r"""["'](ouro\.[a-z_]+|optuna\.state|mlflow\.parentRunId|seeds/|study/n_|model/|derived\.)""")
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "run_record.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and record.match(repr(node.value)):
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value!r}")
+    assert not found, found
