@@ -241,6 +241,16 @@ def used_params(cfg: ExperimentConfig) -> dict[str, Any]:
     return flatten(d)
 
 
+_DEFAULTS = {k: str(v) for k, v in flatten(to_dict(ExperimentConfig())).items()}
+
+
+def logged_config(params: Mapping[str, str]) -> dict[str, str]:
+    """A run's params read back as `used_params` logged them, with the stage2.* keys it leaves
+    out put back at their schema defaults: a run logs that section only when it trains Stage II
+    (so stage2.steps=0 and =300 runs compare as two values of one key)."""
+    return {k: v for k, v in _DEFAULTS.items() if k.startswith("stage2.")} | dict(params)
+
+
 def run_name(cfg: ExperimentConfig) -> str:
     """tracking.run_name, else '{task}-looped-N2xT4-s0', '{task}-depth_matched-L8-s0'."""
     if cfg.tracking.run_name:

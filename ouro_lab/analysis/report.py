@@ -122,10 +122,9 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     laws = law_table(data, epsilon, kind, split, level)
     study = optuna_study(data)
     importances = param_importances(study)
-    frontier_kind = "bpb" if "bpb" in data.frontier else "acc"
     figures = {"vs_loops.png": plot_vs_loops(data, sat, kind, split, level), "vs_step.png": plot_vs_step(data, kind, split),
                "compute.png": plot_compute(data, kind, split), "exit_gate.png": plot_exit(data, split),
-               "frontier.png": plot_frontier(data, split, frontier_kind), "oracle.png": plot_oracle(data, split),
+               "frontier.png": plot_frontier(data, split, data.metric_kind), "oracle.png": plot_oracle(data, split),
                "law.png": plot_law(data, laws, kind, split), "bench.png": plot_bench(data.bench)}
     optuna_figs = plot_optuna(study, importances, data.objective_metric)
     if optuna_figs:
@@ -143,7 +142,7 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     (folder / "report.md").write_text(text)
     files.insert(0, folder / "report.md")
     for name, frame in (("curves.csv", curve_table(data, kind, split, level)), ("saturation.csv", sat), ("law.csv", laws),
-                        ("steps.csv", data.steps), ("frontier.csv", frontier_table(data, split, frontier_kind)),
+                        ("steps.csv", data.steps), ("frontier.csv", frontier_table(data, split, data.metric_kind)),
                         *([("skip.csv", data.skip)] if len(data.skip) else []),
                         *([("bench.csv", data.bench)] if len(data.bench) else [])):
         frame.to_csv(folder / name, index=False)

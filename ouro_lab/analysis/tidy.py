@@ -18,7 +18,7 @@ import optuna
 import pandas as pd
 
 from ouro_lab import run_record as rr
-from ouro_lab.config import ExperimentConfig, ModelConfig, flatten, to_dict
+from ouro_lab.config import ModelConfig
 from ouro_lab.metric_names import (BENCH_METRIC, EXIT_METRIC, EXIT_RULE_METRIC, GATE_METRIC, GATE_SCALARS,
                                    INFERENCE_METRIC, ORACLE_METRIC, STEP_METRIC, bench, objective_kind)
 from ouro_lab.run_record import RunRecord
@@ -85,13 +85,16 @@ class StudyData:
     def kind(self) -> str:
         """The per-step metric kind the report reads: the objective's ('acc' for val/acc_final,
         'loss' for val/loss_step3), or for an objective that is no per-step metric (the gate's
-        val/gate_efficiency) the one the runs recorded (tag ouro.metric_kind; for runs logged
-        before it: bpb if logged, else acc)."""
+        val/gate_efficiency) the runs' own `metric_kind`."""
         kind = objective_kind(self.objective_metric)
-        if kind in self.steps.columns:
-            return kind
+        return kind if kind in self.steps.columns else self.metric_kind
+
+    @property
+    def metric_kind(self) -> str:
+        """The quality metric the runs recorded (tag ouro.metric_kind: acc, or bpb on byte-level
+        tasks); for runs logged before the tag, bpb if logged, else acc."""
         recorded = set(self.runs["metric_kind"].dropna()) if "metric_kind" in self.runs else set()
-        if len(recorded) == 1:  # tag ouro.metric_kind
+        if len(recorded) == 1:
             return recorded.pop()
         return "bpb" if "bpb" in self.steps.columns else "acc"  # (runs logged before the tag)
 
@@ -253,16 +256,6 @@ def typed_value(text: str) -> Any:
     return {"True": True, "False": False, "None": None}.get(text, text)
 
 
-_DEFAULTS = {k: str(v) for k, v in flatten(to_dict(ExperimentConfig())).items()}
-
-
-def _logged_config(params: Mapping[str, str]) -> dict[str, str]:
-    """A run's params with the stage2.* keys it does not log at their schema defaults: a run
-    logs that section only when it trains Stage II (so stage2.steps=0 and =300 runs compare as
-    two values of one key)."""
-    return {k: v for k, v in _DEFAULTS.items() if k.startswith("stage2.")} | dict(params)
-
-
 def runs_frame(done: list[RunRecord], sampled: Mapping[str, dict[str, str]], continuous: Sequence[str],
                 bundles: Sequence[str] = (), implied: set[str] = frozenset()) -> tuple[pd.DataFrame, list[str], list[str]]:
     """Unit runs as rows. Group keys: what varies besides T, arch and seed; a param the sweep
@@ -270,7 +263,7 @@ def runs_frame(done: list[RunRecord], sampled: Mapping[str, dict[str, str]], con
     `bundles`: the sweep's bundle params, group keys in place of the keys they set (`implied`)."""
     rows, params = [], []
     for r in done:
-        p = _logged_config(r.params | sampled.get(r.parent, {}) | rr.bundles(r.tags))
+        p = rr.logged_config(r.params | sampled.get(r.parent, {}) | rr.bundles(r.tags))
         m = r.metrics
         task = p.get("data.task", r.tags.get(rr.TASK, "?"))
         # NOTE: runs log only their own task's data.<task> section; runs logged before that (and
@@ -413,7 +406,7 @@ def trials_frame(runs: list[RunRecord], sweep: Mapping[str, Any]) -> pd.DataFram
         rows.append({"number": int(r.tags[rr.TRIAL]), "state": r.state,
                      "value": r.metrics.get(metric, math.nan) if metric else math.nan,
                      "std": r.metrics.get(rr.seed_std(metric), math.nan),
-                     **{k: _logged_config(r.params).get(k) for k in keys}})
+                     **{k: rr.logged_config(r.params).get(k) for k in keys}})
     return pd.DataFrame(rows, columns=["number", "state", "value", "std", *keys]).sort_values("number").reset_index(drop=True)
 
 
