@@ -3,13 +3,15 @@ MLflow runs one way through these rooms:
 
     config.py        YAML + key=value overrides -> typed, validated ExperimentConfig (once);
                      its derived facts (distinct_layers, trained_loops, eval_loops) live on it
-    errors.py        ConfigError (names the key), StoreError (names the file)
+    errors.py        ConfigError (names the key), StoreError (names the file), AnalysisError
     locations.py     writable folders, tracking URIs that can work
     data/            tasks (tokens, targets, difficulty per position) and the DataModule
     models/          pure nn.Modules: blocks, LoopedLM, StandardLM
     objectives.py    exit distribution, priors, the Stage-I objective, fused head + CE
     metric_names.py  the per-step, exit, frontier and bench metric names, built and parsed here
     exits.py         early-exit rules (Q-exit, confidence, step-change) and the oracles
+    saturation.py    the saturation answer's math: seed t-intervals, saturation point + seed
+                     bootstrap, the saturating law and its fit (analysis and sweep designs use it)
     metrics.py       the per-loop-step and exit-frontier torchmetrics Metrics
     modules.py       LightningModules: optimizer, schedule, objective, metrics
     tracking.py      MLflow: Experiment and the Run handle (one owner per run)

@@ -1,4 +1,4 @@
-"""The saturating law m(t) = m_inf + a exp(-k t) (ouro_lab/analysis/law.py) on synthetic curves."""
+"""The saturating law m(t) = m_inf + a exp(-k t) (ouro_lab/saturation.py) on synthetic curves."""
 
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ Data flows one way (STYLE.md): MLflow runs -> run records -> tidy DataFrames -> 
                     (it also attaches the report to the study run)
     tidy.py         run records -> `StudyData` (runs, steps, exits, trials, frontier, skip,
                     bench): pure, no MLflow
-    stats.py        seed means + t-intervals, saturation points + seed bootstrap, the tables
-    law.py          the saturating law m(t) = m_inf + a exp(-k t) (Parcae): fits, seed bootstrap, plot
+    stats.py        the tables of the answer: metric vs T, saturation points (math in
+                    ouro_lab/saturation.py), extrapolation, compute, exit gate
+    law.py          the saturating law m(t) = m_inf + a exp(-k t) (Parcae) on a study: table, plot
     optuna_view.py  the trials as an in-memory Optuna study: fANOVA importance, history
     plots.py        figures: metric vs T (with both baselines), vs loop step t, vs FLOPs, exit gate
     frontier.py     early exit: each rule's accuracy vs loops with fixed depth and the oracles, the

@@ -4,95 +4,13 @@ bootstrap, and the tables built on them (metric vs T, extrapolation, compute, ex
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from ouro_lab.analysis.tidy import ALL, AnalysisError, StudyData, difficulty_order
 from ouro_lab.config import ARCHS
-
-
-def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and a Student-t confidence interval over seeds (nan bounds with one seed)."""
-    x = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
-    if len(x) == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-    return mean, mean - half, mean + half
-
-
-def saturation_point(means: Mapping[int, float], epsilon: float, direction: str = "maximize") -> int | None:
-    """The smallest trained T from which no larger T in the study improves the metric by epsilon
-    or more; None when the largest T still improves on the one before it by epsilon or more
-    ("not saturated within the range"). A plateau followed by a later gain is not saturation."""
-    sign = 1.0 if direction == "maximize" else -1.0
-    ts = sorted(means)
-    for i, t in enumerate(ts):
-        later = [sign * (means[u] - means[t]) for u in ts[i + 1:]]
-        if i == len(ts) - 1:
-            return t if len(ts) == 1 else None
-        if max(later) < epsilon:
-            return t
-    return None
-
-
-@dataclass
-class Saturation:
-    point: int | None  # saturation point of the seed means; None = not saturated within the range
-    low: float  # bootstrap percentile interval of the point; math.inf = beyond the largest T
-    high: float
-    p_saturated: float  # share of bootstrap resamples that saturate within the range
-    n_seeds: int  # the fewest seeds behind any T
-    t_max: int  # the largest trained T in the study
-
-    def __str__(self) -> str:
-        point = f"T={self.point}" if self.point is not None else f"not saturated by T={self.t_max}"
-        if self.n_seeds < 2:
-            return f"{point} (1 seed: no interval)"
-
-        def bound(v: float) -> str:
-            return f">{self.t_max}" if math.isinf(v) else f"{v:g}"
-
-        return f"{point} [{bound(self.low)}, {bound(self.high)}]"
-
-
-def saturation(values: Mapping[int, Sequence[float]], epsilon: float = 0.01, direction: str = "maximize",
-               level: float = 0.95, n_boot: int = 2000, seed: int = 0, paired: bool = False) -> Saturation:
-    """Saturation point of a metric-vs-T curve with per-T seed values, and its uncertainty: the
-    point is recomputed on `n_boot` resamples (seeds drawn with replacement) and the central
-    `level` percentile interval reported; a resample that does not saturate counts as beyond the
-    largest T (interval bound '>T_max'). `paired`: the i-th value of every T comes from the same
-    seed, so seeds are resampled jointly across T; else independently at each T."""
-    raw = {int(t): np.asarray(vs, dtype=float) for t, vs in values.items()}
-    paired = paired and len({len(v) for v in raw.values()}) == 1 and all(np.isfinite(v).all() for v in raw.values())
-    values = {t: v[np.isfinite(v)] for t, v in raw.items()}
-    values = {t: v for t, v in values.items() if len(v)}
-    if not values:
-        raise AnalysisError("no finite values to find a saturation point in")
-    point = saturation_point({t: float(v.mean()) for t, v in values.items()}, epsilon, direction)
-    n_seeds = min(len(v) for v in values.values())
-    t_max = max(values)
-    if n_seeds < 2:
-        return Saturation(point, math.nan, math.nan, math.nan, n_seeds, t_max)
-    rng = np.random.default_rng(seed)
-    boot = np.empty(n_boot)
-    for b in range(n_boot):
-        if paired:
-            idx = rng.integers(0, n_seeds, n_seeds)
-            means = {t: float(v[idx].mean()) for t, v in values.items()}
-        else:
-            means = {t: float(rng.choice(v, size=len(v)).mean()) for t, v in values.items()}
-        found = saturation_point(means, epsilon, direction)
-        boot[b] = math.inf if found is None else found
-    alpha = (1 - level) / 2
-    low, high = np.quantile(boot, [alpha, 1 - alpha], method="inverted_cdf")
-    return Saturation(point, float(low), float(high), float(np.isfinite(boot).mean()), n_seeds, t_max)
+from ouro_lab.saturation import Saturation, mean_ci, saturation, saturation_point  # noqa: F401  (re-exported)
 
 
 def final_values(data: StudyData, kind: str | None = None, split: str | None = None) -> pd.DataFrame:

@@ -19,6 +19,7 @@ import pandas as pd
 
 from ouro_lab import run_record as rr
 from ouro_lab.config import ModelConfig
+from ouro_lab.errors import AnalysisError  # (re-exported: `analysis.AnalysisError`)
 from ouro_lab.metric_names import (BENCH_METRIC, EXIT_METRIC, EXIT_RULE_METRIC, GATE_METRIC, GATE_SCALARS,
                                    INFERENCE_METRIC, ORACLE_METRIC, STEP_METRIC, bench, objective_kind)
 from ouro_lab.run_record import RunRecord
@@ -31,10 +32,6 @@ RUN_SOURCES = ("auto", "train", "eval")  # what `load_study` analyses: see its d
 MAX_GROUP_VALUES = 8  # outside sweeps, a varying key with more distinct values is averaged over
 LOWER_IS_BETTER = ("loss", "bpb", "exit_entropy", "exit_expected_step")
 ALL = "all"  # the difficulty label of the metric over all labelled positions
-
-
-class AnalysisError(ValueError):
-    """The study cannot be analysed as asked (unknown study, no finished runs, unknown metric)."""
 
 
 @dataclass
