@@ -239,3 +239,20 @@ def fit_law_seeds(curves: Mapping[int, Sequence[float]], epsilon: float, directi
     alpha = (1 - level) / 2
     low, high = (np.quantile(fitted, [alpha, 1 - alpha]) if len(fitted) else (math.nan, math.nan))
     return LawBootstrap(fit, fit.loops_to_within(epsilon), float(low), float(high), len(fitted) / n_boot, n_seeds)
+
+
+def saturation_points(means: np.ndarray, loops: Sequence[int], epsilon: float,
+                      direction: str = "maximize") -> np.ndarray:
+    """`saturation_point` for many curves at once: means (n, len(loops)) over the sorted loop
+    counts -> (n,) saturation points, math.inf where a curve is not saturated within the range."""
+    sign = 1.0 if direction == "maximize" else -1.0
+    v = sign * np.asarray(means, dtype=float)
+    n, k = v.shape
+    ts = np.asarray(loops, dtype=float)
+    if k == 1:
+        return np.full(n, ts[0])
+    # best of every later T, for each T but the last: (n, k - 1)
+    later = np.maximum.accumulate(v[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    done = later - v[:, :-1] < epsilon
+    first = np.where(done.any(1), done.argmax(1), k - 1)
+    return np.where(first < k - 1, ts[np.minimum(first, k - 2)], math.inf)

@@ -1,0 +1,271 @@
+"""The adaptive design over the trained loop count: which (T, seed) to train next so that the
+saturation answer (T* per curve, with its interval) is known for the least compute, and when
+to stop. Pure: observations in, a decision out (the next point, why, and the answer so far);
+the same observations and seed give the same decision, so a resumed study asks for the same
+next point.
+
+The answer, per curve (the objective at one difficulty level): the saturation point T* of the
+seed means over the candidate T's (`saturation.saturation_point`) and its distribution, from a
+parametric bootstrap with common random numbers:
+  - a trained T's mean is drawn as ybar_T + s / sqrt(n_T) * t_df, s the seed noise pooled over
+    the T's with two or more seeds (df its degrees of freedom), so one seed at a T still has an
+    interval, a wide one while few seeds are in;
+  - a T not trained yet is predicted from its trained neighbours: by the law
+    (`saturation.fit_law`, when it fits the trained means: 4+ T's, R² >= 0.9, no turn back),
+    else by linear interpolation, plus the spread of a value anywhere between the neighbours
+    (|y_b - y_a| / sqrt(12)); never beyond the largest trained T: the start trains it.
+The uncertainty is the entropy of T*'s bootstrap distribution (over the candidates and "not
+saturated"), summed over curves. The next point is the one whose expected entropy after
+training it (its outcome drawn from its predictive distribution) is lowest per unit of cost
+(training FLOPs: a looped run costs in proportion to T). The study stops when every curve's
+central `level` interval of T* is at most `tolerance` wide and rests on trained T's (each T in
+it and the one below it trained at least once: a prediction cannot see a step), when the
+budget is spent, or when no point is left (every T at `max_seeds`).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ouro_lab.saturation import MIN_R2, LawFit, fit_law, law, saturation_points
+
+
+@dataclass(frozen=True, order=True)
+class Point:
+    """One run of the design: trained loop count and seed index (0, 1, ...)."""
+
+    loops: int
+    seed: int
+
+
+@dataclass
+class CurveAnswer:
+    """T* of one curve: the seed-means point, its central interval (math.inf = not saturated
+    within the candidates), its bootstrap distribution, and the law's loops to within epsilon."""
+
+    point: float
+    low: float
+    high: float
+    probs: dict[float, float]
+    entropy: float
+    law_loops: float = math.nan  # the law's loops to within epsilon (nan: no fit)
+
+    @property
+    def width(self) -> float:
+        if math.isinf(self.low) and math.isinf(self.high):
+            return 0.0  # "not saturated within the range" with that confidence: an answer too
+        return self.high - self.low
+
+    def __str__(self) -> str:
+        def t(v: float) -> str:
+            return "not saturated" if math.isinf(v) else f"T={v:g}"
+
+        law = f"; law: within epsilon by {self.law_loops:.1f}" if math.isfinite(self.law_loops) else ""
+        return f"{t(self.point)} [{t(self.low)}, {t(self.high)}]{law}"
+
+
+@dataclass
+class Decision:
+    """What the design asks for next (`point` None: stop), why, and the answer so far."""
+
+    point: Point | None
+    reason: str
+    answers: dict[str, CurveAnswer]
+    scores: dict[Point, float] = field(default_factory=dict)  # expected entropy drop per unit cost
+    spent: float = 0.0  # cost of the points trained so far
+
+
+def start_points(candidates: Sequence[int], max_seeds: int = 2) -> list[Point]:
+    """The coarse start: the smallest, middle and largest T at seed 0, and (`max_seeds` > 1) a
+    second seed at the middle one, so the seed noise is measured from the first decision on."""
+    ts = sorted(candidates)
+    mid = ts[len(ts) // 2]
+    coarse = list(dict.fromkeys([ts[0], mid, ts[-1]]))
+    return [Point(t, 0) for t in coarse] + ([Point(mid, 1)] if max_seeds > 1 else [])
+
+
+def decide(observations: Mapping[Point, Mapping[str, float]], candidates: Sequence[int], *, epsilon: float,
+           direction: str = "maximize", tolerance: float = 1.0, level: float = 0.9, max_seeds: int = 3,
+           cost: Mapping[int, float] | None = None, budget: float = math.inf, n_boot: int = 400,
+           n_outcomes: int = 8, seed: int = 0) -> Decision:
+    """The next point of the design, given the finished points' objective values per curve
+    ({Point(4, 0): {"d1": 0.93, "d2": 0.71}, ...}). `cost`: each T's cost (default T);
+    `budget`: stop once the trained points' cost reaches it."""
+    ts = sorted(candidates)
+    cost = {t: float(cost[t]) if cost else float(t) for t in ts}
+    spent = sum(cost[p.loops] for p in observations)
+    curves = sorted({c for values in observations.values() for c in values})
+    answers = {c: _answer(_curve(observations, c), ts, epsilon, direction, level, n_boot, seed) for c in curves}
+    missing = [p for p in start_points(ts, max_seeds) if p not in observations]
+    if missing:
+        return Decision(missing[0], "start: the coarse T's and a second seed at the middle one", answers, spent=spent)
+    if spent >= budget:
+        return Decision(None, f"budget spent ({spent:g} of {budget:g})", answers, spent=spent)
+    allowed = _allowed(observations, ts, max_seeds)
+    if all(a.width <= tolerance for a in answers.values()):
+        support = sorted({t for a in answers.values() for t in _support(a, ts)} - {p.loops for p in observations})
+        if not support:
+            return Decision(None, f"answer known: every interval within {tolerance:g}", answers, spent=spent)
+        # NOTE: an untrained T is only predicted from its neighbours; a step there (a plateau,
+        # then a gain) is invisible to the prediction, so the answer must rest on trained T's
+        t = min(support, key=lambda t: (cost[t], t))
+        return Decision(Point(t, 0), f"T={t} seed 0: the answer rests on it and it is not trained yet", answers,
+                        spent=spent)
+    if not allowed:
+        return Decision(None, f"no point left (every T at {max_seeds} seeds)", answers, spent=spent)
+    now = sum(a.entropy for a in answers.values())
+    scores = {}
+    for p in allowed:
+        after = sum(_expected_entropy(_curve(observations, c), p, ts, epsilon, direction, n_boot, n_outcomes, seed)
+                    for c in curves)
+        scores[p] = (now - after) / cost[p.loops]
+    best = max(sorted(scores), key=lambda p: scores[p])  # (ties: the smaller T, then seed)
+    unsettled = ", ".join(f"{c} {a}" for c, a in answers.items() if a.width > tolerance)
+    reason = (f"T={best.loops} seed {best.seed}: expected entropy drop {scores[best] * cost[best.loops]:.3f} "
+              f"nats for cost {cost[best.loops]:g} (unsettled: {unsettled})")
+    return Decision(best, reason, answers, scores, spent)
+
+
+def _support(answer: CurveAnswer, ts: Sequence[int]) -> list[int]:
+    """The candidates an answer rests on: every T in its interval and the one just below it
+    (which must be shown to fall short by epsilon)."""
+    inside = [t for t in ts if answer.low <= t <= answer.high]
+    below = [t for t in ts if t < answer.low]
+    return inside + below[-1:]
+
+
+def _curve(observations: Mapping[Point, Mapping[str, float]], curve: str) -> dict[int, list[float]]:
+    """{T: [value per seed]} of one curve, finite values only."""
+    values: dict[int, list[float]] = {}
+    for p in sorted(observations):
+        v = observations[p].get(curve, math.nan)
+        if math.isfinite(v):
+            values.setdefault(p.loops, []).append(float(v))
+    return values
+
+
+def _allowed(observations: Mapping[Point, object], ts: Sequence[int], max_seeds: int) -> list[Point]:
+    """For every candidate T with fewer than `max_seeds` runs: its next seed."""
+    taken: dict[int, set[int]] = {}
+    for p in observations:
+        taken.setdefault(p.loops, set()).add(p.seed)
+    out = []
+    for t in ts:
+        seeds = taken.get(t, set())
+        if len(seeds) < max_seeds:
+            out.append(Point(t, min(set(range(max_seeds)) - seeds)))
+    return out
+
+
+def _noise(values: Mapping[int, list[float]]) -> tuple[float, int]:
+    """The seed noise pooled over the T's with two or more seeds, and its degrees of freedom.
+    None such (the start always adds one): a weak guess of a twentieth of the curve's span."""
+    ss = df = 0.0
+    for v in values.values():
+        if len(v) > 1:
+            ss += float(np.var(v, ddof=1)) * (len(v) - 1)
+            df += len(v) - 1
+    if df:
+        return max(math.sqrt(ss / df), 1e-9), int(df)
+    means = [float(np.mean(v)) for v in values.values()]
+    return max((max(means) - min(means)) / 20, 1e-9), 1
+
+
+def _law(values: Mapping[int, list[float]], direction: str) -> LawFit | None:
+    """The law fitted to a curve's trained means, when it fits (4+ T's, R² >= MIN_R2, no turn back)."""
+    trained = sorted(values)
+    if len(trained) < 4:
+        return None
+    fit = fit_law(trained, [float(np.mean(values[t])) for t in trained], direction)
+    return fit if fit.ok and fit.r2 >= MIN_R2 else None
+
+
+def _draws(values: Mapping[int, list[float]], ts: Sequence[int], fit: LawFit | None, n_boot: int,
+           rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, len(ts)) bootstrap means of every candidate T (see the module's docstring);
+    `fit`: the law that predicts the untrained T's, or None (linear interpolation)."""
+    trained = sorted(values)
+    s, df = _noise(values)
+    means = {t: float(np.mean(values[t])) for t in trained}
+    out = np.empty((n_boot, len(ts)))
+    t_draws = rng.standard_t(df, size=(n_boot, len(ts)))
+    z = rng.standard_normal((n_boot, len(ts)))
+    drawn = {}
+    for j, t in enumerate(ts):
+        if t in means:
+            drawn[t] = means[t] + s / math.sqrt(len(values[t])) * t_draws[:, j]
+            out[:, j] = drawn[t]
+    for j, t in enumerate(ts):
+        if t in means:
+            continue
+        lower = [u for u in trained if u < t]
+        upper = [u for u in trained if u > t]
+        if not upper:  # (never beyond the largest trained T: the start trains the largest candidate)
+            out[:, j] = drawn[lower[-1]]
+            continue
+        if not lower:
+            out[:, j] = drawn[upper[0]]
+            continue
+        a, b = lower[-1], upper[0]
+        w = (t - a) / (b - a)
+        centre = float(law(t, fit.m_inf, fit.a, fit.k)) if fit else means[a] + w * (means[b] - means[a])
+        shift = (drawn[a] + w * (drawn[b] - drawn[a])) - (means[a] + w * (means[b] - means[a]))
+        out[:, j] = centre + shift + abs(means[b] - means[a]) / math.sqrt(12) * z[:, j]
+    return out
+
+
+def _distribution(values: Mapping[int, list[float]], ts: Sequence[int], fit: LawFit | None, epsilon: float,
+                  direction: str, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """T* of every bootstrap draw (math.inf: not saturated within the candidates)."""
+    return saturation_points(_draws(values, ts, fit, n_boot, rng), ts, epsilon, direction)
+
+
+def _entropy(points: np.ndarray) -> float:
+    _, counts = np.unique(points, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _rng(seed: int, *parts: object) -> np.random.Generator:
+    """A generator fixed by the study seed and `parts`: common random numbers across the
+    candidates of one decision, the same numbers for the same observations after a resume."""
+    return np.random.default_rng([seed, zlib.crc32(repr(parts).encode())])
+
+
+def _answer(values: Mapping[int, list[float]], ts: Sequence[int], epsilon: float, direction: str, level: float,
+            n_boot: int, seed: int) -> CurveAnswer:
+    trained = sorted(values)
+    means = np.asarray([[float(np.mean(values[t])) for t in trained]])
+    point = float(saturation_points(means, trained, epsilon, direction)[0])
+    fit = _law(values, direction)
+    boot = _distribution(values, ts, fit, epsilon, direction, n_boot, _rng(seed, "answer"))
+    alpha = (1 - level) / 2
+    low, high = np.quantile(boot, [alpha, 1 - alpha], method="inverted_cdf")
+    unique, counts = np.unique(boot, return_counts=True)
+    law_loops = fit.loops_to_within(epsilon) if fit is not None else math.nan
+    return CurveAnswer(point, float(low), float(high), dict(zip(unique.tolist(), (counts / n_boot).tolist())),
+                       _entropy(boot), law_loops)
+
+
+def _expected_entropy(values: Mapping[int, list[float]], p: Point, ts: Sequence[int], epsilon: float,
+                      direction: str, n_boot: int, n_outcomes: int, seed: int) -> float:
+    """The entropy of T* after training `p`, averaged over `n_outcomes` outcomes drawn from the
+    point's predictive distribution (a draw of its mean plus one seed's noise). The law is the
+    one fitted now (NOTE: refitting it per outcome would cost a least-squares solve each)."""
+    rng = _rng(seed, "outcomes", p.loops)
+    j = list(ts).index(p.loops)
+    s, _ = _noise(values)
+    fit = _law(values, direction)
+    centres = _draws(values, ts, fit, n_outcomes, rng)[:, j]
+    outcomes = centres + s * rng.standard_normal(n_outcomes)
+    total = 0.0
+    for y in outcomes:
+        after = {t: list(v) for t, v in values.items()}
+        after.setdefault(p.loops, []).append(float(y))
+        total += _entropy(_distribution(after, ts, fit, epsilon, direction, n_boot, _rng(seed, "after")))
+    return total / n_outcomes

@@ -1,0 +1,94 @@
+"""The adaptive design over T (ouro_lab/sweep/adaptive.py) on synthetic objectives: a known
+function of T plus seeded noise, no training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ouro_lab.saturation import saturation_point, saturation_points
+from ouro_lab.sweep.adaptive import Point, decide, start_points
+
+TS = [1, 2, 3, 4, 5, 6, 7, 8]
+GRID_COST = 3 * sum(TS)  # every T at 3 seeds, a run costing T
+
+
+def run_design(curves, noise: float, seed: int = 0, epsilon: float = 0.02, **kw):
+    """Ask, train (evaluate the curves with seeded noise), tell, until the design stops."""
+    observations, asked = {}, []
+    while True:
+        decision = decide(observations, TS, epsilon=epsilon, seed=seed, **kw)
+        if decision.point is None:
+            return decision, observations, asked
+        p = decision.point
+        assert p not in observations  # never the same point twice
+        asked.append(p)
+        rng = np.random.default_rng([seed, p.loops, p.seed])
+        observations[p] = {name: f(p.loops) + noise * rng.standard_normal() for name, f in curves.items()}
+
+
+def test_the_vectorised_saturation_point_is_the_scalar_one():
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 3, 8):
+        loops = sorted(rng.choice(np.arange(1, 20), k, replace=False).tolist())
+        means = rng.normal(size=(300, k)).cumsum(1) * 0.01
+        for direction in ("maximize", "minimize"):
+            scalar = [saturation_point(dict(zip(loops, row)), 0.01, direction) for row in means]
+            assert saturation_points(means, loops, 0.01, direction).tolist() == \
+                [math.inf if s is None else s for s in scalar]
+
+
+def test_the_design_finds_a_known_saturation_point_for_less_than_the_grid():
+    curves = {"d1": lambda t: 0.95 - 0.5 * math.exp(-1.2 * t), "d2": lambda t: 0.9 - 0.6 * math.exp(-0.6 * t)}
+    truth = {name: saturation_point({t: f(t) for t in TS}, 0.02) for name, f in curves.items()}
+    assert truth == {"d1": 3, "d2": 6}
+    costs = []
+    for seed in range(3):
+        decision, observations, _ = run_design(curves, noise=0.004, seed=seed)
+        for name, answer in decision.answers.items():
+            assert answer.low <= truth[name] <= answer.high and answer.width <= 1, (seed, name, str(answer))
+        costs.append(sum(p.loops for p in observations))
+    assert sum(costs) / len(costs) < 0.75 * GRID_COST and min(costs) < GRID_COST / 2, costs
+
+
+def test_a_plateau_that_gains_again_is_not_taken_for_saturation():
+    """Flat from T=1 to 5, a gain at 6: the start sees the gain at T=8, and the answer must rest
+    on trained T's (T=5 and 6 trained), not on a prediction between them."""
+    decision, observations, _ = run_design({"all": lambda t: 0.6 if t < 6 else 0.8}, noise=0.004)
+    answer = decision.answers["all"]
+    assert answer.low <= 6 <= answer.high and answer.low > 2, str(answer)
+    assert {Point(5, 0), Point(6, 0)} <= set(observations)
+    assert sum(p.loops for p in observations) < GRID_COST / 2
+
+
+def test_the_same_seed_asks_for_the_same_points_and_a_resume_asks_for_the_next_one():
+    curves = {"all": lambda t: 0.9 - 0.6 * math.exp(-0.8 * t)}
+    _, observations, asked = run_design(curves, noise=0.004, seed=1)
+    assert run_design(curves, noise=0.004, seed=1)[2] == asked
+    assert asked[:4] == start_points(TS)
+    # a study resumed after its fifth point: the decision depends on the finished points alone
+    finished = {p: observations[p] for p in asked[:5]}
+    assert decide(dict(reversed(list(finished.items()))), TS, epsilon=0.02, seed=1).point == asked[5]
+
+
+def test_the_design_stops_at_its_budget_and_when_no_point_is_left():
+    curves = {"all": lambda t: 0.9 - 0.6 * math.exp(-0.8 * t)}
+    decision, observations, _ = run_design(curves, noise=0.004, budget=20)
+    assert decision.reason.startswith("budget spent") and decision.spent >= 20
+    assert sum(p.loops for p in observations) - max(p.loops for p in observations) < 20  # stopped at once
+    decision, observations, _ = run_design(curves, noise=0.05, tolerance=0, max_seeds=1)
+    assert decision.reason.startswith("no point left") and len(observations) == len(TS)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_each_decision_says_why_and_gives_the_answer_so_far(seed):
+    curves = {"all": lambda t: 0.9 - 0.6 * math.exp(-0.8 * t)}
+    rng = np.random.default_rng(seed)
+    observations = {p: {"all": curves["all"](p.loops) + 0.01 * rng.standard_normal()} for p in start_points(TS)}
+    decision = decide(observations, TS, epsilon=0.02, seed=seed)
+    assert decision.point is not None and decision.point not in observations
+    assert f"T={decision.point.loops}" in decision.reason and "expected entropy drop" in decision.reason
+    assert set(decision.scores) >= {decision.point} and decision.scores[decision.point] == max(decision.scores.values())
+    assert "T=" in str(decision.answers["all"])
