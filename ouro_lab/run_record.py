@@ -62,6 +62,7 @@ FORWARD_FLOPS, TRAIN_FLOPS = "model/forward_flops_per_token", "model/train_flops
 # artifacts
 CONFIG_ARTIFACT, SWEEP_ARTIFACT, SUMMARY_ARTIFACT = "config.yaml", "sweep.yaml", "summary.txt"
 ERROR_ARTIFACT, DIFF_ARTIFACT, REPORT_ARTIFACTS = "error.txt", "git_diff.patch", "report"
+DESIGN_ARTIFACTS = "design"  # an adaptive study's decisions: design/trial_0007.json, design/stop.json
 
 
 def role_filter(role: str) -> str:

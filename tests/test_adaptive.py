@@ -4,6 +4,7 @@ function of T plus seeded noise, no training."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,3 +93,68 @@ def test_each_decision_says_why_and_gives_the_answer_so_far(seed):
     assert f"T={decision.point.loops}" in decision.reason and "expected entropy drop" in decision.reason
     assert set(decision.scores) >= {decision.point} and decision.scores[decision.point] == max(decision.scores.values())
     assert "T=" in str(decision.answers["all"])
+
+
+def _design_sweep(tmp_path, choices=(1, 2, 3, 4), max_seeds=2):
+    from ouro_lab.sweep.schema import load_sweep
+
+    root = Path(__file__).resolve().parents[1]
+    path = tmp_path / "ad.yaml"
+    path.write_text(f"base: {root / 'conf' / 'state.yaml'}\nstudy_dir: {tmp_path / 'studies' / 'ad'}\n"
+                    f"tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\n"
+                    "overrides: [model.d_model=32, model.n_heads=2, model.n_layers=1, data.state.length=8, "
+                    "data.n_val=64, data.n_test=64, train.max_steps=20, train.warmup_steps=2, train.val_every=10]\n"
+                    f"params:\n  model.loops: {{choices: {list(choices)}}}\n"
+                    f"sampler: {{name: adaptive, seed: 0}}\ndesign: {{epsilon: 0.02, max_seeds: {max_seeds}}}\n")
+    return path, load_sweep(path)[0]
+
+
+def test_workers_asking_at_once_get_different_points(tmp_path):
+    """A trial running elsewhere is a pending point: the next ask gets another one."""
+    import optuna
+
+    from ouro_lab.sweep.design import SEED_PARAM, DesignSampler
+
+    _, sweep = _design_sweep(tmp_path)
+    study = optuna.create_study(sampler=DesignSampler(sweep), direction="maximize")
+    points = []
+    for _ in range(6):  # none finishes: every earlier one is still running
+        trial = study.ask()
+        points.append((trial.suggest_categorical("model.loops", [1, 2, 3, 4]),
+                       trial.suggest_categorical(SEED_PARAM, [0, 1])))
+    assert len(set(points)) == 6 and points[:4] == [(p.loops, p.seed) for p in start_points([1, 2, 3, 4])]
+
+
+def test_an_adaptive_sweep_trains_each_point_once_logs_why_and_resumes(tmp_path):
+    """Real tiny models: every trial is a new (T, seed) with its reason on the study run; the
+    summary states the answer; a rerun of the same command trains nothing more."""
+    from mlflow.tracking import MlflowClient
+
+    from ouro_lab.sweep import run_sweep
+
+    path, _ = _design_sweep(tmp_path, choices=(1, 2), max_seeds=2)
+    summary = run_sweep(path, [], verbose=False)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    trials = client.search_runs([summary.experiment_id], "tags.`ouro.role` = 'trial'")
+    seen = [(r.data.params["model.loops"], r.data.params["train.seed"]) for r in trials]
+    assert len(seen) == len(set(seen)) == summary.counts["COMPLETE"] >= 3
+    assert {p[1] for p in seen} <= {"0", "1"}  # train.seed + design.seed
+    logged = {a.path for a in client.list_artifacts(summary.parent_run_id, "design")}
+    assert len([p for p in logged if "trial_" in p]) == len(seen)
+    assert summary.answer.startswith("all T=") or summary.answer.startswith("all not saturated")
+    again = run_sweep(path, [], verbose=False)
+    assert again.counts == summary.counts and again.answer == summary.answer
+
+
+def test_an_adaptive_sweep_that_cannot_work_is_refused_naming_each_field(tmp_path):
+    from ouro_lab.config import ConfigError
+    from ouro_lab.sweep.schema import load_sweep
+
+    path, _ = _design_sweep(tmp_path)
+    text = path.read_text().replace("model.loops: {choices: [1, 2, 3, 4]}", "model.loops: {choices: [1, 2.5]}")
+    path.write_text(text.replace("design: {epsilon: 0.02, max_seeds: 2}", "design: {epsilon: 0, max_seeds: 0}\nseeds: 2"))
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    for field in ("params.model.loops: the adaptive design needs int choices", "seeds: the adaptive design picks seeds",
+                  "design.epsilon: must be > 0", "design.max_seeds: must be >= 1"):
+        assert field in str(err.value)

@@ -11,8 +11,9 @@ under one MLflow parent run; pruning, failure handling, resume and worker proces
     repair.py    a study journal a crash cut mid-record: checked, repaired with a backup, or named
     runner.py    run_sweep / run_worker / run_workers: the trial loop and the summary
     adaptive.py  the adaptive design over T: from the finished points, the next (T, seed) that
-                 most narrows the saturation answer per unit cost, or why to stop (pure; not yet
-                 a sampler: sweeps still run their grid or Optuna's samplers)
+                 most narrows the saturation answer per unit cost, or why to stop (pure)
+    design.py    that design in a sweep (sampler.name: adaptive): its Optuna sampler, the
+                 decisions read from the study's storage, the curves a trial records
 
 Layout of one study in MLflow (experiment = the study name):
     study parent run (tag ouro.study)

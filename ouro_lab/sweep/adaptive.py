@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -92,24 +92,31 @@ def start_points(candidates: Sequence[int], max_seeds: int = 2) -> list[Point]:
 def decide(observations: Mapping[Point, Mapping[str, float]], candidates: Sequence[int], *, epsilon: float,
            direction: str = "maximize", tolerance: float = 1.0, level: float = 0.9, max_seeds: int = 3,
            cost: Mapping[int, float] | None = None, budget: float = math.inf, n_boot: int = 400,
-           n_outcomes: int = 8, seed: int = 0) -> Decision:
+           n_outcomes: int = 8, seed: int = 0, pending: Collection[Point] = ()) -> Decision:
     """The next point of the design, given the finished points' objective values per curve
     ({Point(4, 0): {"d1": 0.93, "d2": 0.71}, ...}). `cost`: each T's cost (default T);
-    `budget`: stop once the trained points' cost reaches it."""
+    `budget`: stop once the trained points' cost reaches it; `pending`: points being trained
+    (by other workers): never asked again, and not yet part of the answer."""
     ts = sorted(candidates)
     cost = {t: float(cost[t]) if cost else float(t) for t in ts}
     spent = sum(cost[p.loops] for p in observations)
     curves = sorted({c for values in observations.values() for c in values})
     answers = {c: _answer(_curve(observations, c), ts, epsilon, direction, level, n_boot, seed) for c in curves}
-    missing = [p for p in start_points(ts, max_seeds) if p not in observations]
+    taken = set(observations) | set(pending)
+    missing = [p for p in start_points(ts, max_seeds) if p not in taken]
     if missing:
         return Decision(missing[0], "start: the coarse T's and a second seed at the middle one", answers, spent=spent)
     if spent >= budget:
         return Decision(None, f"budget spent ({spent:g} of {budget:g})", answers, spent=spent)
-    allowed = _allowed(observations, ts, max_seeds)
+    allowed = _allowed(taken, ts, max_seeds)
+    if not curves:  # the start is still being trained elsewhere: the cheapest point left meanwhile
+        if not allowed:
+            return Decision(None, "no point left", answers, spent=spent)
+        best = min(allowed, key=lambda p: (cost[p.loops], p))
+        return Decision(best, f"T={best.loops} seed {best.seed}: the start is still training", answers, spent=spent)
     if all(a.width <= tolerance for a in answers.values()):
-        support = sorted({t for a in answers.values() for t in _support(a, ts)} - {p.loops for p in observations})
-        if not support:
+        support = sorted({t for a in answers.values() for t in _support(a, ts)} - {p.loops for p in taken})
+        if not support:  # (points still training elsewhere finish, and join the answer's report)
             return Decision(None, f"answer known: every interval within {tolerance:g}", answers, spent=spent)
         # NOTE: an untrained T is only predicted from its neighbours; a step there (a plateau,
         # then a gain) is invisible to the prediction, so the answer must rest on trained T's

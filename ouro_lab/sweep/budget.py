@@ -45,6 +45,9 @@ def claims_budget(t: optuna.trial.FrozenTrial, retries: int, retried: set[int]) 
 
 
 def budget(sweep: SweepConfig) -> int:
+    if sweep.sampler.name == "adaptive":  # every T x max_seeds at most; the design stops before
+        size = sum(len(spec.choices or []) for spec in sweep.params.values()) * sweep.design.max_seeds
+        return min(size, sweep.trials) if sweep.trials else size
     if sweep.sampler.name == "grid":
         size = math.prod(len(grid_values(spec)) for spec in sweep.params.values())
         return min(size, sweep.trials) if sweep.trials else size

@@ -6,6 +6,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+from ouro_lab.sweep.adaptive import start_points
 from ouro_lab.sweep.budget import budget
 from ouro_lab.sweep.schema import SweepConfig, grid_values, load_sweep, override_for
 
@@ -30,6 +31,13 @@ def describe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> s
         points = list(itertools.product(*(grid_values(spec) for spec in sweep.params.values())))
         lines.append(f"grid sampler (seed {sweep.sampler.seed}; visits its points in a shuffled order), {len(points)} points:")
         lines += [f"  {_point_text(sweep, dict(zip(sweep.params, point)))}" for point in points[:total]]
+    elif sweep.sampler.name == "adaptive":
+        d, (key, spec) = sweep.design, next(iter(sweep.params.items()))
+        start = ", ".join(f"T={p.loops} seed {p.seed}" for p in start_points(spec.choices, d.max_seeds))
+        lines.append(f"adaptive design over {key} {list(spec.choices)}, up to {d.max_seeds} seed(s) per T (at most "
+                     f"{total} runs): starts with {start}, then trains the point that most narrows the saturation "
+                     f"answer (epsilon {d.epsilon:g}) per unit cost, until every T* interval ({d.level:.0%}) is at "
+                     f"most {d.tolerance:g} wide")
     else:
         lines.append(f"{sweep.sampler.name} sampler (seed {sweep.sampler.seed}) over:")
         for key, spec in sweep.params.items():

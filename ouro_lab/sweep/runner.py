@@ -4,6 +4,7 @@ up, in this process or in worker processes sharing the study; then summarise it.
 from __future__ import annotations
 
 import _thread
+import json
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from optuna.trial import TrialState
 from ouro_lab import run_record as rr
 from ouro_lab import tracking
 from ouro_lab.config import ConfigError, load_config
+from ouro_lab.sweep import design
 from ouro_lab.sweep.budget import budget, budget_used
 from ouro_lab.sweep.recovery import has_heartbeat, recover_interrupted
 from ouro_lab.sweep.schema import load_sweep
@@ -40,6 +42,7 @@ class SweepSummary:
     counts: dict[str, int]
     best: list[dict[str, Any]]
     seconds: float
+    answer: str = ""  # adaptive design: the saturation answer and why the design stopped
 
     def table(self, k: int = 5) -> str:
         lines = [f"best {min(k, len(self.best))} of {self.counts.get('COMPLETE', 0)} complete trials "
@@ -50,6 +53,8 @@ class SweepSummary:
                          + " ".join(f"{p}={v}" for p, v in row["params"].items()))
         if self.best and self.best[0].get("checkpoint"):
             lines.append(f"best trial's checkpoint (its first seed): {self.best[0]['checkpoint']}")
+        if self.answer:
+            lines.append(f"adaptive design: {self.answer}")
         return "\n".join(lines)
 
 
@@ -257,6 +262,8 @@ def work(s: Study, total: int, start: float, label: str, verbose: bool, wait: bo
             if not waiting and done + running >= total:  # wait: a running trial's worker may be dead
                 time.sleep(1)
                 continue
+            if sweep.sampler.name == "adaptive" and not waiting and _design_stops(s, trials, label, verbose):
+                break
             s.study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[report])
     except (KeyboardInterrupt, SystemExit):
         me = this_process()
@@ -265,6 +272,18 @@ def work(s: Study, total: int, start: float, label: str, verbose: bool, wait: bo
                 s.study._storage.set_trial_user_attr(t._trial_id, "interrupted", "Ctrl-C")
                 s.study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         raise
+
+
+def _design_stops(s: Study, trials: list, label: str, verbose: bool) -> bool:
+    """Whether the adaptive design has stopped (then logged on the study run as design/stop.json
+    and printed with the answer); else the next point and why are printed."""
+    decided = design.decision(s.sweep, trials)
+    if verbose:
+        what = f"stops: {decided.reason}" if decided.point is None else f"next {decided.reason}"
+        print(f"[sweep {label}] design {what} | answer so far: {design.answer_line(decided)}", flush=True)
+    if decided.point is None:
+        s.parent.log_text(json.dumps(design.record(decided), indent=1), f"{rr.DESIGN_ARTIFACTS}/stop.json")
+    return decided.point is None
 
 
 def summarize(s: Study, seconds: float, storage_desc: str) -> SweepSummary:
@@ -283,8 +302,13 @@ def summarize(s: Study, seconds: float, storage_desc: str) -> SweepSummary:
             std = s.experiment.run(run_id).fetch().data.metrics.get(rr.seed_std(s.sweep.objective.metric))
         best.append({"number": t.number, "value": t.value, "std": std, "params": t.params, "run_id": run_id,
                      "checkpoint": t.user_attrs.get("checkpoint")})
+    answer = ""
+    if s.sweep.sampler.name == "adaptive":
+        decided = design.decision(s.sweep, trials)
+        answer = (f"{design.answer_line(decided)} (" + (f"stopped: {decided.reason}" if decided.point is None
+                  else f"budget of {budget(s.sweep)} trials used; next would be {decided.reason}") + ")")
     return SweepSummary(s.sweep.name, s.study_dir, storage_desc, s.tracking_uri, s.experiment.id, s.parent.id,
-                        counts, best, seconds)
+                        counts, best, seconds, answer)
 
 
 def _log_summary(s: Study, summary: SweepSummary) -> None:

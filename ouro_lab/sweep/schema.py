@@ -14,7 +14,8 @@
       recipe:
         ouro: []
         huginn: [model.prelude_layers=1, model.coda_layers=1, model.injection=concat, model.init_state=random]
-    sampler: {name: grid, seed: 0}   # grid | tpe | random | cmaes
+    sampler: {name: grid, seed: 0}   # grid | tpe | random | cmaes | adaptive (sweep/adaptive.py)
+    design: {epsilon: 0.01, tolerance: 1}  # sampler adaptive only: see DesignSpec
     pruner: {name: median, n_startup_trials: 4, n_warmup_steps: 250}
     trials: 24                        # budget: trials that end (complete, pruned or failed)
     seeds: 3                          # runs per sampled configuration; trial value = their mean
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     import optuna
 
 STORAGE_SCHEMES = ("postgresql", "mysql", "sqlite:///")  # SQLAlchemy URLs Optuna's RDBStorage takes
-SAMPLERS = ("grid", "tpe", "random", "cmaes")
+SAMPLERS = ("grid", "tpe", "random", "cmaes", "adaptive")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
 DIRECTIONS = ("maximize", "minimize")
 PRUNER_SETTINGS = {
@@ -64,6 +65,17 @@ class SamplerSpec:
 
 
 @dataclass
+class DesignSpec:
+    """The adaptive design over the loop count (sampler.name: adaptive, one param: the loop
+    count's choices): which (T, seed) to train next, and when the saturation answer is known."""
+
+    epsilon: float = 0.01  # the saturation point's epsilon, on the objective's scale
+    tolerance: float = 1.0  # stop once every T* interval is at most this wide (in T)
+    level: float = 0.9  # the T* interval's coverage (central bootstrap interval)
+    max_seeds: int = 3  # runs per T at most (seeds train.seed + 0 .. max_seeds - 1)
+
+
+@dataclass
 class ParamSpec:
     choices: Optional[list[Any]] = None  # categorical values (the grid sampler's points)
     low: Any = None  # range start; an int range when low and high are written as ints (1, not 1.0)
@@ -82,8 +94,9 @@ class SweepConfig:
     # a param named here chooses between named lists of overrides (several keys at once, e.g. a loop recipe)
     bundles: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    design: DesignSpec = field(default_factory=DesignSpec)  # sampler.name=adaptive only
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "none"})  # name + its settings
-    trials: int = 0  # trial budget; 0 = the grid's size (grid sampler only)
+    trials: int = 0  # trial budget; 0 = the grid's size (grid), every T x max_seeds (adaptive)
     timeout: Optional[float] = None  # stop starting new trials after this many seconds
     seeds: int = 1  # training runs per sampled configuration, train.seed + 0 .. seeds-1
     retries: int = 1  # re-run a trial interrupted by a kill / Ctrl-C this many times
@@ -95,7 +108,8 @@ class SweepConfig:
 
 
 SWEEP_KEYS = ("name", "trials", "timeout", "seeds", "retries", "storage", "heartbeat_interval", "grace_period", "study_dir",
-              "tracking_uri", "sampler.name", "sampler.seed", "objective.metric", "objective.direction")
+              "tracking_uri", "sampler.name", "sampler.seed", "objective.metric", "objective.direction",
+              "design.epsilon", "design.tolerance", "design.level", "design.max_seeds")
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepConfig, Path]:
@@ -117,7 +131,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         sweep: SweepConfig = OmegaConf.to_object(merged)
     except ConfigKeyError as err:
         key = str(err.full_key or err.key)
-        section = {"sampler": SamplerSpec, "objective": ObjectiveSpec}.get(key.split(".")[0]) if "." in key else None
+        section = {"sampler": SamplerSpec, "objective": ObjectiveSpec, "design": DesignSpec}.get(key.split(".")[0]) if "." in key else None
         where = f"fields of {key.split('.')[0]}" if section else "fields"
         message = (f"unknown sweep field '{key}'; valid {where}: "
                    f"{', '.join(sorted((section or SweepConfig).__dataclass_fields__))}")
@@ -190,12 +204,37 @@ def validate_sweep(sweep: SweepConfig, base: Path | None, path: Path) -> None:
                         "in study_dir")
     if sweep.trials < 0:
         problems.append(f"trials: must be >= 0, got {sweep.trials}")
-    elif sweep.trials == 0 and sweep.sampler.name != "grid":
-        problems.append("trials: set a trial budget (0 means 'the whole grid', only for sampler.name=grid)")
+    elif sweep.trials == 0 and sweep.sampler.name not in ("grid", "adaptive"):
+        problems.append("trials: set a trial budget (0 means 'the whole grid', only for sampler.name=grid or adaptive)")
+    if sweep.sampler.name == "adaptive":
+        problems += _check_design(sweep)
     if not problems and base is not None:
         problems += _check_against_base(sweep, base)
     if problems:
         raise ConfigError(f"invalid sweep {path}:\n  " + "\n  ".join(problems))
+
+
+def _check_design(sweep: SweepConfig) -> list[str]:
+    """The adaptive design runs over one loop-count param's int choices and picks seeds itself."""
+    d, problems = sweep.design, []
+    specs = [(k, v) for k, v in sweep.params.items() if k not in sweep.bundles]
+    if len(sweep.params) != 1 or len(specs) != 1:
+        problems.append(f"params: the adaptive design takes one param, the loop count (e.g. model.loops: "
+                        f"{{choices: [1, 2, 4, 8]}}); got {', '.join(sweep.params) or 'none'}")
+    elif not specs[0][1].choices or not all(isinstance(c, int) and c >= 1 for c in specs[0][1].choices):
+        problems.append(f"params.{specs[0][0]}: the adaptive design needs int choices >= 1 (the T's it may train)")
+    if sweep.seeds != 1:
+        problems.append(f"seeds: the adaptive design picks seeds itself (up to design.max_seeds); set seeds: 1, "
+                        f"got {sweep.seeds}")
+    if d.epsilon <= 0:
+        problems.append(f"design.epsilon: must be > 0, got {d.epsilon}")
+    if d.tolerance < 0:
+        problems.append(f"design.tolerance: must be >= 0, got {d.tolerance}")
+    if not 0 < d.level < 1:
+        problems.append(f"design.level: must be in (0, 1), got {d.level}")
+    if d.max_seeds < 1:
+        problems.append(f"design.max_seeds: must be >= 1, got {d.max_seeds}")
+    return problems
 
 
 def _check_param(spec: ParamSpec, sampler: str) -> list[str]:

@@ -25,6 +25,7 @@ from ouro_lab import run_record as rr
 from ouro_lab.run_record import STUDY_HASH_LATER, drop_later_defaults
 from ouro_lab.sweep.budget import counts_toward_budget, retried_trials
 from ouro_lab.sweep.repair import repair_journal
+from ouro_lab.sweep.design import DesignSampler
 from ouro_lab.sweep.schema import SweepConfig, grid_values
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -108,6 +109,8 @@ def make_sampler(sweep: SweepConfig, n_existing: int = 0, salt: int = 0) -> optu
     replay the first process's draws, so their seed is moved on by the number of trials already
     in the study, and concurrent workers must not draw in lockstep, so each adds its own `salt`."""
     s = sweep.sampler
+    if s.name == "adaptive":  # (its decisions depend on the finished trials alone: no seed to move on)
+        return DesignSampler(sweep)
     if s.name == "grid":
         space = {key: grid_values(spec) for key, spec in sweep.params.items()}
         return GridSampler(space, seed=s.seed, retries=sweep.retries)
@@ -269,6 +272,8 @@ def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:
         d.pop(key)
     if not d["bundles"]:
         d.pop("bundles")  # (studies made before bundles existed keep their hash)
+    if sweep.sampler.name != "adaptive":
+        d.pop("design")  # (the design's settings matter to its own sampler only; older studies keep their hash)
     d["base_config"] = to_dict(base_cfg)
     d["base_config"].pop("tracking")
     drop_later_defaults(d["base_config"], STUDY_HASH_LATER)  # at their defaults, left out: studies made before resume

@@ -24,6 +24,7 @@ from ouro_lab import tracking
 from ouro_lab.config import ExperimentConfig, load_config, to_dict
 from ouro_lab import run_record as rr
 from ouro_lab.run_record import RUN_HASH_LATER, drop_later_defaults, used_params
+from ouro_lab.sweep import design
 from ouro_lab.sweep.budget import claims_budget, retried_trials
 from ouro_lab.sweep.pruning import PruningCallback
 from ouro_lab.sweep.schema import SweepConfig, distribution, point_overrides
@@ -105,15 +106,19 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = 
     trial.set_user_attr("worker", this_process())
     if total is not None:
         claim(s, trial, total)
+    seed_index = _design_point(s, trial) if sweep.sampler.name == "adaptive" else 0
     sampled = suggest(trial, sweep)
     overrides = [*sweep.overrides, *point_overrides(sweep, sampled),
                  f"tracking.uri={s.tracking_uri}", f"tracking.experiment={sweep.name}", "train.progress_bar=false"]
     cfg = load_config(s.base, overrides)
-    label = " ".join(f"{k}={v}" for k, v in sampled.items())
+    cfg.train.seed += seed_index
+    label = " ".join(f"{k}={v}" for k, v in sampled.items()) + (f" seed {cfg.train.seed}" if seed_index else "")
     tags = (rr.sweep_tags(sweep.name, rr.TRIAL_RUN, trial.number) | {rr.OPTUNA_STATE: rr.RUNNING}
             | rr.bundle_tags({k: v for k, v in sampled.items() if k in sweep.bundles}))
     if sweep.seeds == 1:
-        value, _ = _train_seed(s, trial, cfg, cfg.train.seed, 0, s.parent.id, tags, label, verbose)
+        value, run = _train_seed(s, trial, cfg, cfg.train.seed, 0, s.parent.id, tags, label, verbose)
+        if sweep.sampler.name == "adaptive":
+            trial.set_user_attr(design.CURVES_ATTR, design.curves(run.fetch().data.metrics, sweep.objective.metric))
         return value
     # several seeds: a trial run holding the mean and spread, with one child run per seed
     with _trial_run(s, f"trial-{trial.number} {label}", tags | tracking.reproducibility_tags(), s.parent.id) as run:
@@ -129,6 +134,25 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = 
             results.append(seed_run.fetch().data.metrics)
         run.log_metrics(_seed_aggregate(results, sweep.objective.metric))
     return statistics.fmean(values)
+
+
+def _design_point(s: Study, trial: optuna.Trial) -> int:
+    """The adaptive design's point for this trial (its loop count is then suggested as usual):
+    the seed index; the decision is logged on the study run. Raises `Discarded` when the design
+    has stopped, or when an earlier trial holds the same point (two workers decided at once)."""
+    decided = s.study.sampler.decision_for(s.study, trial)
+    if decided.point is None:
+        raise Discarded(f"the design has stopped: {decided.reason}")
+    seed_index = trial.suggest_categorical(design.SEED_PARAM, list(range(s.sweep.design.max_seeds)))
+    key = design.loop_key(s.sweep)
+    trial.suggest_categorical(key, s.sweep.params[key].choices)
+    for t in s.study.get_trials(deepcopy=False):
+        if t.number < trial.number and t.state in (TrialState.RUNNING, TrialState.COMPLETE) \
+                and design.point_of(t, key) == decided.point:
+            raise Discarded(f"trial {t.number} already holds T={decided.point.loops} seed {seed_index}")
+    trial.set_user_attr("design_reason", decided.reason)
+    s.parent.log_text(json.dumps(design.record(decided), indent=1), f"{rr.DESIGN_ARTIFACTS}/trial_{trial.number:04d}.json")
+    return seed_index
 
 
 def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int, index: int, parent: str,

@@ -1,0 +1,106 @@
+"""The adaptive design (`adaptive.py`) inside a sweep (sampler.name: adaptive): an Optuna
+sampler that gives each new trial the design's next point (the loop count, and the seed index
+as param `design.seed`), read from the finished trials in the study's storage, so a resumed
+study, another worker or another host asks for the same next point from the same results.
+
+A trial records its curves (the objective over all positions and per difficulty level) as
+user attribute `curves`; trials running elsewhere are pending points, never asked twice.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+from ouro_lab.sweep.adaptive import Decision, Point, decide
+from ouro_lab.sweep.schema import SweepConfig
+
+SEED_PARAM = "design.seed"  # the seed index of a design point: train.seed + this
+CURVES_ATTR = "curves"  # a finished trial's objective per curve: {"all": 0.93, "d1": 0.99, ...}
+
+
+def loop_key(sweep: SweepConfig) -> str:
+    """The design's one param: the loop count's config key (validated: one param, int choices)."""
+    return next(iter(sweep.params))
+
+
+def curves(metrics: Mapping[str, float], objective: str) -> dict[str, float]:
+    """A finished run's curves: the objective ('all') and its per-difficulty variants ('d2')."""
+    level = re.compile(re.escape(objective) + r"_d(\d+)$")
+    out = {"all": float(metrics[objective])} if objective in metrics else {}
+    for name, value in metrics.items():
+        if m := level.match(name):
+            out[f"d{m[1]}"] = float(value)
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def point_of(t: optuna.trial.FrozenTrial, key: str) -> Point | None:
+    if key not in t.params or SEED_PARAM not in t.params:
+        return None
+    return Point(int(t.params[key]), int(t.params[SEED_PARAM]))
+
+
+def decision(sweep: SweepConfig, trials: Sequence[optuna.trial.FrozenTrial], exclude: int | None = None) -> Decision:
+    """The design's decision from a study's trials: finished ones are observations, running or
+    queued ones (other than trial number `exclude`) pending points."""
+    key = loop_key(sweep)
+    observations: dict[Point, dict[str, float]] = {}
+    pending = set()
+    for t in trials:
+        p = point_of(t, key)
+        if p is None or t.number == exclude:
+            continue
+        if t.state == TrialState.COMPLETE and t.user_attrs.get(CURVES_ATTR):
+            observations[p] = t.user_attrs[CURVES_ATTR]
+        elif t.state in (TrialState.RUNNING, TrialState.WAITING):
+            pending.add(p)
+        elif t.state == TrialState.FAIL and not t.user_attrs.get("discarded") and not t.user_attrs.get("interrupted"):
+            pending.add(p)  # (a point that crashed is not asked again: the budget would go to its repeats)
+    d = sweep.design
+    return decide(observations, sweep.params[key].choices, epsilon=d.epsilon, direction=sweep.objective.direction,
+                  tolerance=d.tolerance, level=d.level, max_seeds=d.max_seeds, seed=sweep.sampler.seed,
+                  pending=pending)
+
+
+class DesignSampler(optuna.samplers.BaseSampler):
+    """Each trial's params are the design's next point; a trial that starts when the design has
+    stopped (another worker's result settled the answer) gets no point: `run_trial` discards it."""
+
+    def __init__(self, sweep: SweepConfig):
+        self.sweep, self.key = sweep, loop_key(sweep)
+        self._decided: dict[int, Decision] = {}
+
+    def decision_for(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Decision:
+        """The decision this trial was started with (made once per trial)."""
+        if trial.number not in self._decided:
+            self._decided = {trial.number: decision(self.sweep, study.get_trials(deepcopy=False), trial.number)}
+        return self._decided[trial.number]
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
+        point = self.decision_for(study, trial).point
+        assert point is not None, "run_trial discards a trial the design gave no point"
+        return point.loops if param_name == self.key else point.seed
+
+
+def record(d: Decision) -> dict[str, Any]:
+    """A decision as JSON for the study run (artifact design/...): the point, why, the answer."""
+    return {"point": None if d.point is None else {"loops": d.point.loops, "seed": d.point.seed}, "reason": d.reason,
+            "spent": d.spent, "answers": {c: {"point": a.point, "low": a.low, "high": a.high, "text": str(a),
+                                              "law_loops": a.law_loops, "probs": {str(k): v for k, v in a.probs.items()}}
+                                          for c, a in d.answers.items()},
+            "scores": {f"T={p.loops} seed {p.seed}": v for p, v in d.scores.items()}}
+
+
+def answer_line(d: Decision) -> str:
+    """'all T=4 [T=3, T=5]; d1 T=2 [T=2, T=2]': the answer so far, one line."""
+    return "; ".join(f"{c} {a}" for c, a in d.answers.items()) or "none yet"
