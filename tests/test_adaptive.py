@@ -144,6 +144,13 @@ def test_an_adaptive_sweep_trains_each_point_once_logs_why_and_resumes(tmp_path)
     assert summary.answer.startswith("all T=") or summary.answer.startswith("all not saturated")
     again = run_sweep(path, [], verbose=False)
     assert again.counts == summary.counts and again.answer == summary.answer
+    # the report recomputes the design's answer from the runs, and states what it spent
+    from ouro_lab import analysis
+
+    report = analysis.write_report(analysis.load_study("ad", str(tmp_path / "mlflow.db")), tmp_path / "report",
+                                   n_boot=50, log=False)
+    section = report.markdown.split("## Adaptive design")[1].split("\n## ")[0]
+    assert f"trained {len(seen)} of the grid's 4 runs" in section and f"| all | {summary.answer.split(';')[0][len('all '):]} |" in section
 
 
 def test_an_adaptive_sweep_that_cannot_work_is_refused_naming_each_field(tmp_path):

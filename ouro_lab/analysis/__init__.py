@@ -13,6 +13,8 @@ Data flows one way (STYLE.md): MLflow runs -> run records -> tidy DataFrames -> 
     plots.py        figures: metric vs T (with both baselines), vs loop step t, vs FLOPs, exit gate
     frontier.py     early exit: each rule's accuracy vs loops with fixed depth and the oracles, the
                     gate's efficiency, where tokens stop gaining
+    design.py       an adaptive study: the design's answer recomputed from its runs, the points
+                    trained and skipped, the FLOPs spent against the full grid
     report.py       report.md + PNGs + CSVs, and the summary sentences built from the tables
 
 `ouro-lab report`, notebooks/loop_saturation.ipynb and the tests call these same functions:

@@ -3,6 +3,7 @@ writes), with the summary sentences built only from the tables' numbers."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -13,6 +14,7 @@ import pandas as pd
 from ouro_lab import metric_names as names
 from ouro_lab.analysis.frontier import frontier_summary, frontier_table, gate_table, plot_frontier, plot_oracle
 from ouro_lab.analysis.law import law_table, plot_law
+from ouro_lab.analysis.design import DesignView, design_view, is_adaptive
 from ouro_lab.analysis.load import attach_report
 from ouro_lab.analysis.tidy import ALL, MAX_GROUP_VALUES, StudyData, difficulty_order
 from ouro_lab.analysis.optuna_view import optuna_study, param_importances, plot_optuna
@@ -231,6 +233,23 @@ def skip_table(skip: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def _design_section(view: DesignView) -> list[str]:
+    """An adaptive study: what the design trained, skipped and spent, and its answer."""
+    d, points = view.decision, view.points
+    share = view.spent_flops / view.grid_flops if view.grid_flops else math.nan
+    stop = f"stopped: {d.reason}" if d.point is None else f"did not finish: its next point would be {d.reason}"
+    grid_runs = int(points[["seeds trained", "seeds skipped"]].sum().sum())
+    return ["## Adaptive design", "",
+            f"The study trained {int(points['seeds trained'].sum())} of the grid's {grid_runs} runs and spent "
+            f"{view.spent_flops:.3g} training FLOPs, {share:.0%} of the full grid's {view.grid_flops:.3g} (every T "
+            "at max_seeds seeds; a skipped T's cost is read off the trained T's, linear in T). The design "
+            f"{stop}.", "",
+            "The answer per curve (T* of the seed means, its interval from the design's parametric bootstrap, "
+            "and the law's loops to within epsilon), recomputed from the runs with the sweep's own rule:", "",
+            _markdown_table(view.answers, ".2f"), "", "Points trained and skipped:", "",
+            _markdown_table(points, ".3g"), ""]
+
+
 def _terminal_table(table: pd.DataFrame, sat: pd.DataFrame, kind: str, split: str, level: float) -> str:
     s = sat[sat["difficulty"].isin([ALL])][["group", "arch", "text"]].rename(columns={"text": "saturation (all positions)"})
     saturation = s.to_string(index=False) if len(s) else "saturation: needs runs at two or more trained T per arch"
@@ -296,6 +315,8 @@ def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, li
                 "the law is not forced onto such curves.", "",
                 _markdown_table(laws[["group", "arch", "over", "loops", "fit", "p_fit", "n_seeds"]], ".2f"), ""]
         out += ["![saturating law](law.png)", ""] if "law.png" in figures else []
+    if is_adaptive(data):
+        out += _design_section(design_view(data))
     extra = extrapolation_table(data, kind, split)
     out += ["## Metric vs evaluation loop step t", "",
             "Each looped model evaluated at every step up to its trained T and beyond (extrapolation).", ""]

@@ -1,0 +1,65 @@
+"""An adaptive study (sampler.name: adaptive) read back: the design's answer recomputed from the
+runs it trained (the same rule the sweep used: `sweep.adaptive.decide`), the points it trained
+and skipped, and the compute it spent against the full grid of every T at max_seeds seeds."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ouro_lab.analysis.stats import final_values
+from ouro_lab.analysis.tidy import StudyData
+from ouro_lab.metric_names import objective_kind
+from ouro_lab.sweep.adaptive import Decision, Point, decide
+from ouro_lab.sweep.schema import DesignSpec
+
+
+@dataclass
+class DesignView:
+    decision: Decision  # the answer per curve, and why the design stopped (or what it would do next)
+    answers: pd.DataFrame  # curve, answer (T* [interval]), law's loops to within epsilon
+    points: pd.DataFrame  # T, seeds trained, seeds skipped, training FLOPs (estimated where skipped)
+    spent_flops: float
+    grid_flops: float
+
+
+def is_adaptive(data: StudyData) -> bool:
+    return (data.sweep.get("sampler") or {}).get("name") == "adaptive"
+
+
+def design_view(data: StudyData) -> DesignView:
+    """The design of an adaptive study, from its finished runs (objective's kind and split)."""
+    spec = DesignSpec(**(data.sweep.get("design") or {}))
+    key, param = next(iter(data.sweep["params"].items()))
+    candidates = [int(c) for c in param["choices"]]
+    split = data.objective_metric.split("/", 1)[0]
+    finals = final_values(data, objective_kind(data.objective_metric), split)
+    base_seed = int(data.runs["seed"].min())
+    observations: dict[Point, dict[str, float]] = {}
+    for row in finals.itertuples():
+        observations.setdefault(Point(int(row.loops), int(row.seed) - base_seed), {})[row.difficulty] = row.value
+    decision = decide(observations, candidates, epsilon=spec.epsilon, direction=data.direction,
+                      tolerance=spec.tolerance, level=spec.level, max_seeds=spec.max_seeds,
+                      seed=int((data.sweep.get("sampler") or {}).get("seed", 0)))
+    answers = pd.DataFrame([{"curve": c, "answer": str(a), "law within ε by": a.law_loops}
+                            for c, a in decision.answers.items()])
+    flops = data.runs.groupby("loops")["train_flops"].mean()
+    known = flops[np.isfinite(flops)]
+    # (a looped run's training FLOPs grow linearly in T: a skipped T's cost is read off that line)
+    line = np.polyfit(known.index, known.values, 1) if len(known) >= 2 else None
+
+    def cost(t: int) -> float:
+        if t in known.index:
+            return float(known[t])
+        return float(np.polyval(line, t)) if line is not None else math.nan
+
+    trained = data.runs.groupby("loops")["run_id"].nunique()
+    points = pd.DataFrame([{"T": t, "seeds trained": int(trained.get(t, 0)),
+                            "seeds skipped": spec.max_seeds - int(trained.get(t, 0)), "train FLOPs per run": cost(t)}
+                           for t in candidates])
+    spent = float(data.runs["train_flops"].sum())
+    grid = float(sum(spec.max_seeds * cost(t) for t in candidates))
+    return DesignView(decision, answers, points, spent, grid)
