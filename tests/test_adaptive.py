@@ -49,7 +49,7 @@ def test_the_design_finds_a_known_saturation_point_for_less_than_the_grid():
     for seed in range(3):
         decision, observations, _ = run_design(curves, noise=0.004, seed=seed)
         for name, answer in decision.answers.items():
-            assert answer.low <= truth[name] <= answer.high and answer.width <= 1, (seed, name, str(answer))
+            assert answer.low <= truth[name] <= answer.high and answer.steps <= 1, (seed, name, str(answer))
         costs.append(sum(p.loops for p in observations))
     assert sum(costs) / len(costs) < 0.75 * GRID_COST and min(costs) < GRID_COST / 2, costs
 
@@ -162,6 +162,34 @@ def test_an_adaptive_sweep_that_cannot_work_is_refused_naming_each_field(tmp_pat
     path.write_text(text.replace("design: {epsilon: 0.02, max_seeds: 2}", "design: {epsilon: 0, max_seeds: 0}\nseeds: 2"))
     with pytest.raises(ConfigError) as err:
         load_sweep(path)
-    for field in ("params.model.loops: the adaptive design needs int choices", "seeds: the adaptive design picks seeds",
-                  "design.epsilon: must be > 0", "design.max_seeds: must be >= 1"):
+    for field in ("params.model.loops: the adaptive design needs distinct int choices", "seeds: the adaptive design",
+                  "design.epsilon: must be > 0", "design.max_seeds: must be >= 2"):
         assert field in str(err.value)
+
+
+def test_the_answer_is_not_called_known_while_the_start_trains_elsewhere():
+    """Four workers: (1, 0) finishes first, the rest of the start is still training."""
+    pending = {Point(4, 0), Point(8, 0), Point(4, 1)}
+    decision = decide({Point(1, 0): {"all": 0.5, "d1": math.nan}}, [1, 2, 4, 8], epsilon=0.02, pending=pending)
+    assert decision.point is not None and decision.point not in pending and "the start is still training" in decision.reason
+    assert set(decision.answers) == {"all"}  # a curve with no finite value is no curve
+
+
+def test_pruned_crashed_and_queued_points_are_never_asked_again():
+    import optuna
+
+    from ouro_lab.sweep.design import SEED_PARAM, decision
+
+    from ouro_lab.sweep.schema import DesignSpec, ParamSpec, SweepConfig
+
+    sweep = SweepConfig(params={"model.loops": ParamSpec(choices=[1, 2, 3, 4])}, design=DesignSpec(max_seeds=2))
+    sweep.sampler.name = "adaptive"
+    study = optuna.create_study(direction="maximize")
+    dists = {"model.loops": optuna.distributions.CategoricalDistribution([1, 2, 3, 4]),
+             SEED_PARAM: optuna.distributions.CategoricalDistribution([0, 1])}
+    for loops, seed, state in ((1, 0, "PRUNED"), (3, 0, "FAIL")):
+        study.add_trial(optuna.trial.create_trial(params={"model.loops": loops, SEED_PARAM: seed}, distributions=dists,
+                                                  state=getattr(optuna.trial.TrialState, state)))
+    study.enqueue_trial({"model.loops": 4, SEED_PARAM: 0})  # a queued retry: fixed params, no params yet
+    asked = decision(sweep, study.get_trials()).point
+    assert asked not in {Point(1, 0), Point(3, 0), Point(4, 0)} and asked == Point(3, 1)

@@ -5,6 +5,7 @@ and skipped, and the compute it spent against the full grid of every T at max_se
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,8 @@ from ouro_lab.sweep.schema import DesignSpec
 
 @dataclass
 class DesignView:
-    decision: Decision  # the answer per curve, and why the design stopped (or what it would do next)
+    decision: Decision | None  # the answer per curve and why the design stopped (None: the objective is no
+    # {split}/{kind}_final metric, whose curves the report cannot rebuild: the sweep's summary states it)
     answers: pd.DataFrame  # curve, answer (T* [interval]), law's loops to within epsilon
     points: pd.DataFrame  # T, seeds trained, seeds skipped, training FLOPs (estimated where skipped)
     spent_flops: float
@@ -35,17 +37,21 @@ def design_view(data: StudyData) -> DesignView:
     spec = DesignSpec(**(data.sweep.get("design") or {}))
     key, param = next(iter(data.sweep["params"].items()))
     candidates = [int(c) for c in param["choices"]]
-    split = data.objective_metric.split("/", 1)[0]
-    finals = final_values(data, objective_kind(data.objective_metric), split)
-    base_seed = int(data.runs["seed"].min())
+    split, name = data.objective_metric.split("/", 1)
     observations: dict[Point, dict[str, float]] = {}
-    for row in finals.itertuples():
-        observations.setdefault(Point(int(row.loops), int(row.seed) - base_seed), {})[row.difficulty] = row.value
-    decision = decide(observations, candidates, epsilon=spec.epsilon, direction=data.direction,
-                      tolerance=spec.tolerance, level=spec.level, max_seeds=spec.max_seeds,
-                      seed=int((data.sweep.get("sampler") or {}).get("seed", 0)))
+    decision = None
+    if re.fullmatch(r"[a-z]+_final", name):  # the curves the sweep decided on: the objective at T, per level
+        finals = final_values(data, objective_kind(data.objective_metric), split)
+        base_seed = int(data.runs["seed"].min())  # (the start always trains seed index 0)
+        for row in finals.itertuples():
+            if math.isfinite(row.value):
+                observations.setdefault(Point(int(row.loops), int(row.seed) - base_seed), {})[row.difficulty] = row.value
+        decision = decide(observations, candidates, epsilon=spec.epsilon, direction=data.direction,
+                          tolerance=spec.tolerance, level=spec.level, max_seeds=spec.max_seeds,
+                          seed=int((data.sweep.get("sampler") or {}).get("seed", 0)))
     answers = pd.DataFrame([{"curve": c, "answer": str(a), "law within ε by": a.law_loops}
-                            for c, a in decision.answers.items()])
+                            for c, a in (decision.answers.items() if decision else [])],
+                           columns=["curve", "answer", "law within ε by"])
     flops = data.runs.groupby("loops")["train_flops"].mean()
     known = flops[np.isfinite(flops)]
     # (a looped run's training FLOPs grow linearly in T: a skipped T's cost is read off that line)

@@ -237,12 +237,14 @@ def _design_section(view: DesignView) -> list[str]:
     """An adaptive study: what the design trained, skipped and spent, and its answer."""
     d, points = view.decision, view.points
     share = view.spent_flops / view.grid_flops if view.grid_flops else math.nan
-    stop = f"stopped: {d.reason}" if d.point is None else f"did not finish: its next point would be {d.reason}"
+    stop = ("'s answer is in the sweep's summary (the objective is no {split}/{kind}_final metric, whose curves "
+            "this report rebuilds)" if d is None else f" stopped: {d.reason}" if d.point is None
+            else f" did not finish: its next point would be {d.reason}")
     grid_runs = int(points[["seeds trained", "seeds skipped"]].sum().sum())
     return ["## Adaptive design", "",
             f"The study trained {int(points['seeds trained'].sum())} of the grid's {grid_runs} runs and spent "
             f"{view.spent_flops:.3g} training FLOPs, {share:.0%} of the full grid's {view.grid_flops:.3g} (every T "
-            "at max_seeds seeds; a skipped T's cost is read off the trained T's, linear in T). The design "
+            "at max_seeds seeds; a skipped T's cost is read off the trained T's, linear in T). The design"
             f"{stop}.", "",
             "The answer per curve (T* of the seed means, its interval from the design's parametric bootstrap, "
             "and the law's loops to within epsilon), recomputed from the runs with the sweep's own rule:", "",

@@ -18,7 +18,9 @@ The uncertainty is the entropy of T*'s bootstrap distribution (over the candidat
 saturated"), summed over curves. The next point is the one whose expected entropy after
 training it (its outcome drawn from its predictive distribution) is lowest per unit of cost
 (training FLOPs: a looped run costs in proportion to T). The study stops when every curve's
-central `level` interval of T* is at most `tolerance` wide and rests on trained T's (each T in
+central `level` interval of T* is at most `tolerance` steps of the candidate list wide (T=4
+to T=6 of [1, 2, 4, 6, 8] is one step; "not saturated" counts as one past the last) and rests
+on trained T's (each T in
 it and the one below it trained at least once: a prediction cannot see a step), when the
 budget is spent, or when no point is left (every T at `max_seeds`).
 """
@@ -54,12 +56,7 @@ class CurveAnswer:
     probs: dict[float, float]
     entropy: float
     law_loops: float = math.nan  # the law's loops to within epsilon (nan: no fit)
-
-    @property
-    def width(self) -> float:
-        if math.isinf(self.low) and math.isinf(self.high):
-            return 0.0  # "not saturated within the range" with that confidence: an answer too
-        return self.high - self.low
+    steps: int = 0  # the interval's width in steps of the candidate list ("not saturated" = one past the last)
 
     def __str__(self) -> str:
         def t(v: float) -> str:
@@ -92,37 +89,48 @@ def start_points(candidates: Sequence[int], max_seeds: int = 2) -> list[Point]:
 def decide(observations: Mapping[Point, Mapping[str, float]], candidates: Sequence[int], *, epsilon: float,
            direction: str = "maximize", tolerance: float = 1.0, level: float = 0.9, max_seeds: int = 3,
            cost: Mapping[int, float] | None = None, budget: float = math.inf, n_boot: int = 400,
-           n_outcomes: int = 8, seed: int = 0, pending: Collection[Point] = ()) -> Decision:
+           n_outcomes: int = 8, seed: int = 0, pending: Collection[Point] = (),
+           failed: Collection[Point] = ()) -> Decision:
     """The next point of the design, given the finished points' objective values per curve
     ({Point(4, 0): {"d1": 0.93, "d2": 0.71}, ...}). `cost`: each T's cost (default T);
     `budget`: stop once the trained points' cost reaches it; `pending`: points being trained
-    (by other workers): never asked again, and not yet part of the answer."""
+    (by other workers): never asked again, and waited for before the answer is called known;
+    `failed`: points that crashed or were stopped: never asked again."""
     ts = sorted(candidates)
     cost = {t: float(cost[t]) if cost else float(t) for t in ts}
     spent = sum(cost[p.loops] for p in observations)
-    curves = sorted({c for values in observations.values() for c in values})
+    curves = sorted({c for values in observations.values() for c, v in values.items() if math.isfinite(v)})
     answers = {c: _answer(_curve(observations, c), ts, epsilon, direction, level, n_boot, seed) for c in curves}
-    taken = set(observations) | set(pending)
-    missing = [p for p in start_points(ts, max_seeds) if p not in taken]
+    taken = set(observations) | set(pending) | set(failed)
+    start = start_points(ts, max_seeds)
+    missing = [p for p in start if p not in taken]
     if missing:
         return Decision(missing[0], "start: the coarse T's and a second seed at the middle one", answers, spent=spent)
     if spent >= budget:
         return Decision(None, f"budget spent ({spent:g} of {budget:g})", answers, spent=spent)
     allowed = _allowed(taken, ts, max_seeds)
-    if not curves:  # the start is still being trained elsewhere: the cheapest point left meanwhile
+    waiting = [p for p in start if p in pending]
+    if not curves or waiting:  # the start is still training elsewhere: the cheapest point left meanwhile
         if not allowed:
             return Decision(None, "no point left", answers, spent=spent)
         best = min(allowed, key=lambda p: (cost[p.loops], p))
-        return Decision(best, f"T={best.loops} seed {best.seed}: the start is still training", answers, spent=spent)
-    if all(a.width <= tolerance for a in answers.values()):
-        support = sorted({t for a in answers.values() for t in _support(a, ts)} - {p.loops for p in taken})
+        return Decision(best, f"T={best.loops} seed {best.seed}: the start is still training "
+                        f"({', '.join(f'T={p.loops} seed {p.seed}' for p in waiting) or 'no result yet'})",
+                        answers, spent=spent)
+    if all(a.steps <= tolerance for a in answers.values()):
+        trained = {p.loops for p in observations}
+        support = sorted({t for a in answers.values() for t in _support(a, ts)} - trained)
         if not support:  # (points still training elsewhere finish, and join the answer's report)
-            return Decision(None, f"answer known: every interval within {tolerance:g}", answers, spent=spent)
+            return Decision(None, f"answer known: every interval within {tolerance:g} step(s) of the candidates",
+                            answers, spent=spent)
         # NOTE: an untrained T is only predicted from its neighbours; a step there (a plateau,
         # then a gain) is invisible to the prediction, so the answer must rest on trained T's
-        t = min(support, key=lambda t: (cost[t], t))
-        return Decision(Point(t, 0), f"T={t} seed 0: the answer rests on it and it is not trained yet", answers,
-                        spent=spent)
+        untaken = [t for t in support if t not in {p.loops for p in taken}]
+        if untaken:
+            t = min(untaken, key=lambda t: (cost[t], t))
+            return Decision(Point(t, 0), f"T={t} seed 0: the answer rests on it and it is not trained yet", answers,
+                            spent=spent)
+        # (the T's it rests on are training elsewhere: meanwhile, the best point as below)
     if not allowed:
         return Decision(None, f"no point left (every T at {max_seeds} seeds)", answers, spent=spent)
     now = sum(a.entropy for a in answers.values())
@@ -132,7 +140,7 @@ def decide(observations: Mapping[Point, Mapping[str, float]], candidates: Sequen
                     for c in curves)
         scores[p] = (now - after) / cost[p.loops]
     best = max(sorted(scores), key=lambda p: scores[p])  # (ties: the smaller T, then seed)
-    unsettled = ", ".join(f"{c} {a}" for c, a in answers.items() if a.width > tolerance)
+    unsettled = ", ".join(f"{c} {a}" for c, a in answers.items() if a.steps > tolerance)
     reason = (f"T={best.loops} seed {best.seed}: expected entropy drop {scores[best] * cost[best.loops]:.3f} "
               f"nats for cost {cost[best.loops]:g} (unsettled: {unsettled})")
     return Decision(best, reason, answers, scores, spent)
@@ -255,8 +263,9 @@ def _answer(values: Mapping[int, list[float]], ts: Sequence[int], epsilon: float
     low, high = np.quantile(boot, [alpha, 1 - alpha], method="inverted_cdf")
     unique, counts = np.unique(boot, return_counts=True)
     law_loops = fit.loops_to_within(epsilon) if fit is not None else math.nan
+    index = {float(t): i for i, t in enumerate(ts)} | {math.inf: len(ts)}
     return CurveAnswer(point, float(low), float(high), dict(zip(unique.tolist(), (counts / n_boot).tolist())),
-                       _entropy(boot), law_loops)
+                       _entropy(boot), law_loops, index[float(high)] - index[float(low)])
 
 
 def _expected_entropy(values: Mapping[int, list[float]], p: Point, ts: Sequence[int], epsilon: float,

@@ -39,17 +39,20 @@ def curves(metrics: Mapping[str, float], objective: str) -> dict[str, float]:
 
 
 def point_of(t: optuna.trial.FrozenTrial, key: str) -> Point | None:
-    if key not in t.params or SEED_PARAM not in t.params:
+    """A trial's point: its params, or a queued retry's fixed params."""
+    params = t.params or t.system_attrs.get("fixed_params") or {}
+    if key not in params or SEED_PARAM not in params:
         return None
-    return Point(int(t.params[key]), int(t.params[SEED_PARAM]))
+    return Point(int(params[key]), int(params[SEED_PARAM]))
 
 
 def decision(sweep: SweepConfig, trials: Sequence[optuna.trial.FrozenTrial], exclude: int | None = None) -> Decision:
     """The design's decision from a study's trials: finished ones are observations, running or
-    queued ones (other than trial number `exclude`) pending points."""
+    queued ones (other than trial number `exclude`) pending points, crashed or pruned ones
+    failed points (not asked again: the budget would go to their repeats)."""
     key = loop_key(sweep)
     observations: dict[Point, dict[str, float]] = {}
-    pending = set()
+    pending, failed = set(), set()
     for t in trials:
         p = point_of(t, key)
         if p is None or t.number == exclude:
@@ -58,12 +61,13 @@ def decision(sweep: SweepConfig, trials: Sequence[optuna.trial.FrozenTrial], exc
             observations[p] = t.user_attrs[CURVES_ATTR]
         elif t.state in (TrialState.RUNNING, TrialState.WAITING):
             pending.add(p)
-        elif t.state == TrialState.FAIL and not t.user_attrs.get("discarded") and not t.user_attrs.get("interrupted"):
-            pending.add(p)  # (a point that crashed is not asked again: the budget would go to its repeats)
+        elif t.state == TrialState.PRUNED or (t.state == TrialState.FAIL and not t.user_attrs.get("discarded")
+                                              and not t.user_attrs.get("interrupted")):
+            failed.add(p)
     d = sweep.design
     return decide(observations, sweep.params[key].choices, epsilon=d.epsilon, direction=sweep.objective.direction,
                   tolerance=d.tolerance, level=d.level, max_seeds=d.max_seeds, seed=sweep.sampler.seed,
-                  pending=pending)
+                  pending=pending - set(observations), failed=failed - set(observations) - pending)
 
 
 class DesignSampler(optuna.samplers.BaseSampler):
@@ -93,12 +97,17 @@ class DesignSampler(optuna.samplers.BaseSampler):
 
 
 def record(d: Decision) -> dict[str, Any]:
-    """A decision as JSON for the study run (artifact design/...): the point, why, the answer."""
+    """A decision as strict JSON for the study run (artifact design/...): the point, why, the
+    answer so far (math.inf, 'not saturated', written as null)."""
+    def num(v: float) -> float | None:
+        return v if math.isfinite(v) else None
+
     return {"point": None if d.point is None else {"loops": d.point.loops, "seed": d.point.seed}, "reason": d.reason,
-            "spent": d.spent, "answers": {c: {"point": a.point, "low": a.low, "high": a.high, "text": str(a),
-                                              "law_loops": a.law_loops, "probs": {str(k): v for k, v in a.probs.items()}}
+            "spent": d.spent, "answers": {c: {"point": num(a.point), "low": num(a.low), "high": num(a.high),
+                                              "text": str(a), "law_loops": num(a.law_loops),
+                                              "probs": {str(k): v for k, v in a.probs.items()}}
                                           for c, a in d.answers.items()},
-            "scores": {f"T={p.loops} seed {p.seed}": v for p, v in d.scores.items()}}
+            "scores": {f"T={p.loops} seed {p.seed}": num(v) for p, v in d.scores.items()}}
 
 
 def answer_line(d: Decision) -> str:

@@ -305,8 +305,11 @@ def summarize(s: Study, seconds: float, storage_desc: str) -> SweepSummary:
     answer = ""
     if s.sweep.sampler.name == "adaptive":
         decided = design.decision(s.sweep, trials)
-        answer = (f"{design.answer_line(decided)} (" + (f"stopped: {decided.reason}" if decided.point is None
-                  else f"budget of {budget(s.sweep)} trials used; next would be {decided.reason}") + ")")
+        used = budget_used(trials, s.sweep.retries) >= budget(s.sweep)
+        why = (f"stopped: {decided.reason}" if decided.point is None else
+               f"{'budget of ' + str(budget(s.sweep)) + ' trials used' if used else 'stopped early (timeout or Ctrl-C)'}"
+               f"; next would be {decided.reason}")
+        answer = f"{design.answer_line(decided)} ({why})"
     return SweepSummary(s.sweep.name, s.study_dir, storage_desc, s.tracking_uri, s.experiment.id, s.parent.id,
                         counts, best, seconds, answer)
 

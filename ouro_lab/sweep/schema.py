@@ -208,6 +208,9 @@ def validate_sweep(sweep: SweepConfig, base: Path | None, path: Path) -> None:
         problems.append("trials: set a trial budget (0 means 'the whole grid', only for sampler.name=grid or adaptive)")
     if sweep.sampler.name == "adaptive":
         problems += _check_design(sweep)
+    elif sweep.design != DesignSpec():
+        problems.append(f"design: set, but it is read by sampler.name=adaptive only (sampler.name is "
+                        f"{sweep.sampler.name!r})")
     if not problems and base is not None:
         problems += _check_against_base(sweep, base)
     if problems:
@@ -221,8 +224,14 @@ def _check_design(sweep: SweepConfig) -> list[str]:
     if len(sweep.params) != 1 or len(specs) != 1:
         problems.append(f"params: the adaptive design takes one param, the loop count (e.g. model.loops: "
                         f"{{choices: [1, 2, 4, 8]}}); got {', '.join(sweep.params) or 'none'}")
-    elif not specs[0][1].choices or not all(isinstance(c, int) and c >= 1 for c in specs[0][1].choices):
-        problems.append(f"params.{specs[0][0]}: the adaptive design needs int choices >= 1 (the T's it may train)")
+    elif not specs[0][1].choices or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
+                                            for c in specs[0][1].choices) \
+            or len(set(specs[0][1].choices)) != len(specs[0][1].choices):
+        problems.append(f"params.{specs[0][0]}: the adaptive design needs distinct int choices >= 1 (the T's it "
+                        f"may train); got {specs[0][1].choices}")
+    if sweep.pruner.get("name", "none") != "none":
+        problems.append("pruner: the adaptive design runs without a pruner for now (a pruned point is not trained "
+                        "again, and the answer needs its result); set pruner: {name: none}")
     if sweep.seeds != 1:
         problems.append(f"seeds: the adaptive design picks seeds itself (up to design.max_seeds); set seeds: 1, "
                         f"got {sweep.seeds}")
@@ -232,8 +241,9 @@ def _check_design(sweep: SweepConfig) -> list[str]:
         problems.append(f"design.tolerance: must be >= 0, got {d.tolerance}")
     if not 0 < d.level < 1:
         problems.append(f"design.level: must be in (0, 1), got {d.level}")
-    if d.max_seeds < 1:
-        problems.append(f"design.max_seeds: must be >= 1, got {d.max_seeds}")
+    if d.max_seeds < 2:
+        problems.append(f"design.max_seeds: must be >= 2 (the design measures the seed noise with a second seed), "
+                        f"got {d.max_seeds}")
     return problems
 
 

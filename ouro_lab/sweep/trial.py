@@ -141,17 +141,28 @@ def _design_point(s: Study, trial: optuna.Trial) -> int:
     the seed index; the decision is logged on the study run. Raises `Discarded` when the design
     has stopped, or when an earlier trial holds the same point (two workers decided at once)."""
     decided = s.study.sampler.decision_for(s.study, trial)
-    if decided.point is None:
+    if decided.point is None and not trial.system_attrs.get("fixed_params"):
         raise Discarded(f"the design has stopped: {decided.reason}")
     seed_index = trial.suggest_categorical(design.SEED_PARAM, list(range(s.sweep.design.max_seeds)))
     key = design.loop_key(s.sweep)
-    trial.suggest_categorical(key, s.sweep.params[key].choices)
-    for t in s.study.get_trials(deepcopy=False):
-        if t.number < trial.number and t.state in (TrialState.RUNNING, TrialState.COMPLETE) \
-                and design.point_of(t, key) == decided.point:
-            raise Discarded(f"trial {t.number} already holds T={decided.point.loops} seed {seed_index}")
-    trial.set_user_attr("design_reason", decided.reason)
-    s.parent.log_text(json.dumps(design.record(decided), indent=1), f"{rr.DESIGN_ARTIFACTS}/trial_{trial.number:04d}.json")
+    point = design.Point(trial.suggest_categorical(key, s.sweep.params[key].choices), seed_index)
+    # NOTE: a trial is pending for the others only once its params are set, seconds after its
+    # decision began: wait for the earlier trials still deciding, then the earlier one holding
+    # the same point wins
+    deadline = time.monotonic() + 120
+    while True:
+        earlier = [t for t in s.study.get_trials(deepcopy=False)
+                   if t.number < trial.number and t.state in (TrialState.RUNNING, TrialState.COMPLETE)]
+        if any(design.point_of(t, key) == point for t in earlier):
+            raise Discarded(f"an earlier trial already holds T={point.loops} seed {point.seed}")
+        if time.monotonic() > deadline or all(design.point_of(t, key) is not None for t in earlier):
+            break
+        time.sleep(0.5)
+    reason = decided.reason if point == decided.point else f"T={point.loops} seed {point.seed}: a queued retry"
+    trial.set_user_attr("design_reason", reason)
+    s.parent.log_text(json.dumps(design.record(decided) | {"trained": {"loops": point.loops, "seed": point.seed},
+                                                           "why": reason}, indent=1),
+                      f"{rr.DESIGN_ARTIFACTS}/trial_{trial.number:04d}.json")
     return seed_index
 
 
