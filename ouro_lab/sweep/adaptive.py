@@ -20,9 +20,8 @@ training it (its outcome drawn from its predictive distribution) is lowest per u
 (training FLOPs: a looped run costs in proportion to T). The study stops when every curve's
 central `level` interval of T* is at most `tolerance` steps of the candidate list wide (T=4
 to T=6 of [1, 2, 4, 6, 8] is one step; "not saturated" counts as one past the last) and rests
-on trained T's (each T in
-it and the one below it trained at least once: a prediction cannot see a step), when the
-budget is spent, or when no point is left (every T at `max_seeds`).
+on trained T's (each T in it and the one below it trained at least once: a prediction cannot
+see a step), when the budget is spent, or when no point is left (every T at `max_seeds`).
 """
 
 from __future__ import annotations
@@ -100,7 +99,9 @@ def decide(observations: Mapping[Point, Mapping[str, float]], candidates: Sequen
     cost = {t: float(cost[t]) if cost else float(t) for t in ts}
     spent = sum(cost[p.loops] for p in observations)
     curves = sorted({c for values in observations.values() for c, v in values.items() if math.isfinite(v)})
-    answers = {c: _answer(_curve(observations, c), ts, epsilon, direction, level, n_boot, seed) for c in curves}
+    values = {c: _curve(observations, c) for c in curves}
+    fits = {c: _law(values[c], direction) for c in curves}  # (once per decision: a least-squares solve each)
+    answers = {c: _answer(values[c], fits[c], ts, epsilon, direction, level, n_boot, seed) for c in curves}
     taken = set(observations) | set(pending) | set(failed)
     start = start_points(ts, max_seeds)
     missing = [p for p in start if p not in taken]
@@ -125,7 +126,8 @@ def decide(observations: Mapping[Point, Mapping[str, float]], candidates: Sequen
                             answers, spent=spent)
         # NOTE: an untrained T is only predicted from its neighbours; a step there (a plateau,
         # then a gain) is invisible to the prediction, so the answer must rest on trained T's
-        untaken = [t for t in support if t not in {p.loops for p in taken}]
+        taken_loops = {p.loops for p in taken}
+        untaken = [t for t in support if t not in taken_loops]
         if untaken:
             t = min(untaken, key=lambda t: (cost[t], t))
             return Decision(Point(t, 0), f"T={t} seed 0: the answer rests on it and it is not trained yet", answers,
@@ -136,7 +138,7 @@ def decide(observations: Mapping[Point, Mapping[str, float]], candidates: Sequen
     now = sum(a.entropy for a in answers.values())
     scores = {}
     for p in allowed:
-        after = sum(_expected_entropy(_curve(observations, c), p, ts, epsilon, direction, n_boot, n_outcomes, seed)
+        after = sum(_expected_entropy(values[c], fits[c], p, ts, epsilon, direction, n_boot, n_outcomes, seed)
                     for c in curves)
         scores[p] = (now - after) / cost[p.loops]
     best = max(sorted(scores), key=lambda p: scores[p])  # (ties: the smaller T, then seed)
@@ -164,14 +166,14 @@ def _curve(observations: Mapping[Point, Mapping[str, float]], curve: str) -> dic
     return values
 
 
-def _allowed(observations: Mapping[Point, object], ts: Sequence[int], max_seeds: int) -> list[Point]:
-    """For every candidate T with fewer than `max_seeds` runs: its next seed."""
-    taken: dict[int, set[int]] = {}
-    for p in observations:
-        taken.setdefault(p.loops, set()).add(p.seed)
+def _allowed(taken: Collection[Point], ts: Sequence[int], max_seeds: int) -> list[Point]:
+    """For every candidate T with fewer than `max_seeds` points taken: its next seed."""
+    seeds_of: dict[int, set[int]] = {}
+    for p in taken:
+        seeds_of.setdefault(p.loops, set()).add(p.seed)
     out = []
     for t in ts:
-        seeds = taken.get(t, set())
+        seeds = seeds_of.get(t, set())
         if len(seeds) < max_seeds:
             out.append(Point(t, min(set(range(max_seeds)) - seeds)))
     return out
@@ -241,7 +243,10 @@ def _distribution(values: Mapping[int, list[float]], ts: Sequence[int], fit: Law
 
 
 def _entropy(points: np.ndarray) -> float:
-    _, counts = np.unique(points, return_counts=True)
+    return _entropy_of(np.unique(points, return_counts=True)[1])
+
+
+def _entropy_of(counts: np.ndarray) -> float:
     p = counts / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -252,12 +257,11 @@ def _rng(seed: int, *parts: object) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(repr(parts).encode())])
 
 
-def _answer(values: Mapping[int, list[float]], ts: Sequence[int], epsilon: float, direction: str, level: float,
-            n_boot: int, seed: int) -> CurveAnswer:
+def _answer(values: Mapping[int, list[float]], fit: LawFit | None, ts: Sequence[int], epsilon: float, direction: str,
+            level: float, n_boot: int, seed: int) -> CurveAnswer:
     trained = sorted(values)
     means = np.asarray([[float(np.mean(values[t])) for t in trained]])
     point = float(saturation_points(means, trained, epsilon, direction)[0])
-    fit = _law(values, direction)
     boot = _distribution(values, ts, fit, epsilon, direction, n_boot, _rng(seed, "answer"))
     alpha = (1 - level) / 2
     low, high = np.quantile(boot, [alpha, 1 - alpha], method="inverted_cdf")
@@ -265,18 +269,17 @@ def _answer(values: Mapping[int, list[float]], ts: Sequence[int], epsilon: float
     law_loops = fit.loops_to_within(epsilon) if fit is not None else math.nan
     index = {float(t): i for i, t in enumerate(ts)} | {math.inf: len(ts)}
     return CurveAnswer(point, float(low), float(high), dict(zip(unique.tolist(), (counts / n_boot).tolist())),
-                       _entropy(boot), law_loops, index[float(high)] - index[float(low)])
+                       _entropy_of(counts), law_loops, index[float(high)] - index[float(low)])
 
 
-def _expected_entropy(values: Mapping[int, list[float]], p: Point, ts: Sequence[int], epsilon: float,
-                      direction: str, n_boot: int, n_outcomes: int, seed: int) -> float:
+def _expected_entropy(values: Mapping[int, list[float]], fit: LawFit | None, p: Point, ts: Sequence[int],
+                      epsilon: float, direction: str, n_boot: int, n_outcomes: int, seed: int) -> float:
     """The entropy of T* after training `p`, averaged over `n_outcomes` outcomes drawn from the
-    point's predictive distribution (a draw of its mean plus one seed's noise). The law is the
-    one fitted now (NOTE: refitting it per outcome would cost a least-squares solve each)."""
+    point's predictive distribution (a draw of its mean plus one seed's noise). `fit`: the law
+    fitted now (NOTE: refitting it per outcome would cost a least-squares solve each)."""
     rng = _rng(seed, "outcomes", p.loops)
     j = list(ts).index(p.loops)
     s, _ = _noise(values)
-    fit = _law(values, direction)
     centres = _draws(values, ts, fit, n_outcomes, rng)[:, j]
     outcomes = centres + s * rng.standard_normal(n_outcomes)
     total = 0.0
