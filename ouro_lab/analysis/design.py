@@ -14,7 +14,8 @@ import pandas as pd
 from ouro_lab.analysis.stats import final_values
 from ouro_lab.analysis.tidy import StudyData
 from ouro_lab.metric_names import objective_kind
-from ouro_lab.sweep.adaptive import Decision, Point, decide
+from ouro_lab.sweep.adaptive import Decision, Point
+from ouro_lab.sweep.design import decide_with
 from ouro_lab.sweep.schema import DesignSpec
 
 
@@ -46,9 +47,8 @@ def design_view(data: StudyData) -> DesignView:
         for row in finals.itertuples():
             if math.isfinite(row.value):
                 observations.setdefault(Point(int(row.loops), int(row.seed) - base_seed), {})[row.difficulty] = row.value
-        decision = decide(observations, candidates, epsilon=spec.epsilon, direction=data.direction,
-                          tolerance=spec.tolerance, level=spec.level, max_seeds=spec.max_seeds,
-                          seed=int((data.sweep.get("sampler") or {}).get("seed", 0)))
+        decision = decide_with(spec, candidates, data.direction, int((data.sweep.get("sampler") or {}).get("seed", 0)),
+                               observations)
     answers = pd.DataFrame([{"curve": c, "answer": str(a), "law within ε by": a.law_loops}
                             for c, a in (decision.answers.items() if decision else [])],
                            columns=["curve", "answer", "law within ε by"])

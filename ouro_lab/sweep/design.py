@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import optuna
 from optuna.trial import TrialState
 
 from ouro_lab.sweep.adaptive import Decision, Point, decide
-from ouro_lab.sweep.schema import SweepConfig
+from ouro_lab.sweep.schema import DesignSpec, SweepConfig
 
 SEED_PARAM = "design.seed"  # the seed index of a design point: train.seed + this
 CURVES_ATTR = "curves"  # a finished trial's objective per curve: {"all": 0.93, "d1": 0.99, ...}
@@ -46,8 +46,17 @@ def point_of(t: optuna.trial.FrozenTrial, key: str) -> Point | None:
     return Point(int(params[key]), int(params[SEED_PARAM]))
 
 
-def decision(sweep: SweepConfig, trials: Sequence[optuna.trial.FrozenTrial], exclude: int | None = None) -> Decision:
-    """The design's decision from a study's trials: finished ones are observations, running or
+def decide_with(spec: DesignSpec, candidates: Sequence[int], direction: str, seed: int,
+                observations: Mapping[Point, Mapping[str, float]], pending: Collection[Point] = (),
+                failed: Collection[Point] = ()) -> Decision:
+    """`adaptive.decide` with a sweep's `design:` settings (the sweep and its report both ask it)."""
+    return decide(observations, candidates, epsilon=spec.epsilon, direction=direction, tolerance=spec.tolerance,
+                  level=spec.level, max_seeds=spec.max_seeds, seed=seed, pending=pending, failed=failed)
+
+
+def _inputs(sweep: SweepConfig, trials: Sequence[optuna.trial.FrozenTrial],
+            exclude: int | None) -> tuple[dict[Point, dict[str, float]], set[Point], set[Point]]:
+    """The design's inputs from a study's trials: finished ones are observations, running or
     queued ones (other than trial number `exclude`) pending points, crashed or pruned ones
     failed points (not asked again: the budget would go to their repeats)."""
     key = loop_key(sweep)
@@ -64,10 +73,14 @@ def decision(sweep: SweepConfig, trials: Sequence[optuna.trial.FrozenTrial], exc
         elif t.state == TrialState.PRUNED or (t.state == TrialState.FAIL and not t.user_attrs.get("discarded")
                                               and not t.user_attrs.get("interrupted")):
             failed.add(p)
-    d = sweep.design
-    return decide(observations, sweep.params[key].choices, epsilon=d.epsilon, direction=sweep.objective.direction,
-                  tolerance=d.tolerance, level=d.level, max_seeds=d.max_seeds, seed=sweep.sampler.seed,
-                  pending=pending - set(observations), failed=failed - set(observations) - pending)
+    pending -= set(observations)
+    return observations, pending, failed - set(observations) - pending
+
+
+def decision(sweep: SweepConfig, trials: Sequence[optuna.trial.FrozenTrial], exclude: int | None = None) -> Decision:
+    """The design's decision from a study's trials (see `_inputs`)."""
+    return decide_with(sweep.design, sweep.params[loop_key(sweep)].choices, sweep.objective.direction,
+                       sweep.sampler.seed, *_inputs(sweep, trials, exclude))
 
 
 class DesignSampler(optuna.samplers.BaseSampler):
@@ -77,11 +90,23 @@ class DesignSampler(optuna.samplers.BaseSampler):
     def __init__(self, sweep: SweepConfig):
         self.sweep, self.key = sweep, loop_key(sweep)
         self._decided: dict[int, Decision] = {}
+        self._last: tuple[Any, Decision] | None = None  # (the inputs, the decision made from them)
+
+    def decision(self, trials: Sequence[optuna.trial.FrozenTrial], exclude: int | None = None) -> Decision:
+        """`decision`, made once per set of inputs: the trial loop's check before a trial and the
+        trial's own ask see the same trials, and a decision costs seconds of bootstrapping."""
+        observations, pending, failed = _inputs(self.sweep, trials, exclude)
+        key = (sorted((p, sorted(v.items())) for p, v in observations.items()), sorted(pending), sorted(failed))
+        if self._last is None or self._last[0] != key:
+            self._last = (key, decide_with(self.sweep.design, self.sweep.params[self.key].choices,
+                                           self.sweep.objective.direction, self.sweep.sampler.seed,
+                                           observations, pending, failed))
+        return self._last[1]
 
     def decision_for(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Decision:
         """The decision this trial was started with (made once per trial)."""
         if trial.number not in self._decided:
-            self._decided = {trial.number: decision(self.sweep, study.get_trials(deepcopy=False), trial.number)}
+            self._decided = {trial.number: self.decision(study.get_trials(deepcopy=False), trial.number)}
         return self._decided[trial.number]
 
     def infer_relative_search_space(self, study, trial) -> dict[str, Any]:

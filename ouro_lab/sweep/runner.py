@@ -277,7 +277,7 @@ def work(s: Study, total: int, start: float, label: str, verbose: bool, wait: bo
 def _design_stops(s: Study, trials: list, label: str, verbose: bool) -> bool:
     """Whether the adaptive design has stopped (then logged on the study run as design/stop.json
     and printed with the answer); else the next point and why are printed."""
-    decided = design.decision(s.sweep, trials)
+    decided = s.study.sampler.decision(trials)  # (the trial that follows asks the sampler: the same decision)
     if verbose:
         what = f"stops: {decided.reason}" if decided.point is None else f"next {decided.reason}"
         print(f"[sweep {label}] design {what} | answer so far: {design.answer_line(decided)}", flush=True)
