@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from ouro_lab import run_record as rr
 from ouro_lab import tracking
-from ouro_lab.analysis.tidy import AnalysisError, StudyData, bench_frame, evaluated_run_ids, study_data
+from ouro_lab.analysis.tidy import AnalysisError, StudyData, bench_frame, evaluated_run_ids, study_data, study_run
 from ouro_lab.run_record import RunRecord
 
 
@@ -48,8 +48,7 @@ def load_study(study: str, store: str | None = None, source: str = "auto") -> St
     client = MlflowClient(uri)
     experiment = _experiment(client, study, uri)
     runs = _search_all(client, experiment.experiment_id)
-    parents = [r for r in runs if r.role == rr.STUDY_RUN]
-    parent = max(parents, key=lambda r: r.start_time) if parents else None
+    parent = study_run(runs)
     sweep = _sweep_definition(client, parent.run_id) if parent else {}
     return study_data(experiment.name, uri, experiment.experiment_id, runs, sweep, source, _run_names(client, runs))
 

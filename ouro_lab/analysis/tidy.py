@@ -115,6 +115,12 @@ class StudyData:
         return [row["group"] for _, row in sorted(firsts.iterrows(), key=lambda item: key(item[1]))]
 
 
+def study_run(runs: Sequence[RunRecord]) -> RunRecord | None:
+    """The experiment's study run (a sweep's parent; the latest, if a study was started over)."""
+    parents = [r for r in runs if r.role == rr.STUDY_RUN]
+    return max(parents, key=lambda r: r.start_time) if parents else None
+
+
 def study_data(name: str, tracking_uri: str, experiment_id: str, runs: list[RunRecord], sweep: Mapping[str, Any],
                source: str = "auto", names: Mapping[str, str] | None = None) -> StudyData:
     """The tidy frames of an experiment's runs (`load_study` reads them from MLflow; tests build
@@ -123,8 +129,7 @@ def study_data(name: str, tracking_uri: str, experiment_id: str, runs: list[RunR
     if source not in RUN_SOURCES:
         raise AnalysisError(f"unknown run source {source!r}; one of: {', '.join(RUN_SOURCES)}")
     names = names or {}
-    parents = [r for r in runs if r.role == rr.STUDY_RUN]
-    parent = max(parents, key=lambda r: r.start_time) if parents else None
+    parent = study_run(runs)
     # unit runs carry a model config; a trial run with seed runs under it only holds their means
     with_seeds = {r.parent for r in runs if r.role == rr.SEED_RUN}
     evals = [r for r in runs if "model.arch" in r.params and r.role == rr.EVAL_RUN]
