@@ -21,6 +21,7 @@ and its state, built and parsed here and nowhere else (the per-step metric names
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -47,6 +48,7 @@ UNKNOWN = "unknown"  # the evaluated run of an imported checkpoint (it has no tr
 
 # roles (tag ouro.role)
 STUDY_RUN, TRIAL_RUN, SEED_RUN, EVAL_RUN, BENCH_RUN = "study", "trial", "seed", "eval", "bench"
+TEST_TIME_RUN = "test_time"  # a study's one random-depth run, evaluated at every t (sweep test_time_run)
 
 # run states, Optuna's names: a sweep's runs carry theirs as tag optuna.state
 COMPLETE, FAIL, PRUNED_STATE, RUNNING = "COMPLETE", "FAIL", "PRUNED", "RUNNING"
@@ -175,6 +177,17 @@ def trial_ending(err: BaseException | None) -> tuple[str, dict[str, str]]:
         return "KILLED", {OPTUNA_STATE: PRUNED_STATE, PRUNED: str(err)}
     status, tags = ended_by(err)
     return status, tags | {OPTUNA_STATE: FAIL}
+
+
+def pruned_message(step: int, metric: str, value: float, why: str | None = None) -> str:
+    """Why a pruner stopped a run (its tag `pruned`): 'pruned at step 500 with val/acc_final=0.9: ...'."""
+    return f"pruned at step {step} with {metric}={value:.4f}" + (f": {why}" if why else "")
+
+
+def pruned_step(tags: Mapping[str, str]) -> int | None:
+    """The optimizer step a pruned run stopped at (None: not pruned)."""
+    m = re.match(r"pruned at step (\d+)", tags.get(PRUNED, ""))
+    return int(m[1]) if m else None
 
 
 def superseded(by_trial: int) -> dict[str, str]:

@@ -133,6 +133,7 @@ def test_an_adaptive_sweep_trains_each_point_once_logs_why_and_resumes(tmp_path)
     from ouro_lab.sweep import run_sweep
 
     path, _ = _design_sweep(tmp_path, choices=(1, 2), max_seeds=2)
+    path.write_text(path.read_text() + "test_time_run: true\n")
     summary = run_sweep(path, [], verbose=False)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     trials = client.search_runs([summary.experiment_id], "tags.`ouro.role` = 'trial'")
@@ -142,15 +143,36 @@ def test_an_adaptive_sweep_trains_each_point_once_logs_why_and_resumes(tmp_path)
     logged = {a.path for a in client.list_artifacts(summary.parent_run_id, "design")}
     assert len([p for p in logged if "trial_" in p]) == len(seen)
     assert summary.answer.startswith("all T=") or summary.answer.startswith("all not saturated")
+    import optuna
+
+    from ouro_lab.sweep.design import CURVE_STEPS_ATTR
+
+    study = optuna.load_study(study_name="ad", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "studies" / "ad" / "optuna.journal"))))
+    for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):  # learning curves, for the design's pruner
+        assert sorted(t.user_attrs[CURVE_STEPS_ATTR], key=int) == ["10", "20"]
+        assert t.user_attrs[CURVE_STEPS_ATTR]["20"] == t.user_attrs["curves"]
+        per_token = client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics["model/train_flops_per_token"]
+        assert t.user_attrs["train_flops"] == pytest.approx(per_token * 64 * 8 * 20)  # batch 64 x length 8 x 20 steps
+    test_time = client.search_runs([summary.experiment_id], "tags.`ouro.role` = 'test_time'")
+    assert len(test_time) == 1 and test_time[0].data.params["train.loops_sampling"] == "uniform"
+    assert test_time[0].data.tags["mlflow.parentRunId"] == summary.parent_run_id
     again = run_sweep(path, [], verbose=False)
     assert again.counts == summary.counts and again.answer == summary.answer
+    assert len(client.search_runs([summary.experiment_id], "tags.`ouro.role` = 'test_time'")) == 1  # not trained again
     # the report recomputes the design's answer from the runs, and states what it spent
     from ouro_lab import analysis
 
-    report = analysis.write_report(analysis.load_study("ad", str(tmp_path / "mlflow.db")), tmp_path / "report",
-                                   n_boot=50, log=False)
+    data = analysis.load_study("ad", str(tmp_path / "mlflow.db"))
+    assert test_time[0].info.run_id not in set(data.runs["run_id"])  # not one of the trained T's
+    assert list(data.test_time_runs["run_id"]) == [test_time[0].info.run_id]
+    report = analysis.write_report(data, tmp_path / "report", n_boot=50, log=False)
     section = report.markdown.split("## Adaptive design")[1].split("\n## ")[0]
     assert f"trained {len(seen)} of the grid's 4 runs" in section and f"| all | {summary.answer.split(';')[0][len('all '):]} |" in section
+    # the random-depth run beside the trained T's, at every t up to 2 + eval.extra_loops, and not one of them
+    section = report.markdown.split("## One run for the test-time question")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(r.split("|")[1]) for r in rows] == [1, 2, 3, 4]
 
 
 def test_an_adaptive_sweep_that_cannot_work_is_refused_naming_each_field(tmp_path):
@@ -193,3 +215,154 @@ def test_pruned_crashed_and_queued_points_are_never_asked_again():
     study.enqueue_trial({"model.loops": 4, SEED_PARAM: 0})  # a queued retry: fixed params, no params yet
     asked = decision(sweep, study.get_trials()).point
     assert asked not in {Point(1, 0), Point(3, 0), Point(4, 0)} and asked == Point(3, 1)
+
+
+STOP_TS = [1, 2, 3, 4, 6, 8]
+STOP_OBS = {Point(1, 0): {"all": 0.60}, Point(1, 1): {"all": 0.62}, Point(2, 0): {"all": 0.85},
+            Point(4, 0): {"all": 0.995}, Point(4, 1): {"all": 0.993}, Point(6, 0): {"all": 0.997},
+            Point(8, 0): {"all": 0.998}}
+
+
+def test_a_curve_that_never_saturates_gets_no_absurd_law_depth():
+    """0.5 + 0.05 T fits the law with a tiny rate: its 'within epsilon by' would be hundreds of loops."""
+    from ouro_lab.sweep.adaptive import answers_of
+
+    obs = {Point(t, s): {"all": 0.5 + 0.05 * t + 0.002 * (s - 0.5)} for t in STOP_TS for s in (0, 1)}
+    answer = answers_of(obs, STOP_TS, epsilon=0.02)["all"]
+    assert math.isinf(answer.point) and math.isinf(answer.law_loops)
+    assert str(answer) == "not saturated [not saturated, not saturated]; law: not within epsilon by twice the largest T"
+
+
+def test_the_stopping_rule_ends_a_run_that_cannot_change_the_answer_and_keeps_one_that_can():
+    from ouro_lab.sweep.adaptive import answers_of, can_change
+
+    assert str(answers_of(STOP_OBS, STOP_TS, epsilon=0.01)["all"]).startswith("T=4 [T=3,")
+    # a third seed at T=1, bound to end far below saturation: T* and its interval cannot move
+    assert not can_change(STOP_OBS, Point(1, 2), {"all": 0.55}, {"all": 0.66}, STOP_TS, epsilon=0.01)
+    # T=3, untrained: whether it lands at 0.95 or 0.999 decides whether T* is 3 or 4
+    assert can_change(STOP_OBS, Point(3, 0), {"all": 0.95}, {"all": 0.999}, STOP_TS, epsilon=0.01)
+    # even a T=3 bound to fall short moves the answer: a trained T=3 takes its mass off T*=3
+    assert can_change(STOP_OBS, Point(3, 0), {"all": 0.90}, {"all": 0.93}, STOP_TS, epsilon=0.01)
+
+
+def test_a_runs_final_value_is_bounded_by_its_neighbours_learning_curves():
+    from ouro_lab.sweep.adaptive import final_bounds
+
+    rises = {"250": {"all": 0.5}, "500": {"all": 0.8}, "1000": {"all": 0.95}}  # +0.15 after step 500
+    dips = {"250": {"all": 0.6}, "500": {"all": 0.9}, "1000": {"all": 0.88}}  # -0.02 after step 500
+    far = {"250": {"all": 0.1}, "500": {"all": 0.2}, "1000": {"all": 0.9}}  # at T=8: not a neighbour of T=2
+    low, high = final_bounds({"all": 0.7}, 500, [(1, rises), (3, dips), (8, far)], 2, STOP_TS)
+    assert low["all"] == pytest.approx(0.68) and high["all"] == pytest.approx(0.85)
+    low, high = final_bounds({"all": 0.7}, 500, [(1, rises), (3, dips)], 2, STOP_TS, margin=2)
+    assert low["all"] == pytest.approx(0.66) and high["all"] == pytest.approx(1.0)
+    assert final_bounds({"all": 0.7}, 750, [(1, rises)], 2, STOP_TS) is None  # no value at step 750 to go by
+    assert final_bounds({"all": 0.7}, 500, [(8, far)], 2, STOP_TS) is None  # no neighbour finished
+
+
+def test_the_design_pruner_stops_through_optunas_interface_and_says_why():
+    """Optuna's should_prune asks DesignPruner; the stopped trial records why (user attribute)."""
+    import optuna
+
+    from ouro_lab.sweep.design import CURVE_STEPS_ATTR, CURVES_ATTR, SEED_PARAM, DesignPruner
+    from ouro_lab.sweep.pruning import PRUNED_BECAUSE
+    from ouro_lab.sweep.schema import DesignSpec, ParamSpec, SweepConfig
+
+    sweep = SweepConfig(params={"model.loops": ParamSpec(choices=STOP_TS)}, design=DesignSpec(epsilon=0.01))
+    sweep.sampler.name = "adaptive"
+    study = optuna.create_study(direction="maximize", pruner=DesignPruner(sweep))
+    dists = {"model.loops": optuna.distributions.CategoricalDistribution(STOP_TS),
+             SEED_PARAM: optuna.distributions.CategoricalDistribution([0, 1, 2])}
+    for p, curves in STOP_OBS.items():  # learning curves: +0.02 from step 500 to the end
+        history = {"500": {"all": curves["all"] - 0.02}, "1000": curves}
+        study.add_trial(optuna.trial.create_trial(
+            params={"model.loops": p.loops, SEED_PARAM: p.seed}, distributions=dists, value=curves["all"],
+            user_attrs={CURVES_ATTR: curves, CURVE_STEPS_ATTR: history}))
+
+    def running(loops: int, seed: int, value: float, step: int = 500) -> optuna.Trial:
+        study.enqueue_trial({"model.loops": loops, SEED_PARAM: seed})
+        trial = study.ask(dists)
+        trial.set_user_attr(CURVE_STEPS_ATTR, {str(step): {"all": value}})
+        trial.report(value, step)
+        return trial
+
+    hopeless = running(1, 2, 0.58)
+    assert hopeless.should_prune()
+    assert "cannot change the answer" in study._storage.get_trial(hopeless._trial_id).user_attrs[PRUNED_BECAUSE]
+    deciding = running(3, 0, 0.975)  # may end at 0.975-0.995: within epsilon of the best or not
+    assert not deciding.should_prune() and PRUNED_BECAUSE not in deciding.user_attrs
+    alone = running(2, 1, 0.58, step=250)
+    assert not alone.should_prune()  # no finished run has a value at step 250 to bound it by
+
+
+def test_the_design_stops_when_its_flops_budget_is_spent():
+    import optuna
+
+    from ouro_lab.sweep.design import SEED_PARAM, TRAIN_FLOPS_ATTR, decision
+    from ouro_lab.sweep.schema import DesignSpec, ParamSpec, SweepConfig
+
+    sweep = SweepConfig(params={"model.loops": ParamSpec(choices=STOP_TS)}, design=DesignSpec(epsilon=0.01, flops=1e9))
+    sweep.sampler.name = "adaptive"
+    study = optuna.create_study(direction="maximize")
+    dists = {"model.loops": optuna.distributions.CategoricalDistribution(STOP_TS),
+             SEED_PARAM: optuna.distributions.CategoricalDistribution([0, 1, 2])}
+    for i, (p, curves) in enumerate(STOP_OBS.items()):
+        study.add_trial(optuna.trial.create_trial(
+            params={"model.loops": p.loops, SEED_PARAM: p.seed}, distributions=dists, value=curves["all"],
+            user_attrs={"curves": curves, TRAIN_FLOPS_ATTR: 1e8 * p.loops}))  # 2.6e9 in all
+        if i == 3:  # 0.8e9 after four runs: under the budget, the design goes on
+            assert decision(sweep, study.get_trials()).point is not None
+    stopped = decision(sweep, study.get_trials())
+    assert stopped.point is None and stopped.reason == "FLOPs budget spent (2.6e+09 of design.flops 1e+09)"
+    assert set(stopped.answers) == {"all"}  # the answer so far still stands beside it
+
+
+def test_the_design_pruner_is_refused_outside_the_adaptive_design_and_rankers_inside_it(tmp_path):
+    from ouro_lab.config import ConfigError
+    from ouro_lab.sweep.schema import load_sweep
+
+    path, _ = _design_sweep(tmp_path)
+    text = path.read_text()
+    path.write_text(text + "pruner: {name: median}\n")
+    with pytest.raises(ConfigError, match="pruner: the adaptive design takes pruner.name none or design"):
+        load_sweep(path)
+    path.write_text(text + "pruner: {name: design, margin: 0.5}\n")
+    with pytest.raises(ConfigError, match="pruner.margin: must be a number >= 1"):
+        load_sweep(path)
+    path.write_text(text + "pruner: {name: design, margin: 1.5}\n")
+    sweep = load_sweep(path)[0]
+    assert sweep.pruner == {"name": "design", "margin": 1.5}
+    from ouro_lab.sweep.design import DesignPruner
+    from ouro_lab.sweep.study import make_pruner
+
+    assert isinstance(make_pruner(sweep), DesignPruner) and make_pruner(sweep).margin == 1.5
+    path.write_text(text.replace("sampler: {name: adaptive", "sampler: {name: grid").replace(
+        "design: {epsilon: 0.02, max_seeds: 2}\n", "") + "pruner: {name: design}\n")
+    with pytest.raises(ConfigError, match="pruner.name: design stops runs of the adaptive design"):
+        load_sweep(path)
+
+
+# val/acc_final (all positions) of the looped model on `state` L=12, seeds 0-2 at T = 1..8
+# (benchmarks/adaptive_vs_grid.py loops-L12): the seed noise is 0.04-0.1 below saturation and
+# 0.0005 at the ceiling
+L12 = {1: (0.5422, 0.576, 0.6171), 2: (0.7208, 0.5257, 0.7057), 3: (0.8971, 0.8359, 0.8297),
+       4: (0.9554, 0.9341, 0.9421), 6: (1.0, 0.9998, 0.9991), 8: (0.9998, 0.9992, 0.9971)}
+
+
+def test_an_accuracy_is_judged_on_the_logit_scale_where_its_seed_noise_is_even():
+    from ouro_lab.sweep.adaptive import answers_of
+
+    obs = {Point(t, s): {"all": v} for t, vs in L12.items() for s, v in enumerate(vs)}
+    raw = answers_of(obs, list(L12), epsilon=0.01)["all"]
+    logit = answers_of(obs, list(L12), epsilon=0.01, scale="logit")["all"]
+    assert raw.point == logit.point == 6
+    # pooled on the raw scale, the low T's noise makes T=6 vs T=8 look uncertain
+    assert math.isinf(raw.high) and (logit.low, logit.high) == (6, 6)
+
+
+def test_one_seed_at_the_answers_t_or_below_it_is_confirmed_before_the_answer_is_known():
+    obs = {Point(1, 0): {"all": 0.5}, Point(3, 0): {"all": 1.0}, Point(4, 0): {"all": 1.0},
+           Point(3, 1): {"all": 0.9995}, Point(2, 0): {"all": 0.995}}
+    once = decide(obs, [1, 2, 3, 4], epsilon=0.01, confirm=1)
+    assert once.point is None and str(once.answers["all"]).startswith("T=2")
+    twice = decide(obs, [1, 2, 3, 4], epsilon=0.01, confirm=2)
+    assert twice.point in (Point(1, 1), Point(2, 1)) and "the answer's T or the one below, at 1 seed(s)" in twice.reason

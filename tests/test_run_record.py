@@ -45,6 +45,9 @@ def test_builders_and_parsers_agree():
     assert rr.model_metrics({"n_params": 10, "rope": "half"}) == {rr.N_PARAMS: 10}
     assert rr.study_metrics({"COMPLETE": 2}, "val/acc_final", 0.9) == {"study/n_complete": 2,
                                                                         "study/best_val_acc_final": 0.9}
+    stopped = rr.trial_ending(optuna.TrialPruned(rr.pruned_message(500, "val/acc_final", 0.61, "it cannot matter")))
+    assert stopped[0] == "KILLED" and rr.pruned_step(stopped[1]) == 500 and "it cannot matter" in stopped[1][rr.PRUNED]
+    assert rr.pruned_step(rr.trial_ending(None)[1]) is None
 
 
 def _unit(run_id: str, loops: int, kind_tag: str | None, **tags) -> RunRecord:

@@ -14,7 +14,7 @@ import pandas as pd
 from ouro_lab import metric_names as names
 from ouro_lab.analysis.frontier import frontier_summary, frontier_table, gate_table, plot_frontier, plot_oracle
 from ouro_lab.analysis.law import law_table, plot_law
-from ouro_lab.analysis.design import DesignView, design_view, is_adaptive
+from ouro_lab.analysis.design import DesignView, design_view, is_adaptive, test_time_view
 from ouro_lab.analysis.load import attach_report
 from ouro_lab.analysis.tidy import ALL, MAX_GROUP_VALUES, StudyData, difficulty_order
 from ouro_lab.analysis.optuna_view import optuna_study, param_importances, plot_optuna
@@ -240,16 +240,34 @@ def _design_section(view: DesignView) -> list[str]:
     stop = ("'s answer is in the sweep's summary (the objective is no {split}/{kind}_final metric, whose curves "
             "this report rebuilds)" if d is None else f" stopped: {d.reason}" if d.point is None
             else f" did not finish: its next point would be {d.reason}")
-    grid_runs = int(points[["seeds trained", "seeds skipped"]].sum().sum())
-    return ["## Adaptive design", "",
-            f"The study trained {int(points['seeds trained'].sum())} of the grid's {grid_runs} runs and spent "
-            f"{view.spent_flops:.3g} training FLOPs, {share:.0%} of the full grid's {view.grid_flops:.3g} (every T "
-            "at max_seeds seeds; a skipped T's cost is read off the trained T's, linear in T). The design"
-            f"{stop}.", "",
-            "The answer per curve (T* of the seed means, its interval from the design's parametric bootstrap, "
-            "and the law's loops to within epsilon), recomputed from the runs with the sweep's own rule:", "",
-            _markdown_table(view.answers, ".2f"), "", "Points trained and skipped:", "",
-            _markdown_table(points, ".3g"), ""]
+    grid_runs = int(points[["seeds trained", "seeds stopped", "seeds skipped"]].sum().sum())
+    stopped = int(points["seeds stopped"].sum())
+    out = ["## Adaptive design", "",
+           f"The study trained {int(points['seeds trained'].sum())} of the grid's {grid_runs} runs"
+           + (f" and stopped {stopped} early (their results could not change the answer)" if stopped else "")
+           + f", and spent {view.spent_flops:.3g} training FLOPs, {share:.0%} of the full grid's "
+           f"{view.grid_flops:.3g} (every T at max_seeds seeds; a skipped T's cost is read off the trained T's, "
+           f"linear in T). The design{stop}.", "",
+           "The answer per curve (T* of the seed means, its interval from the design's parametric bootstrap, "
+           "and the law's loops to within epsilon), recomputed from the runs with the sweep's own rule:", "",
+           _markdown_table(view.answers, ".2f"), "", "Points trained, stopped and skipped:", "",
+           _markdown_table(points, ".3g"), ""]
+    if stopped:
+        out += ["Runs stopped by the design's pruner (never counted as finished):", "",
+                _markdown_table(view.stopped, "g"), ""]
+    return out
+
+
+def _test_time_section(data: StudyData) -> list[str]:
+    """The random-depth run beside the trained T's: what each question costs."""
+    table, one, trained = test_time_view(data)
+    low, high = data.test_time_runs["trained_loops"].min(), data.test_time_runs["trained_loops"].max()
+    return ["## One run for the test-time question", "",
+            f"One looped model trained with a depth drawn per batch from the loop count's choices (up to T={high}) "
+            f"and evaluated at every step t ({data.split} {data.kind}, all positions) answers \"how far can a model "
+            f"loop at test time\" for {one:.3g} training FLOPs, {one / trained:.0%} of the {trained:.3g} the runs at "
+            "fixed T spent. Those answer another question, \"which depth to train\": beside it, their seed mean "
+            "at T = t.", "", _markdown_table(table, ".3f"), ""]
 
 
 def _terminal_table(table: pd.DataFrame, sat: pd.DataFrame, kind: str, split: str, level: float) -> str:
@@ -319,6 +337,8 @@ def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, li
         out += ["![saturating law](law.png)", ""] if "law.png" in figures else []
     if is_adaptive(data):
         out += _design_section(design_view(data))
+    if not data.test_time_runs.empty:
+        out += _test_time_section(data)
     extra = extrapolation_table(data, kind, split)
     out += ["## Metric vs evaluation loop step t", "",
             "Each looped model evaluated at every step up to its trained T and beyond (extrapolation).", ""]

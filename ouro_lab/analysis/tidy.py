@@ -77,6 +77,10 @@ class StudyData:
     source: str = "train"
     # `ouro-lab bench` runs: one row per checkpoint x task x loop step (0 = under its exit rule)
     bench: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # the study's random-depth run (sweep test_time_run), kept apart from the unit runs: its row
+    # (as in `runs`) and its metrics at every eval step t (as in `steps`)
+    test_time_runs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    test_time_steps: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def kind(self) -> str:
@@ -134,7 +138,8 @@ def study_data(name: str, tracking_uri: str, experiment_id: str, runs: list[RunR
     with_seeds = {r.parent for r in runs if r.role == rr.SEED_RUN}
     evals = [r for r in runs if "model.arch" in r.params and r.role == rr.EVAL_RUN]
     units = [r for r in runs if "model.arch" in r.params and r.run_id not in with_seeds
-             and r.role != rr.EVAL_RUN]  # (`ouro-lab eval` runs re-score a unit run)
+             and r.role not in (rr.EVAL_RUN, rr.TEST_TIME_RUN)]  # (`ouro-lab eval` runs re-score a unit run)
+    test_time = [r for r in runs if r.role == rr.TEST_TIME_RUN and r.state == rr.COMPLETE]
     if source == "eval" or (source == "auto" and not units and evals):
         source, units = "eval", latest_evals(evals)
     else:
@@ -165,6 +170,7 @@ def study_data(name: str, tracking_uri: str, experiment_id: str, runs: list[RunR
         run_frame["train_flops"] = math.nan
     kept = set(run_frame["run_id"])
     steps, exits, frontier, gate = tidy_metrics([r for r in done if r.run_id in kept], run_frame)
+    test_time_runs = runs_frame(test_time, {}, [])[0] if test_time else pd.DataFrame()
     objective = sweep.get("objective") or {}
     task = run_frame["task"].iloc[0]
     return StudyData(
@@ -173,7 +179,8 @@ def study_data(name: str, tracking_uri: str, experiment_id: str, runs: list[RunR
         steps=steps, exits=exits, frontier=frontier, gate=gate, trials=trials_frame(runs, sweep), group_keys=group_keys,
         averaged_keys=averaged, counts=counts, difficulty_name=_difficulty_name(task),
         objective_metric=objective.get("metric", "val/acc_final"), direction=objective.get("direction", "maximize"),
-        skip=skip_frame(evals, names), source=source, bench=bench_frame(runs, names))
+        skip=skip_frame(evals, names), source=source, bench=bench_frame(runs, names), test_time_runs=test_time_runs,
+        test_time_steps=tidy_metrics(test_time, test_time_runs)[0] if test_time else pd.DataFrame())
 
 
 def latest_evals(evals: list[RunRecord]) -> list[RunRecord]:
@@ -405,10 +412,14 @@ def trials_frame(runs: list[RunRecord], sweep: Mapping[str, Any]) -> pd.DataFram
     for r in runs:
         if r.role != rr.TRIAL_RUN:
             continue
+        stopped = rr.pruned_step(r.tags)
         rows.append({"number": int(r.tags[rr.TRIAL]), "state": r.state,
                      "value": r.metrics.get(metric, math.nan) if metric else math.nan,
                      "std": r.metrics.get(rr.seed_std(metric), math.nan),
+                     "stopped_at": math.nan if stopped is None else stopped,
+                     "max_steps": typed_value(r.params.get("train.max_steps", "nan")), "pruned": r.tags.get(rr.PRUNED, ""),
                      **{k: rr.logged_config(r.params).get(k) for k in keys}})
-    return pd.DataFrame(rows, columns=["number", "state", "value", "std", *keys]).sort_values("number").reset_index(drop=True)
+    columns = ["number", "state", "value", "std", "stopped_at", "max_steps", "pruned", *keys]
+    return pd.DataFrame(rows, columns=columns).sort_values("number").reset_index(drop=True)
 
 

@@ -16,11 +16,15 @@ from typing import Any, Collection, Mapping, Sequence
 import optuna
 from optuna.trial import TrialState
 
-from ouro_lab.sweep.adaptive import Decision, Point, decide
+from ouro_lab.metric_names import objective_kind
+from ouro_lab.sweep.adaptive import Decision, Point, can_change, decide, final_bounds
+from ouro_lab.sweep.pruning import PRUNED_BECAUSE
 from ouro_lab.sweep.schema import DesignSpec, SweepConfig
 
 SEED_PARAM = "design.seed"  # the seed index of a design point: train.seed + this
 CURVES_ATTR = "curves"  # a finished trial's objective per curve: {"all": 0.93, "d1": 0.99, ...}
+CURVE_STEPS_ATTR = "curve_steps"  # its curves at every validation: {"250": {"all": 0.61, ...}, ...}
+TRAIN_FLOPS_ATTR = "train_flops"  # the training FLOPs of the steps it trained (a stopped run's, up to its stop)
 
 
 def loop_key(sweep: SweepConfig) -> str:
@@ -38,6 +42,26 @@ def curves(metrics: Mapping[str, float], objective: str) -> dict[str, float]:
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
+class Progress:
+    """A design trial as it trains (`pruning.PruningCallback`'s `progress`): its curves at every
+    validation so far, and the training FLOPs of the steps it trained (the module's per-token
+    training FLOPs x batch x sequence length x steps: the runs frame's count)."""
+
+    def __init__(self, objective: str):
+        self.objective, self.history = objective, {}
+
+    def __call__(self, trainer, module, step: int) -> dict[str, Any]:
+        self.history[str(step)] = curves({k: float(v) for k, v in trainer.callback_metrics.items()}, self.objective)
+        flops = module.train_flops_per_token() * module.cfg.data.batch_size * module.task.seq_len * step
+        return {CURVE_STEPS_ATTR: dict(self.history), TRAIN_FLOPS_ATTR: float(flops)}
+
+
+def spent_flops(trials: Sequence[optuna.trial.FrozenTrial]) -> float:
+    """The training FLOPs the design's finished and stopped trials spent."""
+    return sum(float(t.user_attrs.get(TRAIN_FLOPS_ATTR, 0.0)) for t in trials
+               if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+
+
 def point_of(t: optuna.trial.FrozenTrial, key: str) -> Point | None:
     """A trial's point: its params, or a queued retry's fixed params."""
     params = t.params or t.system_attrs.get("fixed_params") or {}
@@ -46,12 +70,21 @@ def point_of(t: optuna.trial.FrozenTrial, key: str) -> Point | None:
     return Point(int(params[key]), int(params[SEED_PARAM]))
 
 
-def decide_with(spec: DesignSpec, candidates: Sequence[int], direction: str, seed: int,
+def scale_of(spec: DesignSpec, metric: str) -> str:
+    """Where the design models the seed noise: `design.scale`, whose 'auto' is the logit scale
+    for an accuracy objective (`adaptive.SCALES`) and the metric's own scale otherwise."""
+    if spec.scale != "auto":
+        return spec.scale
+    return "logit" if objective_kind(metric) == "acc" else "raw"
+
+
+def decide_with(spec: DesignSpec, candidates: Sequence[int], metric: str, direction: str, seed: int,
                 observations: Mapping[Point, Mapping[str, float]], pending: Collection[Point] = (),
                 failed: Collection[Point] = ()) -> Decision:
-    """`adaptive.decide` with a sweep's `design:` settings (the sweep and its report both ask it)."""
+    """`adaptive.decide` with a sweep's `design:` settings and objective (the sweep and its report both ask it)."""
     return decide(observations, candidates, epsilon=spec.epsilon, direction=direction, tolerance=spec.tolerance,
-                  level=spec.level, max_seeds=spec.max_seeds, seed=seed, pending=pending, failed=failed)
+                  level=spec.level, max_seeds=spec.max_seeds, seed=seed, pending=pending, failed=failed,
+                  scale=scale_of(spec, metric), confirm=spec.confirm)
 
 
 def _inputs(sweep: SweepConfig, trials: Sequence[optuna.trial.FrozenTrial],
@@ -78,9 +111,19 @@ def _inputs(sweep: SweepConfig, trials: Sequence[optuna.trial.FrozenTrial],
 
 
 def decision(sweep: SweepConfig, trials: Sequence[optuna.trial.FrozenTrial], exclude: int | None = None) -> Decision:
-    """The design's decision from a study's trials (see `_inputs`)."""
-    return decide_with(sweep.design, sweep.params[loop_key(sweep)].choices, sweep.objective.direction,
-                       sweep.sampler.seed, *_inputs(sweep, trials, exclude))
+    """The design's decision from a study's trials (see `_inputs`); it stops once the trials'
+    training FLOPs reach `design.flops` (when set)."""
+    d = decide_with(sweep.design, sweep.params[loop_key(sweep)].choices, sweep.objective.metric,
+                    sweep.objective.direction, sweep.sampler.seed, *_inputs(sweep, trials, exclude))
+    return _within_flops(sweep.design, d, trials)
+
+
+def _within_flops(spec: DesignSpec, d: Decision, trials: Sequence[optuna.trial.FrozenTrial]) -> Decision:
+    spent = spent_flops(trials)
+    if d.point is None or not spec.flops or spent < spec.flops:
+        return d
+    return Decision(None, f"FLOPs budget spent ({spent:.3g} of design.flops {spec.flops:.3g})", d.answers,
+                    spent=d.spent)
 
 
 class DesignSampler(optuna.samplers.BaseSampler):
@@ -99,9 +142,9 @@ class DesignSampler(optuna.samplers.BaseSampler):
         key = (sorted((p, sorted(v.items())) for p, v in observations.items()), sorted(pending), sorted(failed))
         if self._last is None or self._last[0] != key:
             self._last = (key, decide_with(self.sweep.design, self.sweep.params[self.key].choices,
-                                           self.sweep.objective.direction, self.sweep.sampler.seed,
-                                           observations, pending, failed))
-        return self._last[1]
+                                           self.sweep.objective.metric, self.sweep.objective.direction,
+                                           self.sweep.sampler.seed, observations, pending, failed))
+        return _within_flops(self.sweep.design, self._last[1], trials)
 
     def decision_for(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Decision:
         """The decision this trial was started with (made once per trial)."""
@@ -138,3 +181,39 @@ def record(d: Decision) -> dict[str, Any]:
 def answer_line(d: Decision) -> str:
     """'all T=4 [T=3, T=5]; d1 T=2 [T=2, T=2]': the answer so far, one line."""
     return "; ".join(f"{c} {a}" for c, a in d.answers.items()) or "none yet"
+
+
+class DesignPruner(optuna.pruners.BasePruner):
+    """pruner.name: design (adaptive sweeps only): stops a run whose result cannot change the
+    answer (`adaptive.can_change`), its final value bounded by the learning curves of the
+    finished runs at its T and the neighbouring ones (`adaptive.final_bounds`, widened by
+    `margin`). A stopped trial is PRUNED: never an observation, never asked again."""
+
+    def __init__(self, sweep: SweepConfig, margin: float = 1.0):
+        self.sweep, self.key, self.margin = sweep, loop_key(sweep), float(margin)
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        steps = trial.user_attrs.get(CURVE_STEPS_ATTR) or {}
+        point = point_of(trial, self.key)
+        if not steps or point is None:
+            return False
+        step = max(steps, key=int)
+        trials = study.get_trials(deepcopy=False)
+        finished = [(p.loops, t.user_attrs[CURVE_STEPS_ATTR]) for t in trials
+                    if t.state == TrialState.COMPLETE and t.user_attrs.get(CURVE_STEPS_ATTR)
+                    and (p := point_of(t, self.key)) is not None]
+        bounds = final_bounds(steps[step], int(step), finished, point.loops, self.sweep.params[self.key].choices,
+                              self.margin)
+        if bounds is None:
+            return False
+        observations, _, _ = _inputs(self.sweep, trials, trial.number)
+        spec = self.sweep.design
+        if can_change(observations, point, *bounds, self.sweep.params[self.key].choices, epsilon=spec.epsilon,
+                      direction=self.sweep.objective.direction, level=spec.level, seed=self.sweep.sampler.seed,
+                      scale=scale_of(spec, self.sweep.objective.metric)):
+            return False
+        low, high = bounds
+        why = ("its final value (" + ", ".join(f"{c} in [{low[c]:.3f}, {high[c]:.3f}]" for c in sorted(low))
+               + ") cannot change the answer")
+        study._storage.set_trial_user_attr(trial._trial_id, PRUNED_BECAUSE, why)
+        return True

@@ -37,13 +37,19 @@ def describe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> s
         lines.append(f"adaptive design over {key} {list(spec.choices)}, up to {d.max_seeds} seed(s) per T (at most "
                      f"{total} runs): starts with {start}, then trains the point that most narrows the saturation "
                      f"answer (epsilon {d.epsilon:g}) per unit cost, until every T* interval ({d.level:.0%}) is at "
-                     f"most {d.tolerance:g} wide")
+                     f"most {d.tolerance:g} step(s) of the choices wide"
+                     + ("; the design's pruner stops a run whose result cannot change the answer"
+                        if sweep.pruner.get("name") == "design" else ""))
     else:
         lines.append(f"{sweep.sampler.name} sampler (seed {sweep.sampler.seed}) over:")
         for key, spec in sweep.params.items():
             space = (f"choices {list(spec.choices)}" if spec.choices is not None else
                      f"[{spec.low}, {spec.high}]" + (" log" if spec.log else "") + (f" step {spec.step}" if spec.step else ""))
             lines.append(f"  {key}: {space}")
+    if sweep.test_time_run:
+        choices = sweep.params["model.loops"].choices
+        lines.append(f"then one test-time run: looped, T={max(choices)}, each batch at a depth drawn from "
+                     f"[{min(choices)}, {max(choices)}], evaluated at every t")
     journal = Path(sweep.study_dir or Path("studies") / sweep.name) / "optuna.journal"
     where = sweep.storage or journal
     lines.append(f"study: {where} ({'exists: a run resumes it' if sweep.storage or journal.exists() else 'new'})")

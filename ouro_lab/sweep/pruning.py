@@ -4,9 +4,15 @@ gives up on (also under DDP)."""
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import lightning as L
 import optuna
+
+from ouro_lab.run_record import pruned_message
+
+
+PRUNED_BECAUSE = "pruned_because"  # a trial's user attribute: why a pruner that says why stopped it
 
 
 class PruningCallback(L.Callback):
@@ -23,8 +29,12 @@ class PruningCallback(L.Callback):
 
     PRUNED, REPORTED = "ouro:ddp_pruned", "ouro:ddp_reported"
 
-    def __init__(self, trial: optuna.Trial, metric: str, offset: int = 0):
-        self.trial, self.metric, self.offset = trial, metric, offset
+    def __init__(self, trial: optuna.Trial, metric: str, offset: int = 0,
+                 progress: Callable[[L.Trainer, L.LightningModule, int], dict[str, Any]] | None = None):
+        """`progress` (adaptive sweeps, `design.Progress`): the user attributes that record the
+        run so far (its curves at every validation, the FLOPs it trained), set before the pruner
+        is asked: the design's pruner and budget read them."""
+        self.trial, self.metric, self.offset, self.progress = trial, metric, offset, progress
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
@@ -33,6 +43,9 @@ class PruningCallback(L.Callback):
         step = self.offset + module.step_offset + trainer.global_step  # (step_offset: Stage I's steps, in Stage II)
         if not math.isfinite(value):
             return  # NaN weights fail the trial in training_step (checked at log steps and the last), with its reason
+        if self.progress is not None and trainer.is_global_zero:
+            for key, recorded in self.progress(trainer, module, step).items():
+                self.trial.set_user_attr(key, recorded)
         if trainer.world_size == 1:
             self.trial.report(value, step)
             if self.trial.should_prune():
@@ -64,4 +77,5 @@ class PruningCallback(L.Callback):
             raise optuna.TrialPruned(attrs[self.PRUNED])
 
     def _message(self, step: int, value: float) -> str:
-        return f"pruned at step {step} with {self.metric}={value:.4f}"
+        why = self.trial.study._storage.get_trial(self.trial._trial_id).user_attrs.get(PRUNED_BECAUSE)
+        return pruned_message(step, self.metric, value, why)

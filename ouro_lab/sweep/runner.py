@@ -28,7 +28,7 @@ from ouro_lab.sweep.budget import budget, budget_used
 from ouro_lab.sweep.recovery import has_heartbeat, recover_interrupted
 from ouro_lab.sweep.schema import load_sweep
 from ouro_lab.sweep.study import Study, open_study, this_process
-from ouro_lab.sweep.trial import COORDINATOR_GONE, CTRL_C, Discarded, run_trial, stop_if_orphaned
+from ouro_lab.sweep.trial import COORDINATOR_GONE, CTRL_C, Discarded, run_trial, stop_if_orphaned, train_test_time_run
 
 
 @dataclass
@@ -88,6 +88,8 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ver
                 # RDB: a trial left RUNNING by a dead process elsewhere is failed once its heartbeat
                 # lapses; wait for that rather than end the study short
                 work(s, total, start, sweep.name, verbose, wait=has_heartbeat(s.study))
+            if sweep.test_time_run:  # (after the trials: a rerun of a finished study adds it alone)
+                train_test_time_run(s, verbose)
         except (KeyboardInterrupt, SystemExit):
             s.parent.end(status="KILLED")
             print(f"\n[sweep {sweep.name}] interrupted; finished trials are saved. Rerun the same command to resume.",

@@ -42,13 +42,14 @@ if TYPE_CHECKING:
 
 STORAGE_SCHEMES = ("postgresql", "mysql", "sqlite:///")  # SQLAlchemy URLs Optuna's RDBStorage takes
 SAMPLERS = ("grid", "tpe", "random", "cmaes", "adaptive")
-PRUNERS = ("none", "median", "hyperband", "successive_halving")
+PRUNERS = ("none", "median", "hyperband", "successive_halving", "design")
 DIRECTIONS = ("maximize", "minimize")
 PRUNER_SETTINGS = {
     "none": set(),
     "median": {"n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"},
     "hyperband": {"min_resource", "max_resource", "reduction_factor"},
     "successive_halving": {"min_resource", "reduction_factor", "min_early_stopping_rate"},
+    "design": {"margin"},  # sampler adaptive only: stops a run that cannot change the answer (design.DesignPruner)
 }
 
 
@@ -73,6 +74,9 @@ class DesignSpec:
     tolerance: float = 1.0  # stop once every T* interval is at most this wide (in T)
     level: float = 0.9  # the T* interval's coverage (central bootstrap interval)
     max_seeds: int = 3  # runs per T at most (seeds train.seed + 0 .. max_seeds - 1)
+    flops: float = 0.0  # compute budget: stop once the runs trained this many training FLOPs (0 = none)
+    scale: str = "auto"  # where the seed noise is modelled: raw | logit | auto (logit for an accuracy objective)
+    confirm: int = 2  # seeds at each answer's T and the one below it before the answer is called known
 
 
 @dataclass
@@ -99,6 +103,9 @@ class SweepConfig:
     trials: int = 0  # trial budget; 0 = the grid's size (grid), every T x max_seeds (adaptive)
     timeout: Optional[float] = None  # stop starting new trials after this many seconds
     seeds: int = 1  # training runs per sampled configuration, train.seed + 0 .. seeds-1
+    # one more run after the trials: the looped model trained at a depth drawn uniformly from
+    # the loop count's choices per batch, evaluated at every t (a sweep over model.loops alone)
+    test_time_run: bool = False
     retries: int = 1  # re-run a trial interrupted by a kill / Ctrl-C this many times
     storage: Optional[str] = None  # Optuna storage URL; None = journal file in {study_dir}
     heartbeat_interval: int = 60  # RDB storage: seconds between a running trial's heartbeats
@@ -107,9 +114,9 @@ class SweepConfig:
     tracking_uri: Optional[str] = None  # MLflow; None = the base config's (or the embedded default)
 
 
-SWEEP_KEYS = ("name", "trials", "timeout", "seeds", "retries", "storage", "heartbeat_interval", "grace_period", "study_dir",
+SWEEP_KEYS = ("name", "trials", "timeout", "seeds", "test_time_run", "retries", "storage", "heartbeat_interval", "grace_period", "study_dir",
               "tracking_uri", "sampler.name", "sampler.seed", "objective.metric", "objective.direction",
-              "design.epsilon", "design.tolerance", "design.level", "design.max_seeds")
+              "design.epsilon", "design.tolerance", "design.level", "design.max_seeds", "design.flops", "design.scale", "design.confirm")
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepConfig, Path]:
@@ -206,8 +213,15 @@ def validate_sweep(sweep: SweepConfig, base: Path | None, path: Path) -> None:
         problems.append(f"trials: must be >= 0, got {sweep.trials}")
     elif sweep.trials == 0 and sweep.sampler.name not in ("grid", "adaptive"):
         problems.append("trials: set a trial budget (0 means 'the whole grid', only for sampler.name=grid or adaptive)")
+    if sweep.test_time_run and (list(sweep.params) != ["model.loops"] or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in sweep.params["model.loops"].choices or [])):
+        problems.append(f"test_time_run: needs a sweep over model.loops alone, with int choices (the random-depth run "
+                        f"draws its depth from them); params are {', '.join(sweep.params) or 'none'}")
     if sweep.sampler.name == "adaptive":
         problems += _check_design(sweep)
+    elif sweep.pruner.get("name") == "design":
+        problems.append(f"pruner.name: design stops runs of the adaptive design (sampler.name: adaptive), not of "
+                        f"sampler {sweep.sampler.name!r}")
     elif sweep.design != DesignSpec():
         problems.append(f"design: set, but it is read by sampler.name=adaptive only (sampler.name is "
                         f"{sweep.sampler.name!r})")
@@ -229,14 +243,24 @@ def _check_design(sweep: SweepConfig) -> list[str]:
             or len(set(specs[0][1].choices)) != len(specs[0][1].choices):
         problems.append(f"params.{specs[0][0]}: the adaptive design needs distinct int choices >= 1 (the T's it "
                         f"may train); got {specs[0][1].choices}")
-    if sweep.pruner.get("name", "none") != "none":
-        problems.append("pruner: the adaptive design runs without a pruner for now (a pruned point is not trained "
-                        "again, and the answer needs its result); set pruner: {name: none}")
+    if sweep.pruner.get("name", "none") not in ("none", "design"):
+        problems.append(f"pruner: the adaptive design takes pruner.name none or design (which stops a run only when "
+                        f"its result cannot change the answer), not {sweep.pruner['name']!r}: a pruner that ranks "
+                        "runs would cut the points the answer rests on")
+    margin = sweep.pruner.get("margin", 1.0)
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin < 1:
+        problems.append(f"pruner.margin: must be a number >= 1 (it widens the learning-curve bounds), got {margin!r}")
     if sweep.seeds != 1:
         problems.append(f"seeds: the adaptive design picks seeds itself (up to design.max_seeds); set seeds: 1, "
                         f"got {sweep.seeds}")
     if d.epsilon <= 0:
         problems.append(f"design.epsilon: must be > 0, got {d.epsilon}")
+    if not 1 <= d.confirm <= d.max_seeds:
+        problems.append(f"design.confirm: must be between 1 and design.max_seeds ({d.max_seeds}), got {d.confirm}")
+    if d.scale not in ("auto", "raw", "logit"):
+        problems.append(f"design.scale: {d.scale!r} is not one of: auto, raw, logit")
+    if d.flops < 0:
+        problems.append(f"design.flops: must be >= 0 (0: no FLOPs budget), got {d.flops}")
     if d.tolerance < 0:
         problems.append(f"design.tolerance: must be >= 0, got {d.tolerance}")
     if not 0 < d.level < 1:

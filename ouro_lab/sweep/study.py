@@ -25,7 +25,7 @@ from ouro_lab import run_record as rr
 from ouro_lab.run_record import STUDY_HASH_LATER, drop_later_defaults
 from ouro_lab.sweep.budget import counts_toward_budget, retried_trials
 from ouro_lab.sweep.repair import repair_journal
-from ouro_lab.sweep.design import DesignSampler
+from ouro_lab.sweep.design import DesignPruner, DesignSampler
 from ouro_lab.sweep.schema import SweepConfig, grid_values
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -125,6 +125,8 @@ def make_sampler(sweep: SweepConfig, n_existing: int = 0, salt: int = 0) -> optu
 def make_pruner(sweep: SweepConfig) -> optuna.pruners.BasePruner:
     settings = dict(sweep.pruner)
     name = settings.pop("name", "none")
+    if name == "design":
+        return DesignPruner(sweep, **settings)
     return {
         "none": optuna.pruners.NopPruner,
         "median": optuna.pruners.MedianPruner,
@@ -268,12 +270,17 @@ def definition_hash(sweep: SweepConfig, base_cfg: ExperimentConfig) -> str:
     resolved experiment config (budget, timeout and retries may change between resumes)."""
     d = OmegaConf.to_container(OmegaConf.structured(sweep))
     for key in ("trials", "timeout", "retries", "storage", "heartbeat_interval", "grace_period", "study_dir",
-                "tracking_uri", "pruner"):
+                "tracking_uri", "pruner", "test_time_run"):  # (test_time_run: a run beside the trials, added any time)
         d.pop(key)
     if not d["bundles"]:
         d.pop("bundles")  # (studies made before bundles existed keep their hash)
     if sweep.sampler.name != "adaptive":
         d.pop("design")  # (the design's settings matter to its own sampler only; older studies keep their hash)
+    else:
+        d["design"].pop("flops")  # (a budget, like trials and timeout: it may change between resumes)
+        for key, default in (("scale", "auto"), ("confirm", 2)):
+            if d["design"][key] == default:
+                d["design"].pop(key)  # (studies made before the setting keep their hash)
     d["base_config"] = to_dict(base_cfg)
     d["base_config"].pop("tracking")
     drop_later_defaults(d["base_config"], STUDY_HASH_LATER)  # at their defaults, left out: studies made before resume

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import statistics
+import sys
 import threading
 import time
 from typing import Any
@@ -136,6 +137,36 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = 
     return statistics.fmean(values)
 
 
+def train_test_time_run(s: Study, verbose: bool) -> str | None:
+    """The study's one random-depth run (sweep `test_time_run`): the looped model at the largest
+    loop count of the choices, each batch at a depth drawn uniformly from the smallest to the
+    largest, evaluated at every t; under the study run, role `test_time`. Trained once: a
+    rerun finds it finished. Returns its run id (None: it failed, and says why)."""
+    choices = s.sweep.params["model.loops"].choices
+    for run in s.experiment.find_runs(rr.role_filter(rr.TEST_TIME_RUN)):
+        if rr.state(run.info.status, run.data.tags) == rr.COMPLETE:
+            return run.info.run_id
+    low, high = min(choices), max(choices)
+    overrides = [*s.sweep.overrides, "model.arch=looped", f"model.loops={high}", "train.loops_sampling=uniform",
+                 f"train.loops_min={low}", f"train.loops_max={high}", f"tracking.uri={s.tracking_uri}",
+                 f"tracking.experiment={s.sweep.name}", "train.progress_bar=false"]
+    cfg = load_config(s.base, overrides)
+    cfg.tracking.run_name = f"test-time: random depth T~U[{low},{high}]"
+    if verbose:
+        print(f"[sweep {s.sweep.name}] the test-time run: {cfg.tracking.run_name}, evaluated at t=1..{cfg.eval_loops}",
+              flush=True)
+    try:
+        with _trial_run(s, cfg.tracking.run_name, rr.sweep_tags(s.sweep.name, rr.TEST_TIME_RUN), s.parent.id) as run:
+            progress = [TrialProgress(f"[sweep {s.sweep.name}] test-time run", cfg.tracking.run_name,
+                                      s.sweep.objective.metric, cfg.total_steps)] if verbose else []
+            train(cfg, run=run, callbacks=[StopWhenOrphaned(), *progress], verbose=False)
+    except Exception as err:  # (the trials are saved; the summary and report go on without it)
+        print(f"[sweep {s.sweep.name}] the test-time run failed ({type(err).__name__}: {err}); its run is marked "
+              "FAILED with the traceback. Rerun the same command to train it again.", file=sys.stderr, flush=True)
+        return None
+    return run.id
+
+
 def _design_point(s: Study, trial: optuna.Trial) -> int:
     """The adaptive design's point for this trial (its loop count is then suggested as usual):
     the seed index; the decision is logged on the study run. Raises `Discarded` when the design
@@ -194,7 +225,10 @@ def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int,
             print(f"[sweep {s.sweep.name}] trial {trial.number} started: {label}", flush=True)
         progress = [TrialProgress(f"[sweep {s.sweep.name}] trial {trial.number}", label, metric, cfg.total_steps)] \
             if verbose else []
-        result = train(cfg, run=run, callbacks=[PruningCallback(trial, metric, offset), StopWhenOrphaned(), *progress],
+        # (an adaptive design's runs record their learning curves and FLOPs: its pruner and budget read them)
+        pruning = PruningCallback(trial, metric, offset,
+                                  design.Progress(metric) if s.sweep.sampler.name == "adaptive" else None)
+        result = train(cfg, run=run, callbacks=[pruning, StopWhenOrphaned(), *progress],
                        verbose=False)
         if index == 0 and result.checkpoint:
             trial.set_user_attr("checkpoint", result.checkpoint)  # (the first seed's; every run has its own tag)
