@@ -151,7 +151,7 @@ def test_an_adaptive_sweep_trains_each_point_once_logs_why_and_resumes(tmp_path)
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "studies" / "ad" / "optuna.journal"))))
     for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):  # learning curves, for the design's pruner
         assert sorted(t.user_attrs[CURVE_STEPS_ATTR], key=int) == ["10", "20"]
-        assert t.user_attrs[CURVE_STEPS_ATTR]["20"] == t.user_attrs["curves"]
+        assert t.user_attrs[CURVE_STEPS_ATTR]["20"] == t.user_attrs["curves"] and t.user_attrs["last_step"] == 20
         per_token = client.get_run(t.user_attrs["mlflow_run_id"]).data.metrics["model/train_flops_per_token"]
         assert t.user_attrs["train_flops"] == pytest.approx(per_token * 64 * 8 * 20)  # batch 64 x length 8 x 20 steps
     test_time = client.search_runs([summary.experiment_id], "tags.`ouro.role` = 'test_time'")
@@ -285,7 +285,11 @@ def test_the_design_pruner_stops_through_optunas_interface_and_says_why():
         trial.report(value, step)
         return trial
 
+    finished = running(1, 2, 0.58)
+    finished.set_user_attr("last_step", 500)  # its last validation: whole, never stopped
+    assert not finished.should_prune()
     hopeless = running(1, 2, 0.58)
+    hopeless.set_user_attr("last_step", 1000)
     assert hopeless.should_prune()
     assert "cannot change the answer" in study._storage.get_trial(hopeless._trial_id).user_attrs[PRUNED_BECAUSE]
     deciding = running(3, 0, 0.975)  # may end at 0.975-0.995: within epsilon of the best or not

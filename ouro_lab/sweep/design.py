@@ -25,6 +25,7 @@ SEED_PARAM = "design.seed"  # the seed index of a design point: train.seed + thi
 CURVES_ATTR = "curves"  # a finished trial's objective per curve: {"all": 0.93, "d1": 0.99, ...}
 CURVE_STEPS_ATTR = "curve_steps"  # its curves at every validation: {"250": {"all": 0.61, ...}, ...}
 TRAIN_FLOPS_ATTR = "train_flops"  # the training FLOPs of the steps it trained (a stopped run's, up to its stop)
+LAST_STEP_ATTR = "last_step"  # the step its training ends at: a run there is finished, not stopped
 
 
 def loop_key(sweep: SweepConfig) -> str:
@@ -53,7 +54,8 @@ class Progress:
     def __call__(self, trainer, module, step: int) -> dict[str, Any]:
         self.history[str(step)] = curves({k: float(v) for k, v in trainer.callback_metrics.items()}, self.objective)
         flops = module.train_flops_per_token() * module.cfg.data.batch_size * module.task.seq_len * step
-        return {CURVE_STEPS_ATTR: dict(self.history), TRAIN_FLOPS_ATTR: float(flops)}
+        return {CURVE_STEPS_ATTR: dict(self.history), TRAIN_FLOPS_ATTR: float(flops),
+                LAST_STEP_ATTR: int(module.step_offset + trainer.max_steps)}
 
 
 def spent_flops(trials: Sequence[optuna.trial.FrozenTrial]) -> float:
@@ -198,6 +200,8 @@ class DesignPruner(optuna.pruners.BasePruner):
         if not steps or point is None:
             return False
         step = max(steps, key=int)
+        if int(step) >= trial.user_attrs.get(LAST_STEP_ATTR, math.inf):
+            return False  # (its last validation: the run is whole, stopping it would only throw its result away)
         trials = study.get_trials(deepcopy=False)
         finished = [(p.loops, t.user_attrs[CURVE_STEPS_ATTR]) for t in trials
                     if t.state == TrialState.COMPLETE and t.user_attrs.get(CURVE_STEPS_ATTR)
