@@ -345,6 +345,22 @@ def test_the_design_pruner_is_refused_outside_the_adaptive_design_and_rankers_in
         load_sweep(path)
 
 
+
+def test_a_test_time_run_needs_the_loop_counts_as_choices(tmp_path):
+    """A range of T (random sampler) gives the random-depth run nothing to draw its depth from."""
+    from ouro_lab.config import ConfigError
+    from ouro_lab.sweep.schema import load_sweep
+
+    path, _ = _design_sweep(tmp_path)
+    text = path.read_text().replace("design: {epsilon: 0.02, max_seeds: 2}\n", "test_time_run: true\ntrials: 4\n")
+    path.write_text(text.replace("sampler: {name: adaptive", "sampler: {name: random").replace(
+        "model.loops: {choices: [1, 2, 3, 4]}", "model.loops: {low: 1, high: 4}"))
+    with pytest.raises(ConfigError, match="test_time_run: needs a sweep over model.loops alone, with distinct int"):
+        load_sweep(path)
+    path.write_text(text.replace("sampler: {name: adaptive", "sampler: {name: grid"))
+    assert load_sweep(path)[0].test_time_run
+
+
 # val/acc_final (all positions) of the looped model on `state` L=12, seeds 0-2 at T = 1..8
 # (benchmarks/adaptive_vs_grid.py loops-L12): the seed noise is 0.04-0.1 below saturation and
 # 0.0005 at the ceiling

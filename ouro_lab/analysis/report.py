@@ -261,7 +261,7 @@ def _design_section(view: DesignView) -> list[str]:
 def _test_time_section(data: StudyData) -> list[str]:
     """The random-depth run beside the trained T's: what each question costs."""
     table, one, trained = test_time_view(data)
-    low, high = data.test_time_runs["trained_loops"].min(), data.test_time_runs["trained_loops"].max()
+    high = data.test_time_runs["trained_loops"].max()
     return ["## One run for the test-time question", "",
             f"One looped model trained with a depth drawn per batch from the loop count's choices (up to T={high}) "
             f"and evaluated at every step t ({data.split} {data.kind}, all positions) answers \"how far can a model "

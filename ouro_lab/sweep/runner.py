@@ -306,7 +306,7 @@ def summarize(s: Study, seconds: float, storage_desc: str) -> SweepSummary:
                      "checkpoint": t.user_attrs.get("checkpoint")})
     answer = ""
     if s.sweep.sampler.name == "adaptive":
-        decided = design.decision(s.sweep, trials)
+        decided = s.study.sampler.decision(trials)  # (the trial loop's last check made it: kept by its inputs)
         used = budget_used(trials, s.sweep.retries) >= budget(s.sweep)
         why = (f"stopped: {decided.reason}" if decided.point is None else
                f"{'budget of ' + str(budget(s.sweep)) + ' trials used' if used else 'stopped early (timeout or Ctrl-C)'}"

@@ -213,10 +213,9 @@ def validate_sweep(sweep: SweepConfig, base: Path | None, path: Path) -> None:
         problems.append(f"trials: must be >= 0, got {sweep.trials}")
     elif sweep.trials == 0 and sweep.sampler.name not in ("grid", "adaptive"):
         problems.append("trials: set a trial budget (0 means 'the whole grid', only for sampler.name=grid or adaptive)")
-    if sweep.test_time_run and (list(sweep.params) != ["model.loops"] or not all(
-            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in sweep.params["model.loops"].choices or [])):
-        problems.append(f"test_time_run: needs a sweep over model.loops alone, with int choices (the random-depth run "
-                        f"draws its depth from them); params are {', '.join(sweep.params) or 'none'}")
+    if sweep.test_time_run and (list(sweep.params) != ["model.loops"] or not _loop_choices(sweep.params["model.loops"])):
+        problems.append(f"test_time_run: needs a sweep over model.loops alone, with distinct int choices (the "
+                        f"random-depth run draws its depth from them); params are {', '.join(sweep.params) or 'none'}")
     if sweep.sampler.name == "adaptive":
         problems += _check_design(sweep)
     elif sweep.pruner.get("name") == "design":
@@ -231,6 +230,13 @@ def validate_sweep(sweep: SweepConfig, base: Path | None, path: Path) -> None:
         raise ConfigError(f"invalid sweep {path}:\n  " + "\n  ".join(problems))
 
 
+def _loop_choices(spec: ParamSpec) -> bool:
+    """A loop count's param: distinct int choices >= 1 (the T's the design or the test-time run draws from)."""
+    choices = spec.choices or []
+    return bool(choices) and len(set(choices)) == len(choices) and all(
+        isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in choices)
+
+
 def _check_design(sweep: SweepConfig) -> list[str]:
     """The adaptive design runs over one loop-count param's int choices and picks seeds itself."""
     d, problems = sweep.design, []
@@ -238,9 +244,7 @@ def _check_design(sweep: SweepConfig) -> list[str]:
     if len(sweep.params) != 1 or len(specs) != 1:
         problems.append(f"params: the adaptive design takes one param, the loop count (e.g. model.loops: "
                         f"{{choices: [1, 2, 4, 8]}}); got {', '.join(sweep.params) or 'none'}")
-    elif not specs[0][1].choices or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
-                                            for c in specs[0][1].choices) \
-            or len(set(specs[0][1].choices)) != len(specs[0][1].choices):
+    elif not _loop_choices(specs[0][1]):
         problems.append(f"params.{specs[0][0]}: the adaptive design needs distinct int choices >= 1 (the T's it "
                         f"may train); got {specs[0][1].choices}")
     if sweep.pruner.get("name", "none") not in ("none", "design"):
