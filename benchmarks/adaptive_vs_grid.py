@@ -41,9 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ouro_lab.analysis import load_study  # noqa: E402
-from ouro_lab.analysis.design import design_view  # noqa: E402
-from ouro_lab.analysis.stats import final_values  # noqa: E402
-from ouro_lab.metric_names import objective_kind  # noqa: E402
+from ouro_lab.analysis.design import design_view, observations  # noqa: E402
 from ouro_lab.sweep.adaptive import Point  # noqa: E402
 from ouro_lab.sweep.design import decide_with  # noqa: E402
 from ouro_lab.sweep.schema import DesignSpec  # noqa: E402
@@ -85,15 +83,6 @@ def run_sweep(path: Path, walls: dict, out: Path, extra: tuple[str, ...] = (), n
     subprocess.run([sys.executable, "-m", "ouro_lab.cli", "sweep", str(path), *extra], check=True, cwd=ROOT)
     walls[name] = time.perf_counter() - start
     (out / "walls.json").write_text(json.dumps(walls, indent=1))
-
-
-def observations(data, base_seed: int) -> dict[Point, dict[str, float]]:
-    split, _ = data.objective_metric.split("/", 1)
-    obs: dict[Point, dict[str, float]] = {}
-    for row in final_values(data, objective_kind(data.objective_metric), split).itertuples():
-        if math.isfinite(row.value):
-            obs.setdefault(Point(int(row.loops), int(row.seed) - base_seed), {})[row.difficulty] = row.value
-    return obs
 
 
 def replay(spec: DesignSpec, candidates, metric, direction, grid_obs):

@@ -35,23 +35,27 @@ def is_adaptive(data: StudyData) -> bool:
     return (data.sweep.get("sampler") or {}).get("name") == "adaptive"
 
 
+def observations(data: StudyData, base_seed: int) -> dict[Point, dict[str, float]]:
+    """A study's design observations from its finished runs: the objective ({split}/{kind}_final)
+    at each run's trained T, per curve ('all', 'd1', ...), keyed by (T, seed - `base_seed`)."""
+    split = data.objective_metric.split("/", 1)[0]
+    out: dict[Point, dict[str, float]] = {}
+    for row in final_values(data, objective_kind(data.objective_metric), split).itertuples():
+        if math.isfinite(row.value):
+            out.setdefault(Point(int(row.loops), int(row.seed) - base_seed), {})[row.difficulty] = row.value
+    return out
+
+
 def design_view(data: StudyData) -> DesignView:
     """The design of an adaptive study, from its finished runs (objective's kind and split)."""
     spec = DesignSpec(**(data.sweep.get("design") or {}))
     key, param = next(iter(data.sweep["params"].items()))
     candidates = [int(c) for c in param["choices"]]
-    split, name = data.objective_metric.split("/", 1)
-    observations: dict[Point, dict[str, float]] = {}
     decision = None
-    if re.fullmatch(r"[a-z]+_final", name):  # the curves the sweep decided on: the objective at T, per level
-        finals = final_values(data, objective_kind(data.objective_metric), split)
-        base_seed = int(data.runs["seed"].min())  # (the start always trains seed index 0)
-        for row in finals.itertuples():
-            if math.isfinite(row.value):
-                observations.setdefault(Point(int(row.loops), int(row.seed) - base_seed), {})[row.difficulty] = row.value
+    if re.fullmatch(r"[a-z]+_final", data.objective_metric.split("/", 1)[1]):  # the curves the sweep decided on
         decision = decide_with(spec, candidates, data.objective_metric, data.direction,
                                int((data.sweep.get("sampler") or {}).get("seed", 0)),
-                               observations)
+                               observations(data, int(data.runs["seed"].min())))  # (the start trains seed index 0)
     def law(v: float) -> str:
         return f"{v:.1f}" if math.isfinite(v) else "beyond twice the largest T" if math.isinf(v) else "no fit"
 
