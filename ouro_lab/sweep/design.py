@@ -114,10 +114,9 @@ def _inputs(sweep: SweepConfig, trials: Sequence[optuna.trial.FrozenTrial],
 
 def decision(sweep: SweepConfig, trials: Sequence[optuna.trial.FrozenTrial], exclude: int | None = None) -> Decision:
     """The design's decision from a study's trials (see `_inputs`); it stops once the trials'
-    training FLOPs reach `design.flops` (when set)."""
-    d = decide_with(sweep.design, sweep.params[loop_key(sweep)].choices, sweep.objective.metric,
-                    sweep.objective.direction, sweep.sampler.seed, *_inputs(sweep, trials, exclude))
-    return _within_flops(sweep.design, d, trials)
+    training FLOPs reach `design.flops` (when set). (One decision: `DesignSampler.decision`
+    keeps it for the next ask with the same inputs.)"""
+    return DesignSampler(sweep).decision(trials, exclude)
 
 
 def _within_flops(spec: DesignSpec, d: Decision, trials: Sequence[optuna.trial.FrozenTrial]) -> Decision:
@@ -138,8 +137,9 @@ class DesignSampler(optuna.samplers.BaseSampler):
         self._last: tuple[Any, Decision] | None = None  # (the inputs, the decision made from them)
 
     def decision(self, trials: Sequence[optuna.trial.FrozenTrial], exclude: int | None = None) -> Decision:
-        """`decision`, made once per set of inputs: the trial loop's check before a trial and the
-        trial's own ask see the same trials, and a decision costs seconds of bootstrapping."""
+        """The design's decision (`decide_with`, then the FLOPs budget), made once per set of
+        inputs: the trial loop's check before a trial and the trial's own ask see the same
+        trials, and a decision costs seconds of bootstrapping."""
         observations, pending, failed = _inputs(self.sweep, trials, exclude)
         key = (sorted((p, sorted(v.items())) for p, v in observations.items()), sorted(pending), sorted(failed))
         if self._last is None or self._last[0] != key:
