@@ -3,6 +3,27 @@ import torch
 
 from ouro_lab.config import load_config
 
+# Variants of a real-sweep test whose path another test of the default run already takes: they
+# run under `-m slow`, so the default run fits CI's ~20 minutes on 2 cores (each is 16-45 s).
+# variant -> the default test that covers its path
+SLOW_VARIANTS = {
+    "test_sweep.py::test_a_killed_worker_trial_is_failed_and_retried_by_the_other[postgres]":
+        "test_two_cpu_workers_share_one_study[postgres] (PostgreSQL storage with workers) and the [journal] variant",
+    "test_sweep.py::test_two_cpu_workers_share_one_study[journal]":
+        "test_a_killed_worker_trial_is_failed_and_retried_by_the_other[journal] (two journal workers)",
+    "test_sweep.py::test_killed_sweep_resumes_without_losing_or_repeating_trials[Ctrl-C]":
+        "the [SIGKILL] variant (the harder kill) and test_a_ctrl_c_that_a_finalizer_swallows_still_stops_the_trial",
+    "test_reliability.py::test_a_trial_killed_after_its_run_finished_is_recovered_not_retrained[1]":
+        "the [2] variant (the same recovery with seed runs under the trial run)",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # (before `-m` deselects by marker)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.nodeid.split("/")[-1] in SLOW_VARIANTS:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
