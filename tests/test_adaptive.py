@@ -64,6 +64,24 @@ def test_a_plateau_that_gains_again_is_not_taken_for_saturation():
     assert sum(p.loops for p in observations) < GRID_COST / 2
 
 
+def test_an_accuracy_within_epsilon_of_1_needs_no_larger_t_and_one_below_it_does():
+    """On the logit scale an accuracy is bounded by 1: a T whose accuracy is within epsilon of 1
+    is saturated whatever a larger T would give, so the largest T (8, a third of a grid seed's
+    cost here) is never trained; a plateau below 1 leaves room for a gain, which is looked for."""
+    saturates = {"all": lambda t: min(0.999, 0.5 + 0.17 * t)}  # 0.67 0.84 0.999 ...: T* = 3
+    for seed in (0, 1):
+        decision, observations, asked = run_design(saturates, noise=0.001, seed=seed, scale="logit")
+        assert asked[:3] == start_points(TS, 3, bounded=True) and Point(8, 0) not in asked[:3]
+        assert decision.answers["all"].low <= 3 <= decision.answers["all"].high, str(decision.answers["all"])
+        assert max(p.loops for p in observations) < 8, sorted(observations)
+        # the same curve on the raw scale: no bound, so the start trains the largest T
+        assert Point(8, 0) in run_design(saturates, noise=0.001, seed=seed, scale="raw")[1]
+    plateau = {"all": lambda t: 0.6 if t < 6 else 0.8}
+    decision, observations, _ = run_design(plateau, noise=0.004, scale="logit")
+    answer = decision.answers["all"]
+    assert answer.low <= 6 <= answer.high and {Point(5, 0), Point(6, 0)} <= set(observations), str(answer)
+
+
 def test_the_same_seed_asks_for_the_same_points_and_a_resume_asks_for_the_next_one():
     curves = {"all": lambda t: 0.9 - 0.6 * math.exp(-0.8 * t)}
     _, observations, asked = run_design(curves, noise=0.004, seed=1)
@@ -122,7 +140,8 @@ def test_workers_asking_at_once_get_different_points(tmp_path):
         trial = study.ask()
         points.append((trial.suggest_categorical("model.loops", [1, 2, 3, 4]),
                        trial.suggest_categorical(SEED_PARAM, [0, 1])))
-    assert len(set(points)) == 6 and points[:4] == [(p.loops, p.seed) for p in start_points([1, 2, 3, 4])]
+    # (val/acc_final is an accuracy: bounded by 1, so the start leaves out the largest T)
+    assert len(set(points)) == 6 and points[:3] == [(p.loops, p.seed) for p in start_points([1, 2, 3, 4], 2, True)]
 
 
 def test_an_adaptive_sweep_trains_each_point_once_logs_why_and_resumes(tmp_path):

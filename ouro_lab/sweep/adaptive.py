@@ -13,7 +13,13 @@ parametric bootstrap with common random numbers:
   - a T not trained yet is predicted from its trained neighbours: by the law
     (`saturation.fit_law`, when it fits the trained means: 4+ T's, R² >= 0.9, no turn back),
     else by linear interpolation, plus the spread of a value anywhere between the neighbours
-    (|y_b - y_a| / sqrt(12)); never beyond the largest trained T: the start trains it.
+    (|y_b - y_a| / sqrt(12));
+  - a T above the largest trained one: on the metric's own scale (bits per byte, a loss) it
+    cannot be predicted, so the start trains the largest candidate; an accuracy is bounded by
+    1 (an error rate, minimized, by 0), so there it is drawn uniformly between the largest
+    trained T's draw and that bound (`bound`): a T whose accuracy is within epsilon of 1 needs
+    no larger T to show that it is saturated, and one that is not leaves room for a gain, which
+    the design then trains a larger T to see.
 The uncertainty is the entropy of T*'s bootstrap distribution (over the candidates and "not
 saturated"), summed over curves. The next point is the one whose expected entropy after
 training it (its outcome drawn from its predictive distribution) is lowest per unit of cost
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Collection, Mapping, Sequence
 
 import numpy as np
+from scipy import special
 
 from ouro_lab.saturation import MIN_R2, LawFit, fit_law, law, saturation_points
 
@@ -96,12 +103,22 @@ class Decision:
     spent: float = 0.0  # cost of the points trained so far
 
 
-def start_points(candidates: Sequence[int], max_seeds: int = 2) -> list[Point]:
-    """The coarse start: the smallest, middle and largest T at seed 0, and (`max_seeds` > 1) a
-    second seed at the middle one, so the seed noise is measured from the first decision on."""
+def bound(scale: str, direction: str) -> float | None:
+    """The best value the objective can take, where the design may use it: an objective on the
+    logit scale is a probability, so an accuracy (maximized) cannot pass 1 and an error rate
+    (minimized) cannot pass 0; None on the metric's own scale."""
+    return (1.0 if direction == "maximize" else 0.0) if scale == "logit" else None
+
+
+def start_points(candidates: Sequence[int], max_seeds: int = 2, bounded: bool = False) -> list[Point]:
+    """The coarse start: the smallest, middle and (unless the objective is `bounded`, see
+    `bound`) largest T at seed 0, and (`max_seeds` > 1) a second seed at the middle one, so the
+    seed noise is measured from the first decision on. A bounded objective does not need the
+    largest T trained up front: a larger T is trained only while the bound leaves room for a
+    gain of epsilon (the largest T is 1/3 of a grid seed's cost in [1, 2, 3, 4, 6, 8])."""
     ts = sorted(candidates)
     mid = ts[len(ts) // 2]
-    coarse = list(dict.fromkeys([ts[0], mid, ts[-1]]))
+    coarse = list(dict.fromkeys([ts[0], mid] if bounded else [ts[0], mid, ts[-1]]))
     return [Point(t, 0) for t in coarse] + ([Point(mid, 1)] if max_seeds > 1 else [])
 
 
@@ -124,7 +141,7 @@ def decide(observations: Mapping[Point, Mapping[str, float]], candidates: Sequen
     curves = sorted(values)
     answers = {c: _answer(values[c], fits[c], ts, epsilon, direction, level, n_boot, seed, scale) for c in curves}
     taken = set(observations) | set(pending) | set(failed)
-    start = start_points(ts, max_seeds)
+    start = start_points(ts, max_seeds, bounded=bound(scale, direction) is not None)
     missing = [p for p in start if p not in taken]
     if missing:
         return Decision(missing[0], "start: the coarse T's and a second seed at the middle one", answers, spent=spent)
@@ -302,10 +319,11 @@ def _law(values: Mapping[int, list[float]], direction: str) -> LawFit | None:
 
 
 def _draws(values: Mapping[int, list[float]], ts: Sequence[int], fit: LawFit | None, n_boot: int,
-           rng: np.random.Generator, scale: str = "raw") -> np.ndarray:
+           rng: np.random.Generator, scale: str = "raw", direction: str = "maximize") -> np.ndarray:
     """(n_boot, len(ts)) bootstrap means of every candidate T (see the module's docstring);
     `fit`: the law that predicts the untrained T's, or None (linear interpolation); `scale`:
     the means are drawn on that scale (`SCALES`) and returned on the metric's own."""
+    best = bound(scale, direction)
     to, back = SCALES[scale]
     values = {t: [to(v) for v in vs] for t, vs in values.items()} if scale != "raw" else values
     trained = sorted(values)
@@ -324,8 +342,12 @@ def _draws(values: Mapping[int, list[float]], ts: Sequence[int], fit: LawFit | N
             continue
         lower = [u for u in trained if u < t]
         upper = [u for u in trained if u > t]
-        if not upper:  # (never beyond the largest trained T: the start trains the largest candidate)
-            out[:, j] = drawn[lower[-1]]
+        if not upper:  # (unbounded: never beyond the largest trained T, the start trains the largest candidate)
+            if best is None:
+                out[:, j] = drawn[lower[-1]]
+            else:  # anywhere from the largest trained T's draw up to the bound (z: its own CRN column)
+                last = back(drawn[lower[-1]])
+                out[:, j] = to(last + special.ndtr(z[:, j]) * (best - last))
             continue
         if not lower:
             out[:, j] = drawn[upper[0]]
@@ -341,7 +363,7 @@ def _draws(values: Mapping[int, list[float]], ts: Sequence[int], fit: LawFit | N
 def _distribution(values: Mapping[int, list[float]], ts: Sequence[int], fit: LawFit | None, epsilon: float,
                   direction: str, n_boot: int, rng: np.random.Generator, scale: str = "raw") -> np.ndarray:
     """T* of every bootstrap draw (math.inf: not saturated within the candidates)."""
-    return saturation_points(_draws(values, ts, fit, n_boot, rng, scale), ts, epsilon, direction)
+    return saturation_points(_draws(values, ts, fit, n_boot, rng, scale, direction), ts, epsilon, direction)
 
 
 def _entropy(points: np.ndarray) -> float:
@@ -362,8 +384,12 @@ def _rng(seed: int, *parts: object) -> np.random.Generator:
 def _answer(values: Mapping[int, list[float]], fit: LawFit | None, ts: Sequence[int], epsilon: float, direction: str,
             level: float, n_boot: int, seed: int, scale: str = "raw") -> CurveAnswer:
     trained = sorted(values)
-    means = np.asarray([[float(np.mean(values[t])) for t in trained]])
-    point = float(saturation_points(means, trained, epsilon, direction)[0])
+    means = [float(np.mean(values[t])) for t in trained]
+    best = bound(scale, direction)
+    if best is not None and trained[-1] < max(ts):  # (larger T's untrained: none passes the bound)
+        point = float(saturation_points(np.asarray([means + [best]]), trained + [math.inf], epsilon, direction)[0])
+    else:
+        point = float(saturation_points(np.asarray([means]), trained, epsilon, direction)[0])
     boot = _distribution(values, ts, fit, epsilon, direction, n_boot, _rng(seed, "answer"), scale)
     alpha = (1 - level) / 2
     low, high = np.quantile(boot, [alpha, 1 - alpha], method="inverted_cdf")
@@ -386,7 +412,7 @@ def _expected_entropy(values: Mapping[int, list[float]], fit: LawFit | None, p: 
     j = list(ts).index(p.loops)
     to, back = SCALES[scale]
     s, _ = _noise({t: [to(v) for v in vs] for t, vs in values.items()})
-    centres = to(_draws(values, ts, fit, n_outcomes, rng, scale)[:, j])
+    centres = to(_draws(values, ts, fit, n_outcomes, rng, scale, direction)[:, j])
     outcomes = back(centres + s * rng.standard_normal(n_outcomes))
     total = 0.0
     for y in outcomes:

@@ -6,8 +6,9 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from ouro_lab.sweep.adaptive import start_points
+from ouro_lab.sweep.adaptive import bound, start_points
 from ouro_lab.sweep.budget import budget
+from ouro_lab.sweep.design import scale_of
 from ouro_lab.sweep.schema import SweepConfig, grid_values, load_sweep, override_for
 
 
@@ -33,7 +34,11 @@ def describe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> s
         lines += [f"  {_point_text(sweep, dict(zip(sweep.params, point)))}" for point in points[:total]]
     elif sweep.sampler.name == "adaptive":
         d, (key, spec) = sweep.design, next(iter(sweep.params.items()))
-        start = ", ".join(f"T={p.loops} seed {p.seed}" for p in start_points(spec.choices, d.max_seeds))
+        best = bound(scale_of(d, sweep.objective.metric), sweep.objective.direction)
+        start = ", ".join(f"T={p.loops} seed {p.seed}"
+                          for p in start_points(spec.choices, d.max_seeds, bounded=best is not None))
+        if best is not None:
+            start += f" (a larger T only while the bound of {best:g} leaves room for a gain of epsilon)"
         lines.append(f"adaptive design over {key} {list(spec.choices)}, up to {d.max_seeds} seed(s) per T (at most "
                      f"{total} runs): starts with {start}, then trains the point that most narrows the saturation "
                      f"answer (epsilon {d.epsilon:g}) per unit cost, until every T* interval ({d.level:.0%}) is at "
