@@ -55,7 +55,7 @@ class ModelConfig:
     embed_init_std: float = 0.02  # init std of token/position embeddings when untied (tied: 0.02, the head's)
     positions: str = "rope"  # rope | learned (absolute, learned embeddings)
     loop_state: str = "normed"  # normed: final_norm(h_t) feeds loop t+1 (Ouro) | residual: raw h_t does
-    # loop recipes (README "Loop recipes"): 0/0/none/input is Ouro's whole-stack loop
+    # loop recipes (docs/guides/recipes.md): 0/0/none/input is Ouro's whole-stack loop
     prelude_layers: int = 0  # P distinct blocks run once before the loop (Huginn, Parcae); their output e is the input
     coda_layers: int = 0  # C distinct blocks after the loop; every step's readout goes through them
     injection: str = "none"  # e into every loop step: none (Ouro) | additive (h + e) | concat (Huginn: W[h; e]) | stable (Parcae)
@@ -124,7 +124,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block (fullgraph); the loop over T stays in Python, so T can change
     activation_checkpointing: str = "none"  # none | block | loop: recompute activations per block / per loop step in backward
     ce_chunk_tokens: int = 0  # tokens per chunk of the fused LM head + cross-entropy; 0 = ~256 MiB of fp32 logits
-    # loop count in training (looped models; README "Loop recipes"): evaluation always runs model.loops (+ extra)
+    # loop count in training (looped models; docs/guides/recipes.md): evaluation always runs model.loops (+ extra)
     loops_sampling: str = "fixed"  # fixed (model.loops) | lognormal_poisson (Huginn) | poisson (Parcae) | uniform, one draw per batch
     loops_min: int = 1  # uniform: the range [loops_min, loops_max]
     loops_max: int = 0  # uniform: upper end; other samplers: a cap on the draw (0 = none)
@@ -135,7 +135,7 @@ class TrainConfig:
 class EvalConfig:
     extra_loops: int = 2  # looped models are also evaluated at steps T+1..T+extra (extrapolation)
     test: bool = True  # evaluate on the held-out test split after training (metrics test/...)
-    # early-exit frontier of looped models (README "Early exit"; metrics exit_*, oracle_*, gate_*)
+    # early-exit frontier of looped models (docs/guides/early-exit.md; metrics exit_*, oracle_*, gate_*)
     # Q-exit: gate CDF >= q (1 = full depth); the low end measured: the default state model's knee lies below 0.1
     exit_q: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     exit_confidence: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])  # max softmax prob >= tau (CALM)
@@ -146,9 +146,8 @@ class EvalConfig:
 
 @dataclass
 class InferConfig:
-    # Inference that really skips compute (README "Skip semantics and cached decoding"): read by
-    # `ouro-lab eval` (infer.exit_rule != none adds the skip-semantics evaluation), `ouro-lab
-    # generate` and `ouro-lab decode`; never by training
+    # Inference that really skips compute (docs/guides/evaluate.md): read by `ouro-lab eval` (exit_rule != none
+    # adds the skip-semantics evaluation), `ouro-lab generate` and `ouro-lab decode`; never by training
     exit_rule: str = "none"  # none (full depth) | q (gate CDF >= threshold) | conf (max prob >= threshold) | change (KL(p_t||p_t-1) < threshold)
     exit_threshold: float = 0.5  # q, tau or delta of exit_rule
     cache: str = "full"  # decode-time KV cache: full (one per loop step and layer) | last | first | mean (one per layer)
@@ -164,7 +163,7 @@ class InferConfig:
 
 @dataclass
 class Stage2Config:
-    # Stage II, focused adaptive gate training (DESIGN.md Part 1): only the exit gate trains,
+    # Stage II, focused adaptive gate training (docs/concepts/method.md "Stage II"): only the exit gate trains,
     # every other parameter is frozen at Stage I's values. Either in the same run, after Stage I
     # (steps > 0), or alone from a Stage-I checkpoint (init_from; train.* then schedules Stage II)
     init_from: Optional[str] = None  # a Stage-I checkpoint (.ckpt of `ouro-lab train`, looped); None = Stage I
@@ -180,6 +179,7 @@ class TrackingConfig:
     experiment: str = "ouro-lab"  # MLflow experiment name
     run_name: Optional[str] = None  # None = "{task}-{arch}-N{n_layers}xT{loops}-s{seed}"
     output_dir: str = "outputs"  # checkpoints go to {output_dir}/{experiment}/{run_id}/checkpoints
+    system_metrics: bool = True  # CPU/GPU utilisation and memory while training, MLflow's system/* metrics (every 10 s)
 
 
 @dataclass

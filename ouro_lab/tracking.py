@@ -12,6 +12,7 @@ id); it neither logs the config nor ends the run: the handle does (one owner per
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import subprocess
@@ -74,7 +75,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 @contextmanager
 def store_lock(uri: str):
     """Serialise first contact with a local sqlite store: several processes creating a fresh
-    store at once race on its schema (DESIGN.md Part 3). No-op for other stores."""
+    store at once race on its schema (docs/design.md "MLflow"). No-op for other stores."""
     if not uri.startswith("sqlite:///"):
         yield
         return
@@ -337,12 +338,37 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+@contextmanager
+def system_metrics(run: "Run", on: bool = True):
+    """While the block runs: the machine's CPU, memory, disk, network and (with nvidia-ml-py and
+    an NVIDIA driver) GPU utilisation and memory on `run`, as MLflow's `system/*` metrics, by
+    MLflow's own monitor (every 10 s; $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL sets it).
+    NOTE: the monitor writes from a thread of its own, outside `when_unlocked`: a write that
+    finds a sqlite store locked ends the monitor with a warning, never the run."""
+    if not on:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # (its start/stop lines, every run)
+    monitor = SystemMetricsMonitor(run.id, tracking_uri=run.experiment.tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def runs_url(experiment_id: str, run_id: str | None = None, host: str = "http://127.0.0.1:5000") -> str:
-    """The MLflow UI page of a run (or the runs table). NOTE: the 3.17 UI opens an experiment
-    on its GenAI overview page; the runs table is at #/experiments/<id>/runs."""
-    if run_id:
-        return f"{host}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"{host}/#/experiments/{experiment_id}/runs"
+    """The MLflow UI page of a run (or the runs table), in model-training mode. NOTE: the 3.17
+    UI opens an experiment on its GenAI pages (traces, judges) and ignores the experiment's
+    `mlflow.experimentKind` tag; only the URL's `workflowType=machine_learning` (or the user's
+    global switch) selects the runs table and the training charts."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{host}/#/experiments/{experiment_id}/{page}?{UI_MODE}"
+
+
+UI_MODE = "workflowType=machine_learning"  # the MLflow UI's model-training mode (runs_url)
 
 
 def where_to_look(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:

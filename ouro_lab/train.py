@@ -154,22 +154,23 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDat
     log_setup(run, cfg, summary | module.task.describe())
     logger = _MetricsLogger(experiment_name=cfg.tracking.experiment, tracking_uri=experiment.tracking_uri, run_id=run.id)
     ckpt_dir = Path(cfg.tracking.output_dir) / cfg.tracking.experiment / run.id / "checkpoints"
-    trainer, checkpoint = _fit(cfg, module, datamodule, logger, ckpt_dir, callbacks, verbose, cfg.train.max_steps)
-    if cfg.stage2.steps:  # Stage II in the same run: the gate alone, from Stage I's final weights
-        shutil.copyfile(ckpt_dir / "last.ckpt", ckpt_dir / "stage1.ckpt")
-        if verbose:
-            efficiency = float(trainer.callback_metrics.get("val/gate_efficiency", math.nan))
-            print(f"[ouro-lab] Stage I done (val/gate_efficiency {efficiency:.3f}; checkpoint "
-                  f"{ckpt_dir / 'stage1.ckpt'}); Stage II: {cfg.stage2.steps} steps training the exit gate alone",
-                  flush=True)
-        module.start_stage2()
-        module.step_offset = logger.step_offset = cfg.train.max_steps
-        trainer, checkpoint = _fit(cfg, module, datamodule, logger, ckpt_dir, callbacks, verbose, cfg.stage2.steps)
-    val = _numbers(trainer.callback_metrics, "val/")
-    test: dict[str, float] = {}
-    if cfg.eval.test:
-        trainer.test(module, datamodule=datamodule, verbose=False)
-        test = _numbers(trainer.callback_metrics, "test/")
+    with tracking.system_metrics(run, cfg.tracking.system_metrics):
+        trainer, checkpoint = _fit(cfg, module, datamodule, logger, ckpt_dir, callbacks, verbose, cfg.train.max_steps)
+        if cfg.stage2.steps:  # Stage II in the same run: the gate alone, from Stage I's final weights
+            shutil.copyfile(ckpt_dir / "last.ckpt", ckpt_dir / "stage1.ckpt")
+            if verbose:
+                efficiency = float(trainer.callback_metrics.get("val/gate_efficiency", math.nan))
+                print(f"[ouro-lab] Stage I done (val/gate_efficiency {efficiency:.3f}; checkpoint "
+                      f"{ckpt_dir / 'stage1.ckpt'}); Stage II: {cfg.stage2.steps} steps training the exit gate alone",
+                      flush=True)
+            module.start_stage2()
+            module.step_offset = logger.step_offset = cfg.train.max_steps
+            trainer, checkpoint = _fit(cfg, module, datamodule, logger, ckpt_dir, callbacks, verbose, cfg.stage2.steps)
+        val = _numbers(trainer.callback_metrics, "val/")
+        test: dict[str, float] = {}
+        if cfg.eval.test:
+            trainer.test(module, datamodule=datamodule, verbose=False)
+            test = _numbers(trainer.callback_metrics, "test/")
     last = str(checkpoint) if checkpoint.exists() else None
     if last:  # the step its weights are from, as saved: runs without this tag may name an older checkpoint
         step = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get("ouro_step")

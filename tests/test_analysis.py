@@ -2,6 +2,7 @@
 and the notebook end to end on a tiny real study."""
 
 import math
+import re
 import textwrap
 from pathlib import Path
 
@@ -142,7 +143,12 @@ def test_report_files_table_and_artifacts(tiny_study, tmp_path):
     assert "looped" in report.table and "param_matched" in report.table
     client = MlflowClient(data.tracking_uri)
     logged = {a.path for a in client.list_artifacts(data.parent_run_id, "report")}
-    assert {"report/report.md", "report/vs_loops.png", "report/saturation.csv"} <= logged
+    assert {"report/report.md", "report/report.html", "report/vs_loops.png", "report/saturation.csv"} <= logged
+    # the HTML page stands alone: every figure of report.md embedded, no file it must fetch
+    page = (tmp_path / "report" / "report.html").read_text()
+    shown = re.findall(r"!\[[^]]*\]\(([^)]+\.png)\)", report.markdown)
+    assert shown and page.count('src="data:image/png;base64,') == len(shown)
+    assert not re.search(r'src="(?!data:)', page) and "<table>" in page
 
 
 def test_report_cli(tiny_study, tmp_path, capsys):

@@ -183,7 +183,7 @@ def test_cli_train_prints_where_results_went(tiny_config, tmp_path, tracking_uri
     assert rc == 0
     out = capsys.readouterr().out
     assert f"sqlite:///{tmp_path / 'mlflow.db'}" in out  # the embedded default store in the working dir
-    assert "mlflow ui --backend-store-uri" in out and "#/experiments/" in out
+    assert "mlflow ui --backend-store-uri" in out and "#/experiments/" in out and "?workflowType=machine_learning" in out
     assert "val metrics by loop step" in out
     assert (tmp_path / "mlflow.db").is_file()
 
@@ -339,3 +339,15 @@ def test_stage2_gate_exits_earlier_on_the_easiest_positions(tmp_path):
     stage2 = train(load_config(conf, common + ["train.max_steps=100", "train.val_every=100", "train.warmup_steps=10",
                                                f"stage2.init_from={stage1.checkpoint}"]), verbose=False)
     assert stage2.val["val/exit_expected_step_d1"] < stage2.val["val/exit_expected_step_d4"] - 0.3, stage2.val
+
+
+def test_training_runs_log_system_metrics_unless_switched_off(tiny_config, tracking_uri, monkeypatch):
+    """MLflow's own monitor on the run while it trains (every 0.2 s here; 10 s by default)."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    client = MlflowClient(tracking_uri)
+    on = client.get_run(train(tiny_config("train.max_steps=60"), verbose=False).run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(on), sorted(on)
+    assert 0 <= on["system/cpu_utilization_percentage"] <= 100
+    off = client.get_run(train(tiny_config("train.max_steps=60", "tracking.system_metrics=false"),
+                               verbose=False).run_id).data.metrics
+    assert not [k for k in off if k.startswith("system/")]

@@ -3,11 +3,15 @@ writes), with the summary sentences built only from the tables' numbers."""
 
 from __future__ import annotations
 
+import base64
+import html
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import markdown
 import numpy as np
 import pandas as pd
 
@@ -142,7 +146,8 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     text = _report_markdown(data, sat, table, lines, importances, {f.name for f in files}, kind, split, epsilon, level, n_boot,
                             laws)
     (folder / "report.md").write_text(text)
-    files.insert(0, folder / "report.md")
+    (folder / "report.html").write_text(report_html(text, folder, f"{data.name}: when do extra loops stop helping?"))
+    files[:0] = [folder / "report.md", folder / "report.html"]
     for name, frame in (("curves.csv", curve_table(data, kind, split, level)), ("saturation.csv", sat), ("law.csv", laws),
                         ("steps.csv", data.steps), ("frontier.csv", frontier_table(data, split, data.metric_kind)),
                         *([("skip.csv", data.skip)] if len(data.skip) else []),
@@ -158,9 +163,29 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
                     f"(logged before the fix; listed in {folder / 'report.md'})")
     gates = gate_table(data, split, level)
     if len(gates):
-        printed += f"\n\n{split} early exit (the gate within epsilon of full depth; README \"Early exit\"):\n" \
+        printed += f"\n\n{split} early exit (the gate within epsilon of full depth; docs/guides/early-exit.md):\n" \
             + gates.to_string(index=False, float_format=lambda v: f"{v:.2f}")
     return Report(folder, text, printed, files)
+
+
+def report_html(text: str, folder: Path, title: str) -> str:
+    """The report's markdown as one self-contained HTML page, its figures embedded as data URIs.
+    NOTE: MLflow's artifact viewer renders a markdown image only from an absolute http address,
+    so report.md shows its figures as links there; an HTML artifact renders whole."""
+    body = markdown.markdown(text, extensions=["tables", "fenced_code"])
+
+    def embed(m: re.Match) -> str:
+        path = folder / m.group(1)
+        if not path.is_file():
+            return m.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}"'
+
+    body = re.sub(r'src="([^":/]+\.png)"', embed, body)
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
+             "table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.2em .5em}"
+             "img{max-width:100%}pre,code{background:#f5f5f5}")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
 def write_bench_report(name: str, bench: pd.DataFrame, folder: str | Path) -> Report:

@@ -44,7 +44,7 @@ def claim(s: Study, trial: optuna.Trial, total: int) -> None:
     number (which the storage assigns atomically): a trial runs only if the trials numbered
     before it leave room in the budget, and (grid) none of them already holds its grid point,
     and (retry) none of them already retries the same interrupted trial. NOTE: Optuna's
-    GridSampler may hand one point to two concurrent workers (DESIGN.md Part 3)."""
+    GridSampler may hand one point to two concurrent workers (docs/design.md "Optuna")."""
     trials = s.study.get_trials(deepcopy=False)
     retried = retried_trials(trials)
     live = [t for t in trials if t.number < trial.number and claims_budget(t, s.sweep.retries, retried)]
@@ -57,6 +57,15 @@ def claim(s: Study, trial: optuna.Trial, total: int) -> None:
             raise Discarded(f"grid point already taken by trial {t.number}")
         if retry_of is not None and t.user_attrs.get("retry_of") == retry_of:
             raise Discarded(f"trial {retry_of} is already retried by trial {t.number}")
+
+
+def run_name(number: int, sampled: dict[str, Any], seed: int | None = None) -> str:
+    """A trial's MLflow run name, the swept values first ('loops=4 arch=looped (trial 3)'), so
+    the UI's run column shows them uncut; a key is shortened to its last part unless two share it."""
+    last = [k.rsplit(".", 1)[-1] for k in sampled]
+    keys = [short if last.count(short) == 1 else key for key, short in zip(sampled, last)]
+    values = " ".join(f"{k}={v}" for k, v in zip(keys, sampled.values()))
+    return f"{values}{f' seed {seed}' if seed is not None else ''} (trial {number})".strip()
 
 
 def canonical_hash(cfg: ExperimentConfig) -> str:
@@ -114,15 +123,16 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = 
     cfg = load_config(s.base, overrides)
     cfg.train.seed += seed_index
     label = " ".join(f"{k}={v}" for k, v in sampled.items()) + (f" seed {cfg.train.seed}" if seed_index else "")
+    name = run_name(trial.number, sampled, cfg.train.seed if seed_index else None)
     tags = (rr.sweep_tags(sweep.name, rr.TRIAL_RUN, trial.number) | {rr.OPTUNA_STATE: rr.RUNNING}
             | rr.bundle_tags({k: v for k, v in sampled.items() if k in sweep.bundles}))
     if sweep.seeds == 1:
-        value, run = _train_seed(s, trial, cfg, cfg.train.seed, 0, s.parent.id, tags, label, verbose)
+        value, run = _train_seed(s, trial, cfg, cfg.train.seed, 0, s.parent.id, tags, label, name, verbose)
         if sweep.sampler.name == "adaptive":
             trial.set_user_attr(design.CURVES_ATTR, design.curves(run.fetch().data.metrics, sweep.objective.metric))
         return value
     # several seeds: a trial run holding the mean and spread, with one child run per seed
-    with _trial_run(s, f"trial-{trial.number} {label}", tags | tracking.reproducibility_tags(), s.parent.id) as run:
+    with _trial_run(s, name, tags | tracking.reproducibility_tags(), s.parent.id) as run:
         trial.set_user_attr("mlflow_run_id", run.id)
         run.log_params({k: v for k, v in used_params(cfg).items() if k != "train.seed"})
         results, values = [], []
@@ -130,7 +140,8 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = 
         for i in range(sweep.seeds):
             seed_tags = rr.sweep_tags(sweep.name, rr.SEED_RUN, trial.number)
             value, seed_run = _train_seed(s, trial, cfg, first_seed + i, i, run.id, seed_tags,
-                                          f"{label} seed {first_seed + i}", verbose)
+                                          f"{label} seed {first_seed + i}",
+                                          run_name(trial.number, sampled, first_seed + i), verbose)
             values.append(value)
             results.append(seed_run.fetch().data.metrics)
         run.log_metrics(_seed_aggregate(results, sweep.objective.metric))
@@ -198,10 +209,10 @@ def _design_point(s: Study, trial: optuna.Trial) -> int:
 
 
 def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int, index: int, parent: str,
-                tags: dict[str, str], label: str, verbose: bool) -> tuple[float, tracking.Run]:
+                tags: dict[str, str], label: str, name: str, verbose: bool) -> tuple[float, tracking.Run]:
     """Train one seed (or reuse an identical finished run of this study); return (objective, its run)."""
     cfg.train.seed = seed
-    cfg.tracking.run_name = f"trial-{trial.number} {label}"
+    cfg.tracking.run_name = name
     digest = canonical_hash(cfg)
     tags = tags | {rr.CONFIG_HASH: digest}
     metric = s.sweep.objective.metric
