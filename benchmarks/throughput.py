@@ -49,7 +49,7 @@ PRESETS = {
     "cpu": ("conf/text.yaml", ["model.d_model=128", "model.n_heads=4", "model.n_layers=2", "model.loops=4",
                                "data.text.context=128", "data.batch_size=8"]),
     "state": ("conf/state.yaml", []),
-    # the GPU-sized LM config; the loader is measured apart (README "Tasks": 2e8 tokens/s)
+    # the GPU-sized LM config; the loader is measured apart (docs/concepts/tasks.md: 2e8 tokens/s)
     "lm": ("conf/lm.yaml", ["data.task=random", "data.random.vocab=32768", "data.random.length=1024"]),
     "gpu": (None, ["data.task=random", "data.random.vocab=32768", "data.random.length=1024", "data.batch_size=16",
                    "model.d_model=1024", "model.n_heads=16", "model.n_layers=4", "model.loops=4",

@@ -25,7 +25,8 @@ from ouro_lab.errors import StoreError
 from ouro_lab.models.hf import HFImportError
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `ouro-lab` parser with every subcommand (the docs' CLI reference prints its help)."""
     parser = argparse.ArgumentParser(prog="ouro-lab", description="Looped-LM ablations: train, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train one model from a YAML config (+ key=value overrides)")
@@ -93,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("--runs", choices=("auto", "train", "eval"), default="auto",
                           help="the runs analysed: training runs, or `ouro-lab eval` runs (the latest per checkpoint: "
                                "e.g. an imported checkpoint); default auto = train, else eval when there are only evals")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     # key=value overrides may also follow an option (`eval CKPT --split test infer.exit_rule=q`):
     # argparse ends a nargs="*" positional at the first option and cannot intermix with subcommands
     args, extra = parser.parse_known_args(argv)

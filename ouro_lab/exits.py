@@ -1,4 +1,4 @@
-"""Early-exit rules: at which loop step each token stops (DESIGN.md Part 1 "Inference").
+"""Early-exit rules: at which loop step each token stops (docs/concepts/method.md "Inference").
 
 Plain functions over per-token, per-step tensors; every rule returns exit steps in 1..T
 (T = the trained loop count), and a token no rule fires for exits at T (full depth).

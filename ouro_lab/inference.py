@@ -1,5 +1,5 @@
-"""Inference that really saves compute, on a trained checkpoint (README "Skip semantics and
-cached decoding"); the forward passes are `ouro_lab.models.decoding`.
+"""Inference that really saves compute, on a trained checkpoint (docs/guides/evaluate.md); the
+forward passes are `ouro_lab.models.decoding`.
 
     skip_evaluate   an exit rule in skip semantics vs the same rule in selection semantics
                     vs full depth: accuracy, loss, mean loops, executed FLOPs, wall time

@@ -1,4 +1,4 @@
-"""Metric names, built and parsed here and nowhere else (DESIGN.md's one scheme):
+"""Metric names, one scheme, built and parsed here and nowhere else (docs/design.md "One owner per concern"):
 
     {split}/{kind}_step{t}[_d{k}]   kind loss | acc | bpb at evaluation loop step t (t > T: extrapolation)
     {split}/{kind}_final[_d{k}]     the same at the trained loop count T (step 1 for the baselines)
@@ -109,7 +109,7 @@ ORACLE_METRIC = re.compile(r"^(?P<split>val|test)/oracle_(?P<rule>stable|right)_
 # per-run gate facts: the gate scalars, the oracle's exit-step shares, the gate's E[t] per oracle exit step
 GATE_METRIC = re.compile(r"^(?P<split>val|test)/(?P<name>gate_[a-z_]+|oracle_stable_share_step\d+(?:_d\d+)?|"
                          r"exit_expected_step_at_oracle\d+)$")
-# the scalars a sweep can optimise (README "Early exit")
+# the scalars a sweep can optimise (docs/guides/early-exit.md)
 GATE_SCALARS = ("gate_q_at_eps", "gate_loops_at_eps", "gate_flops_at_eps", "gate_saved_loops", "gate_efficiency")
 
 

@@ -113,7 +113,7 @@ class ExitFrontierMetrics(Metric):
     computed, each token read at its exit step; `ouro_lab.exits`): for every exit rule x
     threshold and both oracles, summed correctness, loss and loop steps used, per difficulty
     level; the answer-stable oracle's exit-step histogram; the gate's expected exit step per
-    oracle exit step. `compute` adds the gate scalars (README "Early exit")."""
+    oracle exit step. `compute` adds the gate scalars (docs/guides/early-exit.md)."""
 
     full_state_update = False
 

@@ -86,7 +86,7 @@ class _LMModule(L.LightningModule):
         self.val_metrics = LoopStepMetrics(self.eval_loops, self.trained_loops, n_levels, self.has_gate, bpb)
         self.test_metrics = LoopStepMetrics(self.eval_loops, self.trained_loops, n_levels, self.has_gate, bpb)
         self.val_frontier = self.test_frontier = None
-        if self.has_gate:  # the early-exit frontier (README "Early exit")
+        if self.has_gate:  # the early-exit frontier (docs/guides/early-exit.md)
             e = cfg.eval
             rules = {"q": e.exit_q, "conf": e.exit_confidence, "change": e.exit_step_change}
             per_loop = self.model.flops_per_loop(self.task.seq_len)
@@ -189,7 +189,7 @@ class _LMModule(L.LightningModule):
         )
 
         # a warmup of more than half the run leaves no room to decay: capped there, so a quick
-        # run (train.max_steps=60) needs no second override (README "Configs")
+        # run (train.max_steps=60) needs no second override (docs/guides/configs.md)
         max_steps, warmup_steps = t.max_steps, min(t.warmup_steps, t.max_steps // 2)
         if self.in_stage2 and self.cfg.stage2.steps:  # Stage II after Stage I: its own warmup and decay
             max_steps, warmup_steps = self.cfg.stage2.steps, min(t.warmup_steps, max(1, self.cfg.stage2.steps // 10))
@@ -259,7 +259,7 @@ class _LMModule(L.LightningModule):
 class LoopedLMModule(_LMModule):
     """Ouro: N shared blocks x T loops, per-step head, exit gate; the Stage-I objective, or
     with `stage2.init_from` Stage II: all weights frozen but the exit gate, which learns from
-    the per-token loss improvements (DESIGN.md Part 1 "Stage II"). The Stage-I checkpoint's
+    the per-token loss improvements (docs/concepts/method.md "Stage II"). The Stage-I checkpoint's
     weights come from `load_stage1` (builders.build_module), or from a Stage II checkpoint."""
 
     def __init__(self, cfg: ExperimentConfig | None = None, *, config: dict | None = None):

@@ -1,4 +1,4 @@
-"""Exit distribution, priors over exit steps and the Stage-I loop objective (DESIGN.md Part 1).
+"""Exit distribution, priors over exit steps and the Stage-I loop objective (docs/concepts/method.md).
 
 Plain functions over tensors; the LightningModules call them.
 """
@@ -24,7 +24,7 @@ def exit_distribution(gate_logits: torch.Tensor) -> torch.Tensor:
     lambda_t = sigmoid(gate_t); S_t = prod_{j<=t} (1 - lambda_j), S_0 = 1;
     p_t = lambda_t * S_{t-1} for t < T, p_T = S_{T-1} (the last step takes the remaining
     mass, lambda_T unused), as in the released Ouro inference code. Sums to 1 exactly.
-    NOTE: fp32 on purpose; in bf16 the CDF can round to 1 early (DESIGN.md).
+    NOTE: fp32 on purpose; in bf16 the CDF can round to 1 early (docs/concepts/method.md "Exit distribution").
     """
     lam = torch.sigmoid(gate_logits.float())
     survival = torch.cumprod(1.0 - lam, dim=-1)  # S_1..S_T
@@ -161,7 +161,7 @@ def _objective(weighted_loss: Callable[[torch.Tensor], torch.Tensor], loops: int
 
 
 def gate_labels(step_losses: torch.Tensor, k: float = 50.0, gamma: float = 0.005) -> torch.Tensor:
-    """Stage II labels (DESIGN.md Part 1 "Stage II"): per-token detached losses (T, B, S) ->
+    """Stage II labels (docs/concepts/method.md "Stage II"): per-token detached losses (T, B, S) ->
     w_t for t = 2..T, (T-1, B, S): improvement I_t = max(0, L_{t-1} - L_t), w_t = sigmoid(k (I_t - gamma));
     w near 1 = the step still helps (continue), near 0 = exit."""
     step_losses = step_losses.detach().float()
@@ -174,8 +174,8 @@ STAGE2_IMPROVEMENT = ("into", "after")
 
 def stage2_gate_loss(gate_logits: torch.Tensor, step_losses: torch.Tensor, mask: torch.Tensor, k: float = 50.0,
                      gamma: float = 0.005, improvement: str = "into") -> tuple[torch.Tensor, torch.Tensor]:
-    """Ouro Stage II, focused adaptive gate training (DESIGN.md): with lambda_t = sigmoid(gate_t),
-    loss_t = -mean_i [w_t log(1 - lambda_t) + (1 - w_t) log lambda_t] over counted tokens i,
+    """Ouro Stage II, focused adaptive gate training (docs/concepts/method.md "Stage II"): with
+    lambda_t = sigmoid(gate_t), loss_t = -mean_i [w_t log(1 - lambda_t) + (1 - w_t) log lambda_t] over counted tokens i,
     total (1/T) sum_t loss_t. gate_logits (B, S, T); step_losses (T, B, S), detached; mask (B, S).
     Returns (loss, labels (T-1, B, S)).
     improvement="into": lambda_t (t = 2..T) learns from the improvement *into* step t,
@@ -260,7 +260,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 None, None)
 
 
-# --- the loop count in training (README "Loop recipes") -----------------------------------
+# --- the loop count in training (docs/guides/recipes.md) ------------------------------------
 LOOP_SAMPLING = ("fixed", "lognormal_poisson", "poisson", "uniform")
 LOGNORMAL_SIGMA = 0.5  # Huginn's sigma (seal-rg/recurrent-pretraining, model_dynamic.randomized_iteration_sampler)
 

@@ -162,7 +162,7 @@ def test_compiled_blocks_match_eager_and_loops_change_without_recompiling():
 
 
 def test_rope_layouts_are_one_function_under_a_permutation_of_qk_rows():
-    """DESIGN.md: rotate_half (i, i + Dh/2) and interleaved (2i, 2i+1) RoPE differ by a
+    """docs/concepts/method.md "RoPE layouts": rotate_half (i, i + Dh/2) and interleaved (2i, 2i+1) RoPE differ by a
     permutation of each head's q/k rows; weights moved across layouts unpermuted are wrong."""
     spec = dict(vocab_size=11, max_seq_len=9, d_model=16, n_heads=2, n_layers=2, loops=2, rope_base=500.0)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Loop recipes (README "Loop recipes"): prelude/coda, input injection, initial state,
+"""Loop recipes (docs/guides/recipes.md): prelude/coda, input injection, initial state,
 random-depth training and truncated backprop, against hand computations."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_ouro_defaults_are_todays_model_bit_for_bit(loop_state):
     idx = tokens()
     with torch.no_grad():
         out = model(idx)
-        h, steps = model.tok_emb(idx), []  # Ouro's loop, by hand (DESIGN.md "Looped model")
+        h, steps = model.tok_emb(idx), []  # Ouro's loop, by hand (docs/concepts/method.md "Loop state")
         for _ in range(3):
             for block in model.blocks:
                 h = block(h)

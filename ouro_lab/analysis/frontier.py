@@ -1,5 +1,5 @@
 """Early exit in a study: the accuracy-compute frontier of every exit rule against fixed depth
-and the oracles, the gate's efficiency, and where tokens stop gaining (README "Early exit").
+and the oracles, the gate's efficiency, and where tokens stop gaining (docs/guides/early-exit.md).
 Reads `StudyData.frontier` / `.gate` (looped runs) and `.steps` (fixed depth)."""
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from ouro_lab.saturation import (M_INF_RANGE, LawBootstrap, LawFit, fit_law, fit
                                  law)  # (re-exported: `analysis.fit_law` ...)
 
 
-# --- on a study (README "Reports"): per trained T over loop steps, per arch over trained T ------
+# --- on a study (docs/guides/report.md): per trained T over loop steps, per arch over trained T ---
 def _seed_curves(frame: pd.DataFrame, x: str) -> dict[int, list[float]]:
     """{x: [value per seed]} with the seeds that have every x (a seed x x pivot, complete rows)."""
     wide = frame.pivot_table(index="seed", columns=x, values="value", aggfunc="mean").dropna()

@@ -1,10 +1,10 @@
-"""`multihop`: k-hop composition over a layered graph (DESIGN.md "Multi-hop").
+"""`multihop`: k-hop composition over a layered graph (docs/concepts/tasks.md "multihop").
 
 Entities sit in `depth + 1` layers of `width` entities; each of `relations` relation types is
 a random permutation from one layer to the next, so a question "the r3 of the r2 of the r1
 of X" has one answer, always `k` layers after X. NOTE: layers are what make the task need
 k hops: with a single set of entities and a random permutation in context, small models only
-learnt "answer the start entity" (right whenever its cycle length divides k; DESIGN.md).
+learnt "answer the start entity" (right whenever its cycle length divides k).
 Here the answer is never in the start entity's layer, so the best shortcut is chance, 1/width.
 
 A sequence is packed with queries `<q> X r1 r2 ... rk`, the label at r_j being the entity j

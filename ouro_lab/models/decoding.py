@@ -1,6 +1,6 @@
 """Skip-semantics forward passes and KV-cached decoding of looped and standard LMs.
 
-Skip semantics (DESIGN.md Part 1 "Inference"; README "Skip semantics and cached decoding"):
+Skip semantics (docs/concepts/method.md "Inference"; docs/guides/evaluate.md):
 a token that exits at loop step e is no longer computed. Its hidden state stays frozen at
 step e, and at every later step t > e the other tokens' attention reads its keys/values as
 computed at step e (at the same layer): the rule the paper decodes with. Selection semantics
@@ -20,7 +20,7 @@ through the stack, the gate and the head are returned so FLOPs are counted from 
 The blocks are training's own (`Block.forward`); only what attention reads differs, given
 as its `kv` (`_Kept`: the chunk alone, its keys/values kept; `_Packed`: running rows + cache).
 
-Cache strategies (DESIGN.md "KV cache"; paper: decode-time reuse of the last step's cache
+Cache strategies (docs/concepts/method.md "KV cache"; paper: decode-time reuse of the last step's cache
 cuts cache memory T-fold at almost no loss, the first step's collapses):
     full    one cache per (loop step, layer); step t reads step t's keys/values
     last    one cache per layer, written by a decoded token from its last executed step
@@ -72,7 +72,7 @@ class ExitRule:
 
 
 class KVCache:
-    """Keys and values of the tokens processed so far, for every layer (DESIGN.md "KV cache").
+    """Keys and values of the tokens processed so far, for every layer (docs/concepts/method.md "KV cache").
 
     Prefilled positions (the prompt) keep one slot per loop step whatever the strategy: prefill
     needs all caches. Decoded positions are written by the strategy: one slot per loop step

@@ -3,7 +3,7 @@
 A folder with `config.json` (Ouro fields: hidden_size, intermediate_size, num_hidden_layers,
 num_attention_heads, num_key_value_heads, total_ut_steps, rope_theta, rms_norm_eps,
 vocab_size, tie_word_embeddings) and `model.safetensors` (ByteDance/Ouro-1.4B and -2.6B;
-`modeling_ouro.py`). The architecture is ours (DESIGN.md "Looped model"): sandwich RMSNorms,
+`modeling_ouro.py`). The architecture is ours (docs/concepts/method.md "Looped model"): sandwich RMSNorms,
 rotate-half RoPE at `rope_theta`, SwiGLU, no biases, the final norm inside the loop and its
 output the next loop's input, a `Linear(d, 1)` exit gate on the normed state. Every tensor is
 mapped by name; what the model cannot represent is refused with the reason.

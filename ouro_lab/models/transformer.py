@@ -3,7 +3,7 @@
 Pure `nn.Module`s: token ids in, per-loop-step logits (and exit-gate logits) out.
 Nothing here knows about losses, optimizers or logging (see STYLE.md).
 
-Block layout follows the released Ouro code (DESIGN.md Part 1 "Looped model"):
+Block layout follows the released Ouro code (docs/concepts/method.md "Block"):
 sandwich RMSNorm around each sub-layer, RoPE, SwiGLU, no biases, MHA.
 """
 
@@ -59,7 +59,7 @@ class ModelSpec:
 class RotaryEmbedding(nn.Module):
     """Precomputed RoPE tables; `forward` rotates (B, H, S, Dh) queries/keys.
 
-    NOTE: two layouts of the same rotation (DESIGN.md "Looped model"): `interleaved` pairs
+    NOTE: two layouts of the same rotation (docs/concepts/method.md "RoPE layouts"): `interleaved` pairs
     dimensions (2i, 2i+1), ouro-lab's default; `rotate_half` pairs (i, i + Dh/2), the released
     Ouro/Llama code (`cat(freqs, freqs)`). They differ by a permutation of each head's q/k
     rows, so weights trained in one layout are wrong in the other.
@@ -301,11 +301,11 @@ class StableInjection(nn.Module):
 class LoopedLM(_DecoderLM):
     """N shared blocks applied T times; an LM head and an exit gate read every step.
 
-    Between loops (DESIGN.md): with loop_state='normed' the normalised h_t is the next
+    Between loops (docs/concepts/method.md "Loop state"): with loop_state='normed' the normalised h_t is the next
     loop's input (Ouro); with 'residual' the raw residual stream goes on and only the
     head and gate read final_norm(h_t). Both equal a standard model when T=1.
 
-    Loop recipes (README "Loop recipes"; all off = Ouro, the same operations as before):
+    Loop recipes (docs/guides/recipes.md; all off = Ouro, the same operations as before):
     - prelude (P blocks) runs once: e = prelude(embed(x)); with the stable injection e is
       RMS-normalised (Parcae's `ln_prelude`);
     - the state before step 1 is e (`input`), zeros, or Huginn's random truncated normal
