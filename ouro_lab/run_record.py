@@ -10,6 +10,7 @@ and its state, built and parsed here and nowhere else (the per-step metric names
              ouro.checkpoint, ouro.checkpoint_step, ouro.stage, ouro.stage1_run_id
              ouro.config_hash, ouro.reused_from, ouro.recovered_from_trial
              ouro.evaluated_run_id, ouro.imported_from           eval and bench runs
+             ouro.best_trial, ouro.best_run_id, ouro.best_checkpoint  a study run's best trial
              optuna.state (COMPLETE | PRUNED | FAIL | RUNNING), error, interrupted, pruned: how it ended
              versions.<package>, git.dirty, mlflow.source.git.commit, mlflow.parentRunId
     params   the config, one name per key (`used_params`); derived.<fact> (model shape, task data);
@@ -21,6 +22,8 @@ and its state, built and parsed here and nowhere else (the per-step metric names
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -41,6 +44,8 @@ CHECKPOINT, CHECKPOINT_STEP = "ouro.checkpoint", "ouro.checkpoint_step"
 STAGE, STAGE1_RUN_ID = "ouro.stage", "ouro.stage1_run_id"
 CONFIG_HASH, REUSED_FROM, RECOVERED_FROM_TRIAL = "ouro.config_hash", "ouro.reused_from", "ouro.recovered_from_trial"
 EVALUATED_RUN_ID, IMPORTED_FROM = "ouro.evaluated_run_id", "ouro.imported_from"
+# on a study run: its best complete trial so far (its run, and its checkpoint: the first seed's)
+BEST_TRIAL, BEST_RUN_ID, BEST_CHECKPOINT = "ouro.best_trial", "ouro.best_run_id", "ouro.best_checkpoint"
 OPTUNA_STATE, ERROR, INTERRUPTED, PRUNED = "optuna.state", "error", "interrupted", "pruned"
 VERSIONS, GIT_DIRTY, GIT_COMMIT = "versions.", "git.dirty", MLFLOW_GIT_COMMIT
 PARENT = MLFLOW_PARENT_RUN_ID  # (MLflow's own: the run a run is nested under)
@@ -88,6 +93,38 @@ def training_tags(cfg: ExperimentConfig, task: Task, stage1_run_id: str | None =
         else {STAGE: "1+2"} if cfg.stage2.steps else {}
     return {TASK: cfg.data.task, ARCH: cfg.model.arch, LOOPS: str(cfg.model.loops), SEED: str(cfg.train.seed),
             **stage, METRIC_KIND_TAG: metric_kind(task)}
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """What a run trained or evaluated on, for MLflow's Dataset column (metadata only: the task
+    generates or reads its data; nothing is stored): a name, a digest of everything that fixes
+    the data, the settings behind the digest, and the context (training | evaluation)."""
+
+    name: str
+    digest: str
+    source: dict[str, str]
+    context: str
+
+
+def datasets(cfg: ExperimentConfig, task: Task) -> list[DatasetRecord]:
+    """The training stream (the task's data section, its facts from `describe()`, such as a
+    corpus's key, and `train.seed`, which draws it) and the evaluation sets (the same with
+    `data.seed` and the split sizes, which fix val and test), each hashed: equal digests, the
+    same data."""
+    section = {f"data.{cfg.data.task}.{k}": v for k, v in flatten(to_dict(cfg)["data"][cfg.data.task]).items()}
+    facts = {f"derived.{k}": v for k, v in task.describe().items()}
+    parts = (("train", "training", {"train.seed": cfg.train.seed}),
+             ("val, test", "evaluation", {"data.seed": cfg.data.seed, "data.n_val": cfg.data.n_val,
+                                          "data.n_test": cfg.data.n_test}))
+    out = []
+    for split, context, seeds in parts:
+        fixed = section | seeds
+        digest = hashlib.sha256(json.dumps(fixed | facts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        out.append(DatasetRecord(f"{cfg.data.task} ({split})", digest,
+                                 {"generator": f"ouro_lab.data ({cfg.data.task})", **{k: str(v) for k, v in fixed.items()}},
+                                 context))
+    return out
 
 
 def checkpoint_tags(path: str, step: int | None) -> dict[str, str]:
@@ -146,6 +183,12 @@ def seed_spread(objective: str, values: list[float]) -> dict[str, float]:
         return {}
     return {seed_std(objective): statistics.stdev(values), f"seeds/{objective}_min": min(values),
             f"seeds/{objective}_max": max(values)}
+
+
+def best_tags(number: int, run_id: str | None, checkpoint: str | None) -> dict[str, str]:
+    """A study run's pointer to its best complete trial: where its run and its weights are."""
+    return {BEST_TRIAL: str(number), **({BEST_RUN_ID: run_id} if run_id else {}),
+            **({BEST_CHECKPOINT: checkpoint} if checkpoint else {})}
 
 
 def study_metrics(counts: Mapping[str, int], objective: str, best: float | None) -> dict[str, float]:

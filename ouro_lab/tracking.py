@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from ouro_lab.errors import ConfigError, StoreError
 from ouro_lab.locations import tracking_uri_problem, writable_dir
-from ouro_lab.run_record import ERROR_ARTIFACT, GIT_COMMIT, GIT_DIRTY, PARENT, VERSIONS, ended_by
+from ouro_lab.run_record import ERROR_ARTIFACT, GIT_COMMIT, GIT_DIRTY, PARENT, VERSIONS, DatasetRecord, ended_by
 
 PACKAGES = ("torch", "lightning", "mlflow", "optuna", "omegaconf", "torchmetrics")
 LOCKED_RETRY_SECONDS = 120.0  # how long a write to a locked sqlite store is retried
@@ -239,6 +239,17 @@ class Run:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             when_unlocked(lambda batch=items[i : i + 100]: self.client.log_batch(self.id, params=batch))
+
+    def log_datasets(self, records: list[DatasetRecord]) -> None:
+        """The run's data in MLflow's Dataset column, each with its context (training, evaluation)."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = [DatasetInput(MetaDataset(CodeDatasetSource(r.source), name=r.name, digest=r.digest)._to_mlflow_entity(),
+                               [InputTag(MLFLOW_DATASET_CONTEXT, r.context)]) for r in records]
+        when_unlocked(lambda: self.client.log_inputs(self.id, datasets=inputs))
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         """Values at one step."""

@@ -26,7 +26,7 @@ from ouro_lab.config import ConfigError, ExperimentConfig
 from ouro_lab.data.datamodule import TaskDataModule
 from ouro_lab.data.lm import CorpusError
 from ouro_lab.locations import writable_dir
-from ouro_lab.run_record import checkpoint_tags, metric_kind, run_name, training_tags
+from ouro_lab.run_record import checkpoint_tags, datasets, metric_kind, run_name, training_tags
 from ouro_lab.views import curve_series, loop_step_figure, plt, run_tables
 
 
@@ -152,6 +152,7 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDat
         print(f"[ouro-lab] {cfg.model.arch}: {summary['n_params']:,} params, depth {summary['effective_depth']}, "
               f"{summary['forward_flops_per_token']:,} forward FLOPs/token", flush=True)
     log_setup(run, cfg, summary | module.task.describe())
+    run.log_datasets(datasets(cfg, module.task))
     logger = _MetricsLogger(experiment_name=cfg.tracking.experiment, tracking_uri=experiment.tracking_uri, run_id=run.id)
     ckpt_dir = Path(cfg.tracking.output_dir) / cfg.tracking.experiment / run.id / "checkpoints"
     with tracking.system_metrics(run, cfg.tracking.system_metrics):

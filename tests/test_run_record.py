@@ -100,3 +100,25 @@ def test_no_other_module_spells_the_run_record():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and record.match(repr(node.value)):
                 found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value!r}")
     assert not found, found
+
+
+def test_the_dataset_records_change_with_the_data_and_only_with_it():
+    from ouro_lab.config import load_config
+    from ouro_lab.data import build_task
+    from ouro_lab.run_record import datasets
+
+    def records(*overrides):
+        cfg = load_config(None, list(overrides))
+        train, evaluation = datasets(cfg, build_task(cfg.data))
+        assert (train.context, evaluation.context) == ("training", "evaluation")
+        return train, evaluation
+
+    train, evaluation = records()
+    assert (train.name, evaluation.name) == ("state (train)", "state (val, test)") and len(train.digest) == 12
+    assert evaluation.source["data.state.length"] == "16" and evaluation.source["data.seed"] == "0"
+    assert records("train.lr=0.01", "model.loops=8") == (train, evaluation)  # training settings: the same data
+    assert all(a.digest != b.digest for a, b in zip(records("data.state.length=12"), (train, evaluation)))
+    other_seed = records("train.seed=1")  # another train stream, the same val and test sets
+    assert other_seed[0].digest != train.digest and other_seed[1] == evaluation
+    assert records("data.seed=1")[1].digest != evaluation.digest
+    assert records("data.task=arith")[0].name == "arith (train)"

@@ -182,6 +182,12 @@ def test_two_trial_sweep_nests_runs_and_completes_trials(tmp_path):
         assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
         assert trial.value == pytest.approx(child.data.metrics["val/acc_final"])
     assert "summary.txt" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # the best trial, its run and its checkpoint are findable from the study run
+    best = study.best_trial
+    assert parent.data.tags["ouro.best_trial"] == str(best.number)
+    assert parent.data.tags["ouro.best_run_id"] == best.user_attrs["mlflow_run_id"]
+    assert parent.data.tags["ouro.best_checkpoint"] == best.user_attrs["checkpoint"]
+    assert Path(parent.data.tags["ouro.best_checkpoint"]).is_file()
     # rerunning the finished study trains nothing more
     again = run_sweep(path, verbose=False)
     assert again.counts == {"COMPLETE": 2} and len(client.search_runs([exp])) == 3

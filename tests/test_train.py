@@ -34,6 +34,9 @@ def test_each_arch_trains_and_logs_to_mlflow(arch, tiny_config, tracking_uri):
     assert params["derived.effective_depth"] == str(depth)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "plots"} <= artifacts
+    # the data it trained and evaluated on, in MLflow's Dataset column
+    inputs = {i.dataset.name: [t.value for t in i.tags] for i in run.inputs.dataset_inputs}
+    assert inputs == {"state (train)": ["training"], "state (val, test)": ["evaluation"]}
     assert [a.path for a in client.list_artifacts(result.run_id, "plots")] == ["plots/loop_steps.png"]
     # per-loop-step validation metrics, logged at every validation, by difficulty
     steps = 4 if arch == "looped" else 1  # looped: T=2 plus eval.extra_loops=2

@@ -323,5 +323,8 @@ def _log_summary(s: Study, summary: SweepSummary) -> None:
     s.parent.log_text(text, rr.SUMMARY_ARTIFACT)
     s.parent.log_metrics(rr.study_metrics(summary.counts, s.sweep.objective.metric,
                                           summary.best[0]["value"] if summary.best else None))
+    if summary.best:  # (the best checkpoint is findable from the study run, in the UI's tags)
+        top = summary.best[0]
+        s.parent.set_tags(rr.best_tags(top["number"], top["run_id"], top["checkpoint"]))
     failed_all = summary.counts and not summary.counts.get("COMPLETE") and not summary.counts.get("PRUNED")
     s.parent.end(status="FAILED" if failed_all else "FINISHED")
