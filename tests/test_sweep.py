@@ -1,6 +1,7 @@
 """Sweeps: schema validation, real tiny studies end to end, pruning, failures, resume."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -258,8 +259,11 @@ def test_sweep_where_every_trial_fails_exits_nonzero(tmp_path, capsys):
     path = write_sweep(tmp_path, "params: {train.lr: {choices: [1.0e6]}}\nsampler: {name: grid}\n", "allfail",
                        extra=("train.grad_clip=0",))
     assert main(["sweep", str(path)]) == 1
-    err = capsys.readouterr().err
-    assert "every trial of study 'allfail' failed" in err
+    printed = capsys.readouterr()
+    assert "every trial of study 'allfail' failed" in printed.err
+    # where to look: MLflow in model-training mode, and the study in Optuna's own UI
+    assert "?workflowType=machine_learning" in printed.out
+    assert re.search(r"optuna-dashboard \S+optuna\.journal", printed.out), printed.out[-1500:]
 
 
 def test_a_ctrl_c_that_a_finalizer_swallows_still_stops_the_trial():

@@ -101,6 +101,8 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ver
         print(summary.table())
         print(f"[sweep {sweep.name}] done in {summary.seconds:.0f} s. study: {storage_desc}")
         print(f"[sweep {sweep.name}] view: {s.experiment.where_to_look()}")
+        print(f"[sweep {sweep.name}] trials in Optuna's own UI: optuna-dashboard {storage_desc}  "
+              "(pip install optuna-dashboard)")
         store = "" if sweep.tracking_uri is None and s.tracking_uri == tracking.resolve_tracking_uri() \
             else f" --store {s.tracking_uri}"
         print(f"[sweep {sweep.name}] analyse: ouro-lab report {sweep.name}{store}")
