@@ -16,7 +16,8 @@ and its state, built and parsed here and nowhere else (the per-step metric names
     params   the config, one name per key (`used_params`); derived.<fact> (model shape, task data);
              eval_split, eval_overrides, bench_files; sweep.<key> on a study run
     metrics  model/<fact> (the numeric derived facts); seeds/<objective>_std|_min|_max on a trial
-             run with several seeds; study/n_<state>, study/best_<objective> on a study run
+             run with several seeds; study/n_<state>, study/best_<objective> on a study run, and
+             study/series/<objective>_vs_loops[/<other swept values>] (step = T) when it sweeps model.loops
 """
 
 from __future__ import annotations
@@ -189,6 +190,27 @@ def best_tags(number: int, run_id: str | None, checkpoint: str | None) -> dict[s
     """A study run's pointer to its best complete trial: where its run and its weights are."""
     return {BEST_TRIAL: str(number), **({BEST_RUN_ID: run_id} if run_id else {}),
             **({BEST_CHECKPOINT: checkpoint} if checkpoint else {})}
+
+
+LOOPS_KEY = "model.loops"  # the swept key a study run's loop series is drawn against
+
+
+def loop_series(objective: str, values: Iterable[tuple[Mapping[str, Any], float]],
+                ignore: Iterable[str] = ()) -> dict[str, list[tuple[int, float]]]:
+    """A study run's objective against the trained loop count: one series per setting of the
+    other swept keys ('study/series/val_acc_final_vs_loops/arch_looped'), step = T, value = the
+    mean of its complete trials. The answer then shows on the study run itself, in the MLflow
+    UI's charts, while its trials sit collapsed under it. `values`: (trial params, objective)."""
+    skip = {LOOPS_KEY, *ignore}
+    groups: dict[str, dict[int, list[float]]] = {}
+    for params, value in values:
+        if LOOPS_KEY not in params:
+            continue
+        rest = re.sub(r"[^\w.-]", "_", "_".join(f"{k.rsplit('.', 1)[-1]}_{v}" for k, v in sorted(params.items())
+                                                 if k not in skip))
+        name = f"study/series/{objective.replace('/', '_')}_vs_loops" + (f"/{rest}" if rest else "")
+        groups.setdefault(name, {}).setdefault(int(params[LOOPS_KEY]), []).append(float(value))
+    return {name: [(t, statistics.fmean(v)) for t, v in sorted(by_t.items())] for name, by_t in groups.items()}
 
 
 def study_metrics(counts: Mapping[str, int], objective: str, best: float | None) -> dict[str, float]:

@@ -122,3 +122,16 @@ def test_the_dataset_records_change_with_the_data_and_only_with_it():
     assert other_seed[0].digest != train.digest and other_seed[1] == evaluation
     assert records("data.seed=1")[1].digest != evaluation.digest
     assert records("data.task=arith")[0].name == "arith (train)"
+
+
+def test_a_study_runs_loop_series_is_the_mean_per_t_for_each_setting_of_the_other_keys():
+    values = [({"model.loops": 2, "model.arch": "looped", "design.seed": 0}, 0.5),
+              ({"model.loops": 2, "model.arch": "looped", "design.seed": 1}, 0.7),
+              ({"model.loops": 1, "model.arch": "looped", "design.seed": 0}, 0.4),
+              ({"model.loops": 1, "model.arch": "depth_matched", "design.seed": 0}, 0.3),
+              ({"train.lr": 0.1}, 0.9)]  # (no loop count: left out)
+    series = rr.loop_series("val/acc_final", values, ignore=("design.seed",))
+    assert series == {"study/series/val_acc_final_vs_loops/arch_looped": [(1, 0.4), (2, pytest.approx(0.6))],
+                      "study/series/val_acc_final_vs_loops/arch_depth_matched": [(1, 0.3)]}
+    assert rr.loop_series("val/bpb_final", [({"model.loops": 4}, 2.5)]) == \
+        {"study/series/val_bpb_final_vs_loops": [(4, 2.5)]}

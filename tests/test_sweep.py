@@ -183,6 +183,10 @@ def test_two_trial_sweep_nests_runs_and_completes_trials(tmp_path):
         assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
         assert trial.value == pytest.approx(child.data.metrics["val/acc_final"])
     assert "summary.txt" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # the objective against T on the study run itself (step = T), the trials' own values
+    series = client.get_metric_history(parent.info.run_id, "study/series/val_acc_final_vs_loops")
+    assert [(m.step, m.value) for m in sorted(series, key=lambda m: m.step)] == \
+        [(int(t.params["model.loops"]), pytest.approx(t.value)) for t in sorted(trials, key=lambda t: t.params["model.loops"])]
     # the best trial, its run and its checkpoint are findable from the study run
     best = study.best_trial
     assert parent.data.tags["ouro.best_trial"] == str(best.number)

@@ -325,6 +325,8 @@ def _log_summary(s: Study, summary: SweepSummary) -> None:
     s.parent.log_text(text, rr.SUMMARY_ARTIFACT)
     s.parent.log_metrics(rr.study_metrics(summary.counts, s.sweep.objective.metric,
                                           summary.best[0]["value"] if summary.best else None))
+    s.parent.log_series(rr.loop_series(s.sweep.objective.metric, [(b["params"], b["value"]) for b in summary.best],
+                                       ignore=(design.SEED_PARAM,)))
     if summary.best:  # (the best checkpoint is findable from the study run, in the UI's tags)
         top = summary.best[0]
         s.parent.set_tags(rr.best_tags(top["number"], top["run_id"], top["checkpoint"]))
