@@ -5,7 +5,7 @@ by headless Chromium, to look at after a change to what runs log.
 
 It starts `mlflow ui` on the store (and `optuna-dashboard` on the journal, when it is
 installed), opens each page the way the links ouro-lab prints do, and writes one PNG per page
-into `--out`: the runs table in model-training mode, the study run, one trial run, the
+into `--out`: the runs table in model-training mode, the study run and its charts, one trial run, the
 study's report.html among the study run's artifacts, and the study in optuna-dashboard.
 Chromium: Debian's `chromium` package (/usr/bin/chromium), or --chromium PATH.
 """
@@ -31,7 +31,8 @@ from ouro_lab.tracking import UI_MODE, runs_url  # noqa: E402
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-                  "--window-size=1500,1000", "--virtual-time-budget=20000"]
+                  "--window-size=1500,1000", "--virtual-time-budget=90000",
+                  "--run-all-compositor-stages-before-draw"]  # (90 s of virtual time: the charts fetch, then draw)
 
 
 def free_port() -> int:
@@ -85,6 +86,8 @@ def main() -> None:
         eid, sid = experiment.experiment_id, study_run.info.run_id
         shot(args.chromium, runs_url(eid, host=host), args.out / "1_runs_table.png", profile)
         shot(args.chromium, runs_url(eid, sid, host=host), args.out / "2_study_run.png", profile)
+        charts = f"{host}/#/experiments/{eid}/runs/{sid}/model-metrics?{UI_MODE}"
+        shot(args.chromium, charts, args.out / "2b_study_run_charts.png", profile)
         shot(args.chromium, runs_url(eid, trial_run.info.run_id, host=host), args.out / "3_trial_run.png", profile)
         artifacts = f"{host}/#/experiments/{eid}/runs/{sid}/artifacts/report/report.html?{UI_MODE}"
         shot(args.chromium, artifacts, args.out / "4_report_html.png", profile)
