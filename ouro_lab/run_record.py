@@ -93,7 +93,7 @@ def training_tags(cfg: ExperimentConfig, task: Task, stage1_run_id: str | None =
     stage = {STAGE: "2", STAGE1_RUN_ID: stage1_run_id or UNKNOWN} if cfg.stage2.init_from \
         else {STAGE: "1+2"} if cfg.stage2.steps else {}
     return {TASK: cfg.data.task, ARCH: cfg.model.arch, LOOPS: str(cfg.model.loops), SEED: str(cfg.train.seed),
-            **stage, METRIC_KIND_TAG: metric_kind(task)}
+            **stage, METRIC_KIND_TAG: metric_kind(task), NOTE: TRAINING_NOTE}
 
 
 @dataclass(frozen=True)
@@ -138,9 +138,20 @@ def evaluation_tags(role: str, checkpoint: str, evaluated_run_id: str | None) ->
     return {ROLE: role, CHECKPOINT: checkpoint, EVALUATED_RUN_ID: evaluated_run_id or UNKNOWN}
 
 
+NOTE = "mlflow.note.content"  # (MLflow's own: the run page's Description)
+# what the x axis of each family of charts means: MLflow labels every x axis "Step"
+TRAINING_NOTE = ("Charts: the x axis is the training step, except the series logged once after training: "
+                 "`*/series/*_vs_loop_step` (x = evaluation loop step t; t > T extrapolates) and "
+                 "`*/series/exit_*_vs_milliloops` (x = 1000 x the mean loop steps a token runs under the exit rule).")
+STUDY_NOTE = ("Charts: `study/series/<objective>_vs_loops[/<other swept values>]` has x = the trained loop count T "
+              "(the mean of the complete trials at each T); its trials are the runs nested under this one. "
+              "The report (`ouro-lab report`) is under Artifacts: report/report.html.")
+
+
 def sweep_tags(study: str, role: str, trial: int | None = None) -> dict[str, str]:
-    """A sweep's study, trial or seed run."""
-    return {STUDY: study, ROLE: role} | ({TRIAL: str(trial)} if trial is not None else {})
+    """A sweep's study, trial or seed run (a study run also gets its charts' description)."""
+    return ({STUDY: study, ROLE: role} | ({TRIAL: str(trial)} if trial is not None else {})
+            | ({NOTE: STUDY_NOTE} if role == STUDY_RUN else {}))
 
 
 def bundle_tags(values: Mapping[str, Any]) -> dict[str, str]:

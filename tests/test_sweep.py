@@ -187,6 +187,8 @@ def test_two_trial_sweep_nests_runs_and_completes_trials(tmp_path):
     series = client.get_metric_history(parent.info.run_id, "study/series/val_acc_final_vs_loops")
     assert [(m.step, m.value) for m in sorted(series, key=lambda m: m.step)] == \
         [(int(t.params["model.loops"]), pytest.approx(t.value)) for t in sorted(trials, key=lambda t: t.params["model.loops"])]
+    assert "x = the trained loop count T" in parent.data.tags["mlflow.note.content"]  # the chart's axis, said
+    assert "x = evaluation loop step t" in children[0].data.tags["mlflow.note.content"]
     # the best trial, its run and its checkpoint are findable from the study run
     best = study.best_trial
     assert parent.data.tags["ouro.best_trial"] == str(best.number)
