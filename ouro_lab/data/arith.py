@@ -1,4 +1,4 @@
-"""`arith`: modular arithmetic expression trees in prefix notation (docs/concepts/tasks.md "arith").
+"""`arith`: modular arithmetic expression trees in prefix notation (docs/concepts/tasks.md "Why these tasks").
 
 `<bos> <len_l> - * a b + c d <ans>` -> the label at `<ans>` is the value mod p. One answer
 token per example (loss on it only); difficulty = number of operations l. Training draws

@@ -1,4 +1,4 @@
-"""`state`: the group word problem (docs/concepts/tasks.md "state").
+"""`state`: the group word problem (docs/concepts/tasks.md "Why these tasks").
 
 Input g_1..g_L, random elements of a finite group; the label at every position i is the
 prefix product g_1 ... g_i. Difficulty = position i, bucketed (quarters by default):
