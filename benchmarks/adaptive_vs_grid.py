@@ -8,6 +8,7 @@ prints one table: T* per curve with its interval from each, the training FLOPs a
 time of each.
 
     python benchmarks/adaptive_vs_grid.py [STUDY ...] [--out runs/adaptive_vs_grid] [--stage grid|adaptive|table]
+        [--page docs/results/adaptive.md]
 
 STUDY: loops-L8, loops-L12 (`sweeps/loops.yaml`, looped arch, one sequence length each),
 multihop (`sweeps/loops_multihop.yaml`, looped arch); default all three. A sweep that already
@@ -27,13 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -44,7 +43,9 @@ from ouro_lab.analysis import load_study  # noqa: E402
 from ouro_lab.analysis.design import design_view, observations  # noqa: E402
 from ouro_lab.sweep.adaptive import Point  # noqa: E402
 from ouro_lab.sweep.design import decide_with  # noqa: E402
+from ouro_lab.run_record import GIT_COMMIT  # noqa: E402
 from ouro_lab.sweep.schema import DesignSpec  # noqa: E402
+from results_page import provenance, rewrite  # noqa: E402
 
 STUDIES = {  # name -> (sweep file, fixed overrides)
     "loops-L8": ("sweeps/loops.yaml", ["model.arch=looped", "data.state.length=8"]),
@@ -111,7 +112,7 @@ VARIANTS = [  # (scale, confirm, tolerance): the default first
     ("logit", 2, 1.0), ("logit", 2, 0.0), ("logit", 2, 2.0), ("logit", 1, 1.0), ("raw", 2, 1.0), ("raw", 1, 1.0)]
 
 
-def table(names: list[str], out: Path, walls: dict) -> str:
+def table(names: list[str], out: Path, walls: dict) -> list[str]:
     store = f"sqlite:///{out / 'mlflow.db'}"
     answers, costs = [], []
     for name in names:
@@ -165,23 +166,26 @@ def table(names: list[str], out: Path, walls: dict) -> str:
             costs.append(f"| {name} | one test-time run (random depth, evaluated at every t) | 1 | "
                          f"{one:.3g} ({one / grid_flops:.2f}) | {walls.get(f'{name}-test-time', math.nan):.0f} "
                          "(the rerun that trains it) | - |")
-    return "\n".join([
+    return [
         "T* per curve (the design's own rule on every grid run, and the adaptive design's answer):", "",
         "| study | curve | grid: T* [interval] | adaptive: T* [interval] | adaptive T* in the grid's interval |",
         "|---|---|---|---|---|", *answers, "",
         "What each costs (curves: how many of the adaptive answers lie in the grid's interval):", "",
         "| study | design | runs | training FLOPs (share of the grid) | wall s | curves |", "|---|---|---|---|---|---|",
-        *costs, "", provenance()])
+        *costs]
 
 
-def provenance() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() \
-        else platform.machine()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return (f"(commit {commit}, {time.strftime('%Y-%m-%d')}, {cpu}, torch {torch.__version__}, CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; seeds train.seed + 0.."
-            "max_seeds-1)")
+def run_commits(out: Path, names: list[str]) -> set[str]:
+    """The commits the studies' runs were trained at (their MLflow git tag)."""
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    found = set()
+    for name in names:
+        for kind in ("grid", "adaptive"):
+            exp = client.get_experiment_by_name(f"{name}-{kind}")
+            if exp is not None:
+                found |= {r.data.tags[GIT_COMMIT] for r in client.search_runs([exp.experiment_id], max_results=5000)
+                          if GIT_COMMIT in r.data.tags}
+    return found
 
 
 def main() -> None:
@@ -190,6 +194,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "adaptive_vs_grid")
     parser.add_argument("--stage", choices=["grid", "adaptive", "table", "all"], default="all",
                         help="grid: the grid and its test-time run; adaptive: the adaptive design; table: print it")
+    parser.add_argument("--page", type=Path, default=None,
+                        help="a results page to write the tables into, between its adaptive_vs_grid.py markers "
+                             "(docs/results/adaptive.md)")
     args = parser.parse_args()
     args.studies = args.studies or list(STUDIES)
     out = args.out.resolve()
@@ -203,7 +210,14 @@ def main() -> None:
         if args.stage in ("grid", "all"):  # the grid study again: it trains the test-time run alone
             run_sweep(files["grid"], walls, out, ("test_time_run=true",), f"{name}-test-time")
     if args.stage in ("table", "all"):
-        print(table(args.studies, out, walls))
+        block = [*table(args.studies, out, walls), "",
+                 *provenance(f"python benchmarks/adaptive_vs_grid.py {' '.join(args.studies)} --out {args.out}",
+                             "train.seed + 0..max_seeds-1 (0, 1, 2 on the loops studies; 0, 1 on multihop)",
+                             run_commits(out, args.studies))]
+        print("\n".join(block))
+        if args.page:
+            rewrite(args.page, "adaptive_vs_grid.py", block)
+            print(f"[bench] wrote the tables into {args.page}", flush=True)
 
 
 if __name__ == "__main__":

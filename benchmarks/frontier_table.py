@@ -14,24 +14,19 @@ trained again.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import re
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ouro_lab import metric_names as names  # noqa: E402
+from ouro_lab import run_record as rr  # noqa: E402
 from ouro_lab.config import load_config  # noqa: E402
+from results_page import provenance, rewrite  # noqa: E402
 
-BEGIN, END = "<!-- frontier_table.py: begin -->", "<!-- frontier_table.py: end -->"
 ROWS = [  # (row label, rule, thresholds shown)
     ("q-exit", "q", [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.9]),
     ("confidence", "conf", [0.5, 0.8, 0.9, 0.95, 0.99]),
@@ -39,8 +34,9 @@ ROWS = [  # (row label, rule, thresholds shown)
 ]
 
 
-def run_seed(seed: int, out: Path) -> dict[str, float]:
-    """The test metrics of `conf/state.yaml` at this seed (trained once; read back after)."""
+def run_seed(seed: int, out: Path) -> tuple[dict[str, float], str]:
+    """The test metrics of `conf/state.yaml` at this seed (trained once; read back after), and
+    the commit it was trained at."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{out / 'mlflow.db'}"
@@ -50,14 +46,16 @@ def run_seed(seed: int, out: Path) -> dict[str, float]:
         done = client.search_runs([experiment.experiment_id], f"tags.`ouro.seed` = '{seed}' and "
                                   "attributes.status = 'FINISHED'")
         if done:
-            return {k: v for k, v in done[0].data.metrics.items() if k.startswith("test/")}
+            return ({k: v for k, v in done[0].data.metrics.items() if k.startswith("test/")},
+                    done[0].data.tags.get(rr.GIT_COMMIT, "not recorded"))
     from ouro_lab.train import train
 
     cfg = load_config(ROOT / "conf" / "state.yaml", [f"train.seed={seed}", f"tracking.uri={uri}",
                                                      "tracking.experiment=frontier", f"tracking.output_dir={out}",
                                                      "train.progress_bar=false"])
     print(f"[frontier] training conf/state.yaml seed {seed}", flush=True)
-    return train(cfg, verbose=False).test
+    result = train(cfg, verbose=False)
+    return result.test, client.get_run(result.run_id).data.tags.get(rr.GIT_COMMIT, "not recorded")
 
 
 def cell(values: list[float], digits: int) -> str:
@@ -86,32 +84,6 @@ def table(runs: list[dict[str, float]]) -> list[str]:
     return lines
 
 
-def provenance(seeds: list[int]) -> list[str]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "not recorded"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()  # (the code; the docs are being written)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() \
-        else platform.machine()
-    return ['!!! info "Provenance"',
-            f"    - command: `python benchmarks/frontier_table.py --seeds {' '.join(map(str, seeds))}`",
-            f"    - commit: {commit}{' (with uncommitted changes)' if dirty else ''}",
-            f"    - date: {datetime.date.today().isoformat()}",
-            f"    - machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"CPU capability {torch.backends.cpu.get_cpu_capability()}",
-            f"    - torch threads: {torch.get_num_threads()}",
-            f"    - seeds: {', '.join(map(str, seeds))} (cells: seed mean (min-max))"]
-
-
-def rewrite(page: Path, block: list[str]) -> None:
-    text = page.read_text()
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{page}: no {BEGIN} ... {END} markers to write the table between")
-    page.write_text(pattern.sub(lambda _: "\n".join([BEGIN, "", *block, "", END]), text))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -119,10 +91,12 @@ def main() -> None:
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "results" / "frontier.md")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = [run_seed(s, args.out.resolve()) for s in args.seeds]
-    block = [*table(runs), "", *provenance(args.seeds)]
+    runs, commits = zip(*(run_seed(s, args.out.resolve()) for s in args.seeds))
+    block = [*table(list(runs)), "",
+             *provenance(f"python benchmarks/frontier_table.py --seeds {' '.join(map(str, args.seeds))}",
+                         f"{', '.join(map(str, args.seeds))} (cells: seed mean (min-max))", set(commits))]
     print("\n".join(block))
-    rewrite(args.page, block)
+    rewrite(args.page, "frontier_table.py", block)
     print(f"[frontier] wrote the table into {args.page}", flush=True)
 
 
