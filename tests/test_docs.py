@@ -91,3 +91,19 @@ def test_nothing_points_at_a_file_outside_the_repository():
         text = path.read_text(errors="replace")
         found += [f"{name}: {o}" for o in outside if o in text]
     assert not found, found
+
+
+def test_a_results_script_rewrites_its_table_with_a_full_provenance_block(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from results_page import provenance, rewrite
+
+    page = tmp_path / "page.md"
+    page.write_text("# R\n\n## T\n\n<!-- t.py: begin -->\nold\n<!-- t.py: end -->\n\nprose after\n")
+    block = ["| a | b |", "|---|---|", "| 1 | 2 |", "", *provenance("python t.py", "0, 1", {"abcdef123456"})]
+    rewrite(page, "t.py", block)
+    text = page.read_text()
+    assert "old" not in text and "| 1 | 2 |" in text and text.endswith("prose after\n")
+    assert "    - commit: abcdef1" in text
+    test_every_measured_table_carries_its_provenance(page)  # every key the check wants
+    with pytest.raises(SystemExit, match="no <!-- other.py: begin -->"):
+        rewrite(page, "other.py", block)
