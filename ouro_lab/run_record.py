@@ -114,7 +114,7 @@ def datasets(cfg: ExperimentConfig, task: Task) -> list[DatasetRecord]:
     `data.seed` and the split sizes, which fix val and test), each hashed: equal digests, the
     same data."""
     section = {f"data.{cfg.data.task}.{k}": v for k, v in flatten(to_dict(cfg)["data"][cfg.data.task]).items()}
-    facts = {f"derived.{k}": v for k, v in task.describe().items()}
+    facts = {f"{DERIVED}{k}": v for k, v in task.describe().items()}
     parts = (("train", "training", {"train.seed": cfg.train.seed}),
              ("val, test", "evaluation", {"data.seed": cfg.data.seed, "data.n_val": cfg.data.n_val,
                                           "data.n_test": cfg.data.n_test}))
