@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from filelock import FileLock
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ouro_lab.errors import ConfigError, StoreError
@@ -249,7 +250,16 @@ class Run:
 
         inputs = [DatasetInput(MetaDataset(CodeDatasetSource(r.source), name=r.name, digest=r.digest)._to_mlflow_entity(),
                                [InputTag(MLFLOW_DATASET_CONTEXT, r.context)]) for r in records]
-        when_unlocked(lambda: self.client.log_inputs(self.id, datasets=inputs))
+        for attempt in range(DATASET_RETRIES):
+            try:
+                when_unlocked(lambda: self.client.log_inputs(self.id, datasets=inputs))
+                return
+            except MlflowException as err:
+                # NOTE: MLflow looks a dataset up, then inserts it: two runs logging the same
+                # one at once (workers on PostgreSQL, seen in CI) race on its unique key, and
+                # the loser's insert fails; a retry finds the row the winner wrote
+                if "unique" not in str(err).lower() or attempt == DATASET_RETRIES - 1:
+                    raise
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         """Values at one step."""
@@ -379,6 +389,7 @@ def runs_url(experiment_id: str, run_id: str | None = None, host: str = "http://
     return f"{host}/#/experiments/{experiment_id}/{page}?{UI_MODE}"
 
 
+DATASET_RETRIES = 3  # log_datasets: tries when a concurrent run inserted the same dataset first
 UI_MODE = "workflowType=machine_learning"  # the MLflow UI's model-training mode (runs_url)
 
 

@@ -135,3 +135,33 @@ def test_a_study_runs_loop_series_is_the_mean_per_t_for_each_setting_of_the_othe
                       "study/series/val_acc_final_vs_loops/arch_depth_matched": [(1, 0.3)]}
     assert rr.loop_series("val/bpb_final", [({"model.loops": 4}, 2.5)]) == \
         {"study/series/val_bpb_final_vs_loops": [(4, 2.5)]}
+
+
+def test_a_dataset_another_run_inserted_first_is_logged_on_retry(tmp_path, monkeypatch):
+    """Two runs logging the same dataset at once race on its unique key in MLflow's store (seen
+    with two workers on PostgreSQL): the loser retries and finds it; other errors propagate."""
+    from mlflow.exceptions import MlflowException
+
+    from ouro_lab import tracking
+    from ouro_lab.run_record import DatasetRecord
+
+    record = DatasetRecord("state (train)", "abc123", {"data.state.length": "8"}, "training")
+    run = tracking.Experiment.open(f"sqlite:///{tmp_path / 'mlflow.db'}", "e").create_run("r", {})
+    real, calls = run.client.log_inputs, []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException('(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint')
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run.client, "log_inputs", racing)
+    run.log_datasets([record])
+    assert len(calls) == 2 and [i.dataset.name for i in run.fetch().inputs.dataset_inputs] == ["state (train)"]
+
+    def broken(*args, **kwargs):
+        raise MlflowException("Run 'x' not found")
+
+    monkeypatch.setattr(run.client, "log_inputs", broken)
+    with pytest.raises(MlflowException, match="not found"):
+        run.log_datasets([record])
