@@ -148,6 +148,15 @@ STUDY_NOTE = ("Charts: `study/series/<objective>_vs_loops[/<other swept values>]
               "The report (`ouro-lab report`) is under Artifacts: report/report.html.")
 
 
+def trial_run_name(number: int, sampled: Mapping[str, Any], seed: int | None = None) -> str:
+    """A trial's MLflow run name, the swept values first ('loops=4 arch=looped (trial 3)'), so
+    the UI's run column shows them uncut; a key is shortened to its last part unless two share it."""
+    last = [k.rsplit(".", 1)[-1] for k in sampled]
+    keys = [short if last.count(short) == 1 else key for key, short in zip(sampled, last)]
+    values = " ".join(f"{k}={v}" for k, v in zip(keys, sampled.values()))
+    return f"{values}{f' seed {seed}' if seed is not None else ''} (trial {number})".strip()
+
+
 def sweep_tags(study: str, role: str, trial: int | None = None) -> dict[str, str]:
     """A sweep's study, trial or seed run (a study run also gets its charts' description)."""
     return ({STUDY: study, ROLE: role} | ({TRIAL: str(trial)} if trial is not None else {})

@@ -605,10 +605,10 @@ def test_bundle_params_choose_named_override_lists(tmp_path, capsys):
 
 
 def test_trial_run_names_lead_with_the_swept_values():
-    from ouro_lab.sweep.trial import run_name
+    from ouro_lab.run_record import trial_run_name
 
-    assert run_name(3, {"model.loops": 4, "model.arch": "looped"}) == "loops=4 arch=looped (trial 3)"
-    assert run_name(0, {"model.loops": 2}, seed=1) == "loops=2 seed 1 (trial 0)"
+    assert trial_run_name(3, {"model.loops": 4, "model.arch": "looped"}) == "loops=4 arch=looped (trial 3)"
+    assert trial_run_name(0, {"model.loops": 2}, seed=1) == "loops=2 seed 1 (trial 0)"
     # two keys ending alike keep their whole names
-    assert run_name(1, {"data.state.length": 8, "data.arith.length": 3, "model.loops": 1}) == \
+    assert trial_run_name(1, {"data.state.length": 8, "data.arith.length": 3, "model.loops": 1}) == \
         "data.state.length=8 data.arith.length=3 loops=1 (trial 1)"

@@ -59,15 +59,6 @@ def claim(s: Study, trial: optuna.Trial, total: int) -> None:
             raise Discarded(f"trial {retry_of} is already retried by trial {t.number}")
 
 
-def run_name(number: int, sampled: dict[str, Any], seed: int | None = None) -> str:
-    """A trial's MLflow run name, the swept values first ('loops=4 arch=looped (trial 3)'), so
-    the UI's run column shows them uncut; a key is shortened to its last part unless two share it."""
-    last = [k.rsplit(".", 1)[-1] for k in sampled]
-    keys = [short if last.count(short) == 1 else key for key, short in zip(sampled, last)]
-    values = " ".join(f"{k}={v}" for k, v in zip(keys, sampled.values()))
-    return f"{values}{f' seed {seed}' if seed is not None else ''} (trial {number})".strip()
-
-
 def canonical_hash(cfg: ExperimentConfig) -> str:
     """Hash of what determines a run's result. Keys a standard model ignores (loop count for
     param_matched, the exit objective, extra eval loops) are normalised away, so the same
@@ -123,7 +114,7 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = 
     cfg = load_config(s.base, overrides)
     cfg.train.seed += seed_index
     label = " ".join(f"{k}={v}" for k, v in sampled.items()) + (f" seed {cfg.train.seed}" if seed_index else "")
-    name = run_name(trial.number, sampled, cfg.train.seed if seed_index else None)
+    name = rr.trial_run_name(trial.number, sampled, cfg.train.seed if seed_index else None)
     tags = (rr.sweep_tags(sweep.name, rr.TRIAL_RUN, trial.number) | {rr.OPTUNA_STATE: rr.RUNNING}
             | rr.bundle_tags({k: v for k, v in sampled.items() if k in sweep.bundles}))
     if sweep.seeds == 1:
@@ -141,7 +132,7 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = 
             seed_tags = rr.sweep_tags(sweep.name, rr.SEED_RUN, trial.number)
             value, seed_run = _train_seed(s, trial, cfg, first_seed + i, i, run.id, seed_tags,
                                           f"{label} seed {first_seed + i}",
-                                          run_name(trial.number, sampled, first_seed + i), verbose)
+                                          rr.trial_run_name(trial.number, sampled, first_seed + i), verbose)
             values.append(value)
             results.append(seed_run.fetch().data.metrics)
         run.log_metrics(_seed_aggregate(results, sweep.objective.metric))
