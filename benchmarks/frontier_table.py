@@ -46,7 +46,9 @@ def run_seed(seed: int, out: Path) -> tuple[dict[str, float], str]:
         done = client.search_runs([experiment.experiment_id], f"tags.`ouro.seed` = '{seed}' and "
                                   "attributes.status = 'FINISHED'")
         if done:
-            return ({k: v for k, v in done[0].data.metrics.items() if k.startswith("test/")},
+            from ouro_lab.tracking import read_metrics
+
+            return ({k: v for k, v in read_metrics(client, done[0]).items() if k.startswith("test/")},
                     done[0].data.tags.get(rr.GIT_COMMIT, "not recorded"))
     from ouro_lab.train import train
 

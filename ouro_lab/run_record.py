@@ -11,13 +11,16 @@ and its state, built and parsed here and nowhere else (the per-step metric names
              ouro.config_hash, ouro.reused_from, ouro.recovered_from_trial
              ouro.evaluated_run_id, ouro.imported_from           eval and bench runs
              ouro.best_trial, ouro.best_run_id, ouro.best_checkpoint  a study run's best trial
+             ouro.metric_tables                                 the run's metric tables (below)
              optuna.state (COMPLETE | PRUNED | FAIL | RUNNING), error, interrupted, pruned: how it ended
              versions.<package>, git.dirty, mlflow.source.git.commit, mlflow.parentRunId
-    params   the config, one name per key (`used_params`); derived.<fact> (model shape, task data);
+    params   the config, one name per key (`used_params`); derived.<fact> (the non-numeric derived facts);
              eval_split, eval_overrides, bench_files; sweep.<key> on a study run
     metrics  model/<fact> (the numeric derived facts); seeds/<objective>_std|_min|_max on a trial
              run with several seeds; study/n_<state>, study/best_<objective> on a study run, and
              study/series/<objective>_vs_loops[/<other swept values>] (step = T) when it sweeps model.loops
+    tables   frontier/<split>.csv: the exit rules' and oracles' final metrics (`metric_tables`),
+             which readers get back under their metric names (`table_metrics`)
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any, Iterable, Mapping
 import optuna
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
+from ouro_lab import metric_names as names
 from ouro_lab.config import ExperimentConfig, InferConfig, flatten, to_dict
 from ouro_lab.data import TASKS, Task
 
@@ -179,8 +183,9 @@ def copied_tags(tags: Mapping[str, str]) -> dict[str, str]:
 
 
 def derived_params(summary: Mapping[str, object]) -> dict[str, object]:
-    """Derived facts (model shape, the task's data) as params derived.<fact>."""
-    return {f"{DERIVED}{k}": v for k, v in summary.items()}
+    """The derived facts that are not numbers (the corpus key, ...) as params derived.<fact>;
+    the numbers are metrics model/<fact> (`model_metrics`), logged once, not twice."""
+    return {f"{DERIVED}{k}": v for k, v in summary.items() if not isinstance(v, (int, float))}
 
 
 def derived_of(params: Mapping[str, str]) -> dict[str, str]:
@@ -239,6 +244,66 @@ def study_metrics(counts: Mapping[str, int], objective: str, best: float | None)
     if best is not None:
         metrics[f"study/best_{objective.replace('/', '_')}"] = best
     return metrics
+
+
+# --- metric tables: the early-exit frontier as one CSV artifact per split ---------------------
+# Each rule x threshold x difficulty level, and each oracle, is a row (about 800 numbers for a
+# looped run at T=4); as scalars they buried the loop-step metrics in the MLflow UI. The gate
+# scalars, the oracle histogram and the frontier series (`{split}/series/exit_*`) stay metrics.
+TABLES = "ouro.metric_tables"  # tag: the run's metric tables, comma-separated artifact paths
+FRONTIER_TABLE = "frontier/{split}.csv"
+_TABLE_KINDS = ("loops", "acc", "loss", "bpb")  # the value columns, in this order
+_RULE_ORDER = (*names.EXIT_RULES, *(f"oracle_{o}" for o in names.ORACLES))
+
+
+def tabled(name: str) -> bool:
+    """Whether a final metric is logged in its split's frontier table rather than as a scalar."""
+    return bool(names.EXIT_RULE_METRIC.match(name) or names.ORACLE_METRIC.match(name))
+
+
+def metric_tables(metrics: Mapping[str, float]) -> dict[str, str]:
+    """The tabled names among `metrics` as CSV text per artifact path ('frontier/val.csv'):
+    columns rule, threshold (empty for an oracle), difficulty ('all' or the level), loops, acc,
+    loss (bpb): one row per rule x threshold x difficulty."""
+    rows: dict[str, dict[tuple[str, str, str], dict[str, float]]] = {}
+    for name, value in metrics.items():
+        if m := names.EXIT_RULE_METRIC.match(name):
+            rule, threshold = m["rule"], m["threshold"]
+        elif m := names.ORACLE_METRIC.match(name):
+            rule, threshold = f"oracle_{m['rule']}", ""
+        else:
+            continue
+        key = (rule, threshold, m["level"] or "all")
+        rows.setdefault(m["split"], {}).setdefault(key, {})[m["kind"]] = float(value)
+    tables = {}
+    for split, by_key in rows.items():
+        kinds = [k for k in _TABLE_KINDS if any(k in v for v in by_key.values())]
+        order = sorted(by_key, key=lambda k: (_RULE_ORDER.index(k[0]), float(k[1] or 0),
+                                              -1 if k[2] == "all" else int(k[2])))
+        lines = [",".join(["rule", "threshold", "difficulty", *kinds])]
+        lines += [",".join([*key, *(repr(by_key[key][k]) if k in by_key[key] else "" for k in kinds)]) for key in order]
+        tables[FRONTIER_TABLE.format(split=split)] = "\n".join(lines) + "\n"
+    return tables
+
+
+def table_metrics(path: str, text: str) -> dict[str, float]:
+    """The metrics a table from `metric_tables` holds, under the names they were logged as."""
+    split = path.rsplit("/", 1)[-1].removesuffix(".csv")
+    header, *lines = text.splitlines()
+    columns = header.split(",")
+    out = {}
+    for line in lines:
+        row = dict(zip(columns, line.split(",")))
+        level = None if row["difficulty"] == "all" else int(row["difficulty"])
+        for kind in columns[3:]:
+            if row[kind] == "":
+                continue
+            if row["rule"].startswith("oracle_"):
+                name = names.oracle(row["rule"].removeprefix("oracle_"), kind, level)
+            else:
+                name = names.exit_rule(row["rule"], float(row["threshold"]), kind, level)
+            out[f"{split}/{name}"] = float(row[kind])
+    return out
 
 
 # --- run states -----------------------------------------------------------------------------

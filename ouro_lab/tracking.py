@@ -16,6 +16,7 @@ import logging
 import os
 import sqlite3
 import subprocess
+import tempfile
 import time
 import traceback
 import uuid
@@ -30,7 +31,8 @@ from mlflow.tracking import MlflowClient
 
 from ouro_lab.errors import ConfigError, StoreError
 from ouro_lab.locations import tracking_uri_problem, writable_dir
-from ouro_lab.run_record import ERROR_ARTIFACT, GIT_COMMIT, GIT_DIRTY, PARENT, VERSIONS, DatasetRecord, ended_by
+from ouro_lab.run_record import (ERROR_ARTIFACT, GIT_COMMIT, GIT_DIRTY, PARENT, TABLES, VERSIONS, DatasetRecord, ended_by,
+                                  metric_tables, table_metrics, tabled)
 
 PACKAGES = ("torch", "lightning", "mlflow", "optuna", "omegaconf", "torchmetrics")
 LOCKED_RETRY_SECONDS = 120.0  # how long a write to a locked sqlite store is retried
@@ -210,6 +212,34 @@ class Experiment:
         return where_to_look(self.tracking_uri, self.id, run_id)
 
 
+@contextmanager
+def quiet_artifacts():
+    """No tqdm bar for a small download."""
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+
+
+def read_metrics(client: MlflowClient, run) -> dict[str, float]:
+    """An MLflow run's final metrics: its scalars (latest values) and the metrics its tables hold
+    (tag ouro.metric_tables), under the names they were logged as."""
+    metrics = dict(run.data.metrics)
+    for path in filter(None, run.data.tags.get(TABLES, "").split(",")):
+        with tempfile.TemporaryDirectory(prefix="ouro-lab-table-") as scratch, quiet_artifacts():
+            try:
+                text = Path(client.download_artifacts(run.info.run_id, path, scratch)).read_text()
+            except (MlflowException, OSError) as err:
+                raise StoreError(f"run {run.info.run_id}: its metric table {path} cannot be read ({err})") from err
+        metrics |= table_metrics(path, text)
+    return metrics
+
+
 class Run:
     """One MLflow run, owned: what creates it (`Experiment.create_run`) logs to it through this
     handle and ends it, once, with the status its work ended in.
@@ -262,8 +292,25 @@ class Run:
                     raise
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        """Values at one step."""
-        self.log_series({k: [(step, v)] for k, v in metrics.items()})
+        """Values at one step; the final metrics `run_record.tabled` names go to their split's
+        table artifact instead (`log_tables`)."""
+        self.log_series({k: [(step, v)] for k, v in metrics.items() if not tabled(k)})
+        self.log_tables(metrics)
+
+    def log_tables(self, metrics: dict[str, float]) -> None:
+        """The tabled metrics among `metrics` as their split's CSV table (frontier/val.csv), listed
+        in the run's tag ouro.metric_tables; a table logged again replaces the earlier one."""
+        tables = metric_tables(metrics)
+        if not tables:
+            return
+        for path, text in tables.items():
+            self.log_text(text, path)
+        listed = set(filter(None, self.fetch().data.tags.get(TABLES, "").split(",")))
+        self.set_tags({TABLES: ",".join(sorted(listed | set(tables)))})
+
+    def final_metrics(self) -> dict[str, float]:
+        """Every final metric of the run: its scalars and what its tables hold (`read_metrics`)."""
+        return read_metrics(self.client, self.fetch())
 
     def log_series(self, series: dict[str, list[tuple[int, float]]]) -> None:
         """Curves as metric series: {name: [(step, value), ...]}, so the MLflow UI draws (and

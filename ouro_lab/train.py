@@ -26,7 +26,7 @@ from ouro_lab.config import ConfigError, ExperimentConfig
 from ouro_lab.data.datamodule import TaskDataModule
 from ouro_lab.data.lm import CorpusError
 from ouro_lab.locations import writable_dir
-from ouro_lab.run_record import checkpoint_tags, datasets, metric_kind, run_name, training_tags
+from ouro_lab.run_record import checkpoint_tags, datasets, metric_kind, run_name, tabled, training_tags
 from ouro_lab.views import curve_series, loop_step_figure, plt, run_tables
 
 
@@ -114,7 +114,8 @@ class _MetricsLogger(MLFlowLogger):
         # NOTE: MLflow takes at most 1000 metrics per request; a validation with the exit
         # frontier per difficulty level can log more, which MLFlowLogger would send as one
         step = None if step is None else step + self.step_offset
-        items = list(metrics.items())
+        # (the frontier's rows go to its table once, after training: `_train`, Run.log_tables)
+        items = [(k, v) for k, v in metrics.items() if not tabled(k)]
         for i in range(0, len(items), 1000):
             batch = dict(items[i : i + 1000])
             tracking.when_unlocked(lambda: super(_MetricsLogger, self).log_metrics(batch, step))
@@ -177,6 +178,7 @@ def _train(cfg: ExperimentConfig, run: tracking.Run, module, datamodule: TaskDat
         step = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get("ouro_step")
         run.set_tags(checkpoint_tags(str(checkpoint.resolve()), step))
     _log_plot(run, module, val, run_name(cfg))
+    run.log_tables(val | test)
     for split in (val, test):
         run.log_series(curve_series(split, module.trained_loops, kind=kind))
     return TrainResult(run_id=run.id, experiment_id=experiment.id, tracking_uri=experiment.tracking_uri,

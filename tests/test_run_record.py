@@ -41,7 +41,20 @@ def test_builders_and_parsers_agree():
     spread = rr.seed_spread("val/acc_final", [0.5, 0.7, 0.6])
     assert spread[rr.seed_std("val/acc_final")] == pytest.approx(0.1)
     assert rr.seed_spread("val/acc_final", [0.5]) == {}
-    assert rr.derived_of(rr.derived_params({"seq_len": 8}) | {"model.loops": "2"}) == {"derived.seq_len": 8}
+    # the frontier's table: every tabled name and value back, nothing else taken
+    metrics = {"val/exit_q0.5_acc": 0.9, "val/exit_q0.5_loops": 1.75, "val/exit_conf0.95_loss_d2": 0.125,
+               "val/exit_change0.001_bpb": float("nan"), "val/oracle_stable_loops_d3": 2.0,
+               "test/oracle_right_acc": 1.0, "val/acc_final": 0.8, "val/gate_efficiency": 0.7,
+               "val/oracle_stable_share_step2": 0.5}
+    tables = rr.metric_tables(metrics)
+    assert sorted(tables) == ["frontier/test.csv", "frontier/val.csv"]
+    assert tables["frontier/val.csv"].splitlines()[0] == "rule,threshold,difficulty,loops,acc,loss,bpb"
+    back = {k: v for path, text in tables.items() for k, v in rr.table_metrics(path, text).items()}
+    tabled = {k: v for k, v in metrics.items() if rr.tabled(k)}
+    assert len(tabled) == 6 and back == pytest.approx(tabled, nan_ok=True)
+    assert rr.metric_tables({"val/acc_final": 0.8}) == {}
+    assert rr.derived_params({"seq_len": 8, "corpus_key": "ab12"}) == {"derived.corpus_key": "ab12"}  # numbers: model/*
+    assert rr.derived_of(rr.derived_params({"corpus_key": "ab12"}) | {"model.loops": "2"}) == {"derived.corpus_key": "ab12"}
     assert rr.model_metrics({"n_params": 10, "rope": "half"}) == {rr.N_PARAMS: 10}
     assert rr.study_metrics({"COMPLETE": 2}, "val/acc_final", 0.9) == {"study/n_complete": 2,
                                                                         "study/best_val_acc_final": 0.9}

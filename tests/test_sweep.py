@@ -222,7 +222,7 @@ def test_seeds_give_seed_runs_under_a_trial_run_and_reuse_the_param_matched_base
     for r in reused:  # a copy carries the config of the trial it stands for, not its source's
         parent = next(t for t in trial_runs if t.info.run_id == r.data.tags["mlflow.parentRunId"])
         assert r.data.params["model.loops"] == parent.data.params["model.loops"]
-        assert r.data.params["derived.n_params"] == seed_runs[0].data.params["derived.n_params"]
+        assert r.data.metrics["model/n_params"] == seed_runs[0].data.metrics["model/n_params"]
     values = [t.value for t in load_study(tmp_path, "seeds").get_trials()]
     assert values[0] == pytest.approx(values[1])
 

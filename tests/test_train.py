@@ -9,6 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from ouro_lab import run_record as rr
 from ouro_lab import tracking
 from ouro_lab.cli import main
 from ouro_lab.evaluate import evaluate_checkpoint
@@ -31,7 +32,7 @@ def test_each_arch_trains_and_logs_to_mlflow(arch, tiny_config, tracking_uri):
     params = run.data.params
     assert params["model.arch"] == arch and params["model.loops"] == "2" and params["data.state.length"] == "8"
     depth = {"looped": 2, "param_matched": 1, "depth_matched": 2}[arch]
-    assert params["derived.effective_depth"] == str(depth)
+    assert run.data.metrics["model/effective_depth"] == depth and "derived.effective_depth" not in params
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "plots"} <= artifacts
     # the data it trained and evaluated on, in MLflow's Dataset column
@@ -52,6 +53,13 @@ def test_each_arch_trains_and_logs_to_mlflow(arch, tiny_config, tracking_uri):
         assert 1.0 <= metrics["val/exit_expected_step"] <= 2.0
         assert metrics["val/exit_mass_step1"] + metrics["val/exit_mass_step2"] == pytest.approx(1.0, abs=1e-5)
         assert 0.0 <= metrics["val/exit_entropy"] <= math.log(2) + 1e-6
+        # the frontier's rows: a table artifact per split, not metrics, read back under their names
+        assert not any(n.startswith(("val/exit_q", "test/exit_conf", "test/oracle_right_", "val/oracle_stable_acc")) for n in metrics)
+        assert run.data.tags["ouro.metric_tables"] == "frontier/test.csv,frontier/val.csv"
+        read = tracking.read_metrics(client, run)
+        frontier = {k: v for k, v in (result.val | result.test).items() if rr.tabled(k)}
+        assert len(frontier) > 100 and {k: read[k] for k in frontier} == pytest.approx(frontier, nan_ok=True)
+        assert set(read) - set(metrics) == set(frontier)
     else:
         assert "val/exit_expected_step" not in metrics
     assert result.checkpoint and result.checkpoint.endswith("last.ckpt")
@@ -219,7 +227,7 @@ def test_multihop_and_text_log_per_step_per_difficulty_metrics(task, tiny_config
         assert 0 < metrics["val/bpb_final"] < 8.5  # not worse than uniform over bytes by much
         from ouro_lab.data.lm import source_files
 
-        assert run.data.params["derived.corpus_files"] == str(len(source_files("stdlib")))
+        assert run.data.metrics["model/corpus_files"] == len(source_files("stdlib"))
         assert len(run.data.params["derived.corpus_key"]) == 20
     else:
         assert "val/bpb_final" not in metrics

@@ -132,7 +132,8 @@ def metrics_page() -> str:
            f"The default config (`{m.arch}`, T={m.loops}, {cfg.eval.extra_loops} extra evaluation loop(s)), "
            "with two difficulty levels `_d1`, `_d2`, logs these on `val/` (and the same on `test/`); "
            f"{len(names)} names (the early-exit frontier's `exit_*` and `oracle_*` are most of them: one "
-           "per rule, threshold, kind and level):", "",
+           "per rule, threshold, kind and level; a run logs those as the table artifacts "
+           "`frontier/<split>.csv`, not as MLflow metrics, and readers get them back under these names):", "",
            '??? note "The names"', "", "    ```text", *[f"    {n}" for n in names], "    ```", "",
            "## Run record: tags, params and roles", "",
            textwrap.dedent(run_record.__doc__ or "").strip(), "",

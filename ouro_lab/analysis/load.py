@@ -4,9 +4,7 @@ builds the tidy frames (`StudyData`); `attach_report` writes the report back."""
 
 from __future__ import annotations
 
-import os
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,10 +51,11 @@ def load_study(study: str, store: str | None = None, source: str = "auto") -> St
     return study_data(experiment.name, uri, experiment.experiment_id, runs, sweep, source, _run_names(client, runs))
 
 
-def _record(run) -> RunRecord:
-    """An MLflow run as a plain run record."""
+def _record(client: MlflowClient, run, tables: bool) -> RunRecord:
+    """An MLflow run as a plain run record (with what its metric tables hold, when `tables`)."""
+    metrics = tracking.read_metrics(client, run) if tables else run.data.metrics
     return RunRecord(run_id=run.info.run_id, name=run.info.run_name or "", status=run.info.status,
-                     start_time=run.info.start_time, params=run.data.params, metrics=run.data.metrics,
+                     start_time=run.info.start_time, params=run.data.params, metrics=metrics,
                      tags=run.data.tags)
 
 
@@ -103,8 +102,9 @@ def list_studies(store: str | None = None) -> pd.DataFrame:
     client = MlflowClient(uri)
     rows = []
     for experiment in client.search_experiments():
-        parents = _search_all(client, experiment.experiment_id, rr.role_filter(rr.STUDY_RUN))
-        every_trial = _search_all(client, experiment.experiment_id, rr.role_filter(rr.TRIAL_RUN)) if parents else []
+        parents = _search_all(client, experiment.experiment_id, rr.role_filter(rr.STUDY_RUN), tables=False)
+        every_trial = _search_all(client, experiment.experiment_id, rr.role_filter(rr.TRIAL_RUN),
+                                  tables=False) if parents else []
         for parent in parents:
             trials = [r for r in every_trial if r.parent == parent.run_id]
             states: dict[str, int] = {}
@@ -119,37 +119,24 @@ def list_studies(store: str | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["study", "trials", "states", "objective", "last change", "study run"])
 
 
-def _search_all(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list[RunRecord]:
+def _search_all(client: MlflowClient, experiment_id: str, filter_string: str = "",
+                tables: bool = True) -> list[RunRecord]:
     runs, token = [], None
     while True:
         page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token)
-        runs.extend(_record(r) for r in page)
+        runs.extend(_record(client, r, tables) for r in page)
         token = page.token
         if not token:
             return runs
 
 
 def _sweep_definition(client: MlflowClient, parent_run_id: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp, _quiet_artifacts():
+    with tempfile.TemporaryDirectory() as tmp, tracking.quiet_artifacts():
         try:
             path = client.download_artifacts(parent_run_id, rr.SWEEP_ARTIFACT, tmp)
         except Exception:  # an older study without the artifact: no Optuna view
             return {}
         return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-
-
-@contextmanager
-def _quiet_artifacts():
-    """No tqdm bar for one small download."""
-    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
 
 
 def attach_report(data: StudyData, files: Sequence[Path]) -> None:

@@ -120,7 +120,7 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = 
     if sweep.seeds == 1:
         value, run = _train_seed(s, trial, cfg, cfg.train.seed, 0, s.parent.id, tags, label, name, verbose)
         if sweep.sampler.name == "adaptive":
-            trial.set_user_attr(design.CURVES_ATTR, design.curves(run.fetch().data.metrics, sweep.objective.metric))
+            trial.set_user_attr(design.CURVES_ATTR, design.curves(run.final_metrics(), sweep.objective.metric))
         return value
     # several seeds: a trial run holding the mean and spread, with one child run per seed
     with _trial_run(s, name, tags | tracking.reproducibility_tags(), s.parent.id) as run:
@@ -134,7 +134,7 @@ def run_trial(s: Study, trial: optuna.Trial, verbose: bool, total: int | None = 
                                           f"{label} seed {first_seed + i}",
                                           rr.trial_run_name(trial.number, sampled, first_seed + i), verbose)
             values.append(value)
-            results.append(seed_run.fetch().data.metrics)
+            results.append(seed_run.final_metrics())
         run.log_metrics(_seed_aggregate(results, sweep.objective.metric))
     return statistics.fmean(values)
 
@@ -209,7 +209,7 @@ def _train_seed(s: Study, trial: optuna.Trial, cfg: ExperimentConfig, seed: int,
     metric = s.sweep.objective.metric
     reused = _find_finished(s, digest)
     if reused is not None:
-        value = reused.data.metrics.get(metric)
+        value = tracking.read_metrics(s.experiment.client, reused).get(metric)
         if value is None:
             raise KeyError(f"objective metric {metric!r} was not logged by run {reused.info.run_id}")
         if index == 0 and reused.data.tags.get(rr.CHECKPOINT):
@@ -345,7 +345,7 @@ def _copy_run(s: Study, source, cfg: ExperimentConfig, parent: str, tags: dict[s
         rr.SEED: str(cfg.train.seed)}
     with _trial_run(s, cfg.tracking.run_name, run_tags, parent) as run:
         run.log_params(used_params(cfg) | rr.derived_of(source.data.params))
-        run.log_metrics(source.data.metrics)
+        run.log_metrics(tracking.read_metrics(s.experiment.client, source))
     return run
 
 
