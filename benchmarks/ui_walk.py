@@ -5,7 +5,7 @@ by headless Chromium, to look at after a change to what runs log.
 
 It starts `mlflow ui` on the store (and `optuna-dashboard` on the journal, when it is
 installed), opens each page the way the links ouro-lab prints do, and writes one PNG per page
-into `--out`: the runs table in model-training mode, the study run and its charts, one trial run, the
+into `--out`: the study's saved view (charts, then its runs table), the plain runs table in model-training mode, the study run and its charts, one trial run, the
 study's report.html among the study run's artifacts, and the study in optuna-dashboard.
 Chromium: Debian's `chromium` package (/usr/bin/chromium), or --chromium PATH.
 """
@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from ouro_lab import run_record as rr  # noqa: E402
 from ouro_lab.tracking import UI_MODE, runs_url  # noqa: E402
+from ouro_lab.ui_view import VIEW_KEY  # noqa: E402
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
@@ -84,6 +85,10 @@ def main() -> None:
     try:
         profile = args.out / ".chromium"
         eid, sid = experiment.experiment_id, study_run.info.run_id
+        view = runs_url(eid, host=host, view=VIEW_KEY)  # the link the sweep prints: the study's saved view
+        shot(args.chromium, view, args.out / "0_study_view_charts.png", profile)
+        shot(args.chromium, view.replace("compareRunsMode=CHART", "compareRunsMode=TABLE"),
+             args.out / "0b_study_view_table.png", profile)
         shot(args.chromium, runs_url(eid, host=host), args.out / "1_runs_table.png", profile)
         shot(args.chromium, runs_url(eid, sid, host=host), args.out / "2_study_run.png", profile)
         charts = f"{host}/#/experiments/{eid}/runs/{sid}/model-metrics?{UI_MODE}"

@@ -143,10 +143,13 @@ def evaluation_tags(role: str, checkpoint: str, evaluated_run_id: str | None) ->
 
 
 NOTE = "mlflow.note.content"  # (MLflow's own: the run page's Description)
+SHARED_VIEW = "mlflow.sharedViewState."  # (MLflow's own) experiment tag: a saved UI view (ouro_lab/ui_view.py)
 # what the x axis of each family of charts means: MLflow labels every x axis "Step"
 TRAINING_NOTE = ("Charts: the x axis is the training step, except the series logged once after training: "
                  "`*/series/*_vs_loop_step` (x = evaluation loop step t; t > T extrapolates) and "
-                 "`*/series/exit_*_vs_milliloops` (x = 1000 x the mean loop steps a token runs under the exit rule).")
+                 "`*/series/exit_*_vs_milliloops` (x = 1000 x the mean loop steps a token runs under the exit rule). "
+                 "A looped run's exit rules and oracles, per threshold and difficulty: Artifacts frontier/val.csv, "
+                 "frontier/test.csv.")
 STUDY_NOTE = ("Charts: `study/series/<objective>_vs_loops[/<other swept values>]` has x = the trained loop count T "
               "(the mean of the complete trials at each T); its trials are the runs nested under this one. "
               "The report (`ouro-lab report`) is under Artifacts: report/report.html.")

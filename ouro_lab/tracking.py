@@ -208,8 +208,12 @@ class Experiment:
             if not token or (max_results and len(runs) >= max_results):
                 return runs[:max_results] if max_results else runs
 
-    def where_to_look(self, run_id: str | None = None) -> str:
-        return where_to_look(self.tracking_uri, self.id, run_id)
+    def where_to_look(self, run_id: str | None = None, view: str | None = None) -> str:
+        return where_to_look(self.tracking_uri, self.id, run_id, view)
+
+    def set_tag(self, key: str, value: str) -> None:
+        """An experiment tag (a saved UI view, ...)."""
+        when_unlocked(lambda: self.client.set_experiment_tag(self.id, key, value))
 
 
 @contextmanager
@@ -427,22 +431,25 @@ def system_metrics(run: "Run", on: bool = True):
         monitor.finish()
 
 
-def runs_url(experiment_id: str, run_id: str | None = None, host: str = "http://127.0.0.1:5000") -> str:
-    """The MLflow UI page of a run (or the runs table), in model-training mode. NOTE: the 3.17
-    UI opens an experiment on its GenAI pages (traces, judges) and ignores the experiment's
+def runs_url(experiment_id: str, run_id: str | None = None, host: str = "http://127.0.0.1:5000",
+             view: str | None = None) -> str:
+    """The MLflow UI page of a run (or the runs table), in model-training mode; `view`: a saved
+    view's key (`ui_view.VIEW_KEY`), opened on the chart page. NOTE: the 3.17 UI opens an
+    experiment on its GenAI pages (traces, judges) and ignores the experiment's
     `mlflow.experimentKind` tag; only the URL's `workflowType=machine_learning` (or the user's
     global switch) selects the runs table and the training charts."""
     page = f"runs/{run_id}" if run_id else "runs"
-    return f"{host}/#/experiments/{experiment_id}/{page}?{UI_MODE}"
+    shown = f"&viewStateShareKey={view}&compareRunsMode=CHART" if view and not run_id else ""
+    return f"{host}/#/experiments/{experiment_id}/{page}?{UI_MODE}{shown}"
 
 
 DATASET_RETRIES = 3  # log_datasets: tries when a concurrent run inserted the same dataset first
 UI_MODE = "workflowType=machine_learning"  # the MLflow UI's model-training mode (runs_url)
 
 
-def where_to_look(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+def where_to_look(tracking_uri: str, experiment_id: str, run_id: str | None = None, view: str | None = None) -> str:
     """How to see a run or an experiment's runs: the page itself on an MLflow server, else the
     `mlflow ui` command for the store and the page it will serve."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {runs_url(experiment_id, run_id, host=tracking_uri.rstrip('/'))}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}  then open {runs_url(experiment_id, run_id)}"
+        return f"open {runs_url(experiment_id, run_id, host=tracking_uri.rstrip('/'), view=view)}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}  then open {runs_url(experiment_id, run_id, view=view)}"

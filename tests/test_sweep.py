@@ -20,6 +20,7 @@ from ouro_lab.cli import main
 from ouro_lab.config import ConfigError
 from ouro_lab.sweep import run_sweep
 from ouro_lab.sweep import load_sweep
+from ouro_lab.ui_view import read_view_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -195,6 +196,14 @@ def test_two_trial_sweep_nests_runs_and_completes_trials(tmp_path):
     assert parent.data.tags["ouro.best_run_id"] == best.user_attrs["mlflow_run_id"]
     assert parent.data.tags["ouro.best_checkpoint"] == best.user_attrs["checkpoint"]
     assert Path(parent.data.tags["ouro.best_checkpoint"]).is_file()
+    # the saved MLflow UI view the printed link opens: runs grouped by the swept key, its
+    # columns, and charts of metrics these runs log
+    view = read_view_tag(client.get_experiment(exp).tags["mlflow.sharedViewState.ouro-lab-study"])
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "param", "groupByData": "model.loops"}]
+    assert view["selectedColumns"][:2] == ["params.`model.loops`", "metrics.`val/acc_final`"]
+    charted = {k for c in view["compareRunCharts"] for k in c.get("selectedMetricKeys", [c["metricKey"]])}
+    logged = set(parent.data.metrics) | {k for c in children for k in client.get_run(c.info.run_id).data.metrics}
+    assert charted <= logged and "val/series/acc_vs_loop_step" in charted
     # rerunning the finished study trains nothing more
     again = run_sweep(path, verbose=False)
     assert again.counts == {"COMPLETE": 2} and len(client.search_runs([exp])) == 3
@@ -268,7 +277,7 @@ def test_sweep_where_every_trial_fails_exits_nonzero(tmp_path, capsys):
     printed = capsys.readouterr()
     assert "every trial of study 'allfail' failed" in printed.err
     # where to look: MLflow in model-training mode, and the study in Optuna's own UI
-    assert "?workflowType=machine_learning" in printed.out
+    assert "?workflowType=machine_learning&viewStateShareKey=ouro-lab-study" in printed.out
     assert re.search(r"optuna-dashboard \S+optuna\.journal", printed.out), printed.out[-1500:]
 
 

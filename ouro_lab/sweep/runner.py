@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ouro_lab import run_record as rr
-from ouro_lab import tracking
+from ouro_lab import tracking, ui_view
 from ouro_lab.config import ConfigError, load_config
 from ouro_lab.sweep import design
 from ouro_lab.sweep.budget import budget, budget_used
@@ -100,7 +100,7 @@ def run_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = (), ver
     if verbose:
         print(summary.table())
         print(f"[sweep {sweep.name}] done in {summary.seconds:.0f} s. study: {storage_desc}")
-        print(f"[sweep {sweep.name}] view: {s.experiment.where_to_look()}")
+        print(f"[sweep {sweep.name}] view: {s.experiment.where_to_look(view=ui_view.VIEW_KEY)}")
         print(f"[sweep {sweep.name}] trials in Optuna's own UI: optuna-dashboard {storage_desc}  "
               "(pip install optuna-dashboard)")
         store = "" if sweep.tracking_uri is None and s.tracking_uri == tracking.resolve_tracking_uri() \
@@ -318,6 +318,17 @@ def summarize(s: Study, seconds: float, storage_desc: str) -> SweepSummary:
                         counts, best, seconds, answer)
 
 
+def _save_view(s: Study, study_series: list[str]) -> None:
+    """The study's saved view in the MLflow UI (ui_view.py), for the link the sweep prints."""
+    runs = s.experiment.find_runs()
+    kind = next((r.data.tags[rr.METRIC_KIND_TAG] for r in runs if rr.METRIC_KIND_TAG in r.data.tags), "acc")
+    swept = [k for k in s.sweep.params if k not in s.sweep.bundles and k != design.SEED_PARAM]
+    state = ui_view.study_view(s.sweep.objective.metric, swept, s.sweep.bundles, kind, s.sweep.seeds,
+                               expanded={r.data.tags[rr.PARENT] for r in runs if rr.PARENT in r.data.tags},
+                               study_series=study_series)
+    s.experiment.set_tag(*ui_view.view_tag(state))
+
+
 def _log_summary(s: Study, summary: SweepSummary) -> None:
     s.study_dir.mkdir(parents=True, exist_ok=True)
     text = summary.table(k=len(summary.best) or 1)
@@ -325,8 +336,10 @@ def _log_summary(s: Study, summary: SweepSummary) -> None:
     s.parent.log_text(text, rr.SUMMARY_ARTIFACT)
     s.parent.log_metrics(rr.study_metrics(summary.counts, s.sweep.objective.metric,
                                           summary.best[0]["value"] if summary.best else None))
-    s.parent.log_series(rr.loop_series(s.sweep.objective.metric, [(b["params"], b["value"]) for b in summary.best],
-                                       ignore=(design.SEED_PARAM,)))
+    series = rr.loop_series(s.sweep.objective.metric, [(b["params"], b["value"]) for b in summary.best],
+                            ignore=(design.SEED_PARAM,))
+    s.parent.log_series(series)
+    _save_view(s, list(series))
     if summary.best:  # (the best checkpoint is findable from the study run, in the UI's tags)
         top = summary.best[0]
         s.parent.set_tags(rr.best_tags(top["number"], top["run_id"], top["checkpoint"]))
