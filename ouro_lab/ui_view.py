@@ -42,13 +42,12 @@ def _line(uuid: str, keys: list[str], title: str) -> dict:
 
 
 def study_view(objective: str, swept: Iterable[str], bundles: Iterable[str], kind: str, seeds: int,
-               expanded: Iterable[str], study_series: Iterable[str]) -> dict:
+               study_series: Iterable[str]) -> dict:
     """The page state of a study's view.
 
     objective: the sweep's objective metric; swept: the config keys it samples; bundles: its
     bundle params (a column of their tag); kind: the runs' metric kind ("acc" or "bpb"); seeds:
-    seeds per trial; expanded: the runs with nested runs (the study run, multi-seed trial runs);
-    study_series: the study run's `study/series/...` names (the objective against T)."""
+    seeds per trial; study_series: the study run's `study/series/...` names (the objective against T)."""
     swept, bundles = list(swept), list(bundles)
     metrics = list(dict.fromkeys([objective, *([rr.seed_std(objective)] if seeds > 1 else []),
                                   f"val/{names.final(kind)}", f"test/{names.final(kind)}"]))
@@ -70,7 +69,8 @@ def study_view(objective: str, swept: Iterable[str], bundles: Iterable[str], kin
                  "deleted": False, "isGenerated": False}]
     sections += [{"uuid": f"ouro-{name}", "name": name, "display": False, "isReordered": False, "deleted": False,
                   "isGenerated": True} for name in COLLAPSED_SECTIONS]
-    return {"selectedColumns": columns, "columnOrder": columns, "runsExpanded": {run_id: True for run_id in expanded},
+    # NOTE: the runs are grouped, not expanded: the UI leaves `runsExpanded` out of a shared view
+    return {"selectedColumns": columns, "columnOrder": columns,
             "runsHiddenMode": "SHOW_ALL", "runsPinned": [], "runsHidden": [], "runsVisibilityMap": {},
             "compareRunCharts": charts, "compareRunSections": sections, "isAccordionReordered": True,
             "hideEmptyCharts": True, "useGroupedValuesInCharts": True, "groupBy": group_by, "groupsExpanded": {},

@@ -320,12 +320,10 @@ def summarize(s: Study, seconds: float, storage_desc: str) -> SweepSummary:
 
 def _save_view(s: Study, study_series: list[str]) -> None:
     """The study's saved view in the MLflow UI (ui_view.py), for the link the sweep prints."""
-    runs = s.experiment.find_runs()
+    runs = s.experiment.find_runs(max_results=100)  # (the kind: any training run says it)
     kind = next((r.data.tags[rr.METRIC_KIND_TAG] for r in runs if rr.METRIC_KIND_TAG in r.data.tags), "acc")
     swept = [k for k in s.sweep.params if k not in s.sweep.bundles and k != design.SEED_PARAM]
-    state = ui_view.study_view(s.sweep.objective.metric, swept, s.sweep.bundles, kind, s.sweep.seeds,
-                               expanded={r.data.tags[rr.PARENT] for r in runs if rr.PARENT in r.data.tags},
-                               study_series=study_series)
+    state = ui_view.study_view(s.sweep.objective.metric, swept, s.sweep.bundles, kind, s.sweep.seeds, study_series)
     s.experiment.set_tag(*ui_view.view_tag(state))
 
 
