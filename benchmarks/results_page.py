@@ -6,26 +6,17 @@ so running a script rewrites its table."""
 from __future__ import annotations
 
 import datetime
-import os
-import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def machine() -> str:
-    """'Intel(R) Xeon(R) Processor, 2 cores, torch 2.13.0+cpu, CPU capability AVX512' (or the GPU)."""
-    cpu = platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}{gpu}")
+from ouro_lab.tracking import machine  # noqa: E402  (a run's tag ouro.machine says the same)
 
 
 def commit() -> str:
@@ -37,13 +28,14 @@ def commit() -> str:
     return f"{head} (with uncommitted changes)" if dirty else head
 
 
-def provenance(command: str, seeds: str, commits: set[str] | None = None) -> list[str]:
+def provenance(command: str, seeds: str, commits: set[str] | None = None, machines: set[str] | None = None) -> list[str]:
     """The block every measured table of a results page carries (tests/test_docs.py checks it).
-    `commits`: the commits the runs were trained at (their MLflow git tag), when they were read
-    back rather than trained now; else this checkout's."""
-    at = ", ".join(sorted(c[:7] for c in commits)) if commits else commit()
+    `commits`, `machines`: what the runs were trained at and on (their MLflow tags), when they
+    were read back rather than trained now; else this checkout's and this machine."""
+    at = ", ".join(sorted(c[:7] if len(c) == 40 else c for c in commits)) if commits else commit()
+    on = "; ".join(sorted(machines)) if machines else machine()
     return ['!!! info "Provenance"', f"    - command: `{command}`", f"    - commit: {at}",
-            f"    - date: {datetime.date.today().isoformat()}", f"    - machine: {machine()}",
+            f"    - date: {datetime.date.today().isoformat()}", f"    - machine: {on}",
             f"    - torch threads: {torch.get_num_threads()}", f"    - seeds: {seeds}"]
 
 

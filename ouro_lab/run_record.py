@@ -13,7 +13,7 @@ and its state, built and parsed here and nowhere else (the per-step metric names
              ouro.best_trial, ouro.best_run_id, ouro.best_checkpoint  a study run's best trial
              ouro.metric_tables                                 the run's metric tables (below)
              optuna.state (COMPLETE | PRUNED | FAIL | RUNNING), error, interrupted, pruned: how it ended
-             versions.<package>, git.dirty, mlflow.source.git.commit, mlflow.parentRunId
+             versions.<package>, git.dirty, mlflow.source.git.commit, mlflow.parentRunId, ouro.machine
     params   the config, one name per key (`used_params`); derived.<fact> (the non-numeric derived facts);
              eval_split, eval_overrides, bench_files; sweep.<key> on a study run
     metrics  model/<fact> (the numeric derived facts); seeds/<objective>_std|_min|_max on a trial
@@ -52,6 +52,7 @@ EVALUATED_RUN_ID, IMPORTED_FROM = "ouro.evaluated_run_id", "ouro.imported_from"
 # on a study run: its best complete trial so far (its run, and its checkpoint: the first seed's)
 BEST_TRIAL, BEST_RUN_ID, BEST_CHECKPOINT = "ouro.best_trial", "ouro.best_run_id", "ouro.best_checkpoint"
 OPTUNA_STATE, ERROR, INTERRUPTED, PRUNED = "optuna.state", "error", "interrupted", "pruned"
+MACHINE = "ouro.machine"  # CPU model, cores, torch and its CPU capability (or the GPU): results move across them
 VERSIONS, GIT_DIRTY, GIT_COMMIT = "versions.", "git.dirty", MLFLOW_GIT_COMMIT
 PARENT = MLFLOW_PARENT_RUN_ID  # (MLflow's own: the run a run is nested under)
 UNKNOWN = "unknown"  # the evaluated run of an imported checkpoint (it has no training run)

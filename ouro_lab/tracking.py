@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from ouro_lab.errors import ConfigError, StoreError
 from ouro_lab.locations import tracking_uri_problem, writable_dir
-from ouro_lab.run_record import (ERROR_ARTIFACT, GIT_COMMIT, GIT_DIRTY, PARENT, TABLES, VERSIONS, DatasetRecord, ended_by,
+from ouro_lab.run_record import (ERROR_ARTIFACT, GIT_COMMIT, GIT_DIRTY, MACHINE, PARENT, TABLES, VERSIONS, DatasetRecord, ended_by,
                                   metric_tables, table_metrics, tabled)
 
 PACKAGES = ("torch", "lightning", "mlflow", "optuna", "omegaconf", "torchmetrics")
@@ -379,9 +379,26 @@ class Run:
         return False
 
 
+def machine() -> str:
+    """'Intel(R) Xeon(R) Processor, 2 cores, torch 2.13.0+cpu, CPU capability AVX512' (and the
+    GPU, when there is one). The same seed gives different numbers on different CPUs (their
+    kernels round differently), so every run and every published figure names it."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}{gpu}")
+
+
 def reproducibility_tags() -> dict[str, str]:
-    """Git commit (+ dirty flag) of the working tree and versions of the key packages."""
-    tags = {f"{VERSIONS}{p}": _version(p) for p in PACKAGES}
+    """Git commit (+ dirty flag) of the working tree, versions of the key packages, the machine."""
+    tags = {f"{VERSIONS}{p}": _version(p) for p in PACKAGES} | {MACHINE: machine()}
     commit = _git("rev-parse", "HEAD")
     if commit:
         tags[GIT_COMMIT] = commit

@@ -25,8 +25,9 @@ from ouro_lab import run_record as rr
 VIEW_KEY = "ouro-lab-study"  # the share key: one study per experiment, so one view
 MAIN_SECTION = "ouro-lab: when do extra loops stop helping"
 # metric sections the UI would open, one chart per metric: given here, collapsed
-COLLAPSED_SECTIONS = ("val", "test", "train", "model", "seeds/val", "seeds/test", "study", "val/series",
-                      "test/series", "study/series", "Model metrics", "System metrics")
+# (a section is a metric name's prefix: seeds/val/acc_final_std is in seeds/val)
+COLLAPSED_SECTIONS = ("val", "test", "train", "model", *(rr.seed_std(f"{split}/x").rsplit("/", 1)[0] for split in ("val", "test")),
+                      "study", "val/series", "test/series", "study/series", "Model metrics", "System metrics")
 
 
 def column(kind: str, key: str) -> str:

@@ -621,3 +621,12 @@ def test_trial_run_names_lead_with_the_swept_values():
     # two keys ending alike keep their whole names
     assert trial_run_name(1, {"data.state.length": 8, "data.arith.length": 3, "model.loops": 1}) == \
         "data.state.length=8 data.arith.length=3 loops=1 (trial 1)"
+
+
+def test_a_params_override_changes_one_field_of_a_dotted_param_and_names_a_bad_field():
+    sweep, _ = load_sweep(Path(__file__).resolve().parents[1] / "sweeps" / "loops.yaml",
+                          ["params.model.loops.choices=[1,2]", "seeds=1"])
+    assert sweep.params["model.loops"].choices == [1, 2] and sweep.params["data.state.length"].choices == [8, 12]
+    assert sweep.seeds == 1
+    with pytest.raises(ConfigError, match="params.<config key>.<field>"):
+        load_sweep(Path(__file__).resolve().parents[1] / "sweeps" / "loops.yaml", ["params.model.loops.chioces=[1]"])

@@ -24,6 +24,7 @@ def test_each_arch_trains_and_logs_to_mlflow(arch, tiny_config, tracking_uri):
     client = MlflowClient(tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
+    assert "cores, torch" in run.data.tags["ouro.machine"]  # results move across CPUs: every run names its own
     # loss went down: first logged training loss vs the mean of the last few
     history = [m.value for m in sorted(client.get_metric_history(result.run_id, "train/loss"), key=lambda m: m.step)]
     assert len(history) >= 5

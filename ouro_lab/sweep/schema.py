@@ -122,7 +122,8 @@ SWEEP_KEYS = ("name", "trials", "timeout", "seeds", "test_time_run", "retries", 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepConfig, Path]:
     """The validated sweep and the resolved path of its base config.
 
-    `overrides`: sweep keys (`trials=4`, `seeds=1`, `sampler.seed=3` ...) change the sweep;
+    `overrides`: sweep keys (`trials=4`, `seeds=1`, `sampler.seed=3`, `params.model.loops.choices=[1,2]`
+    ...) change the sweep;
     any other `key=value` is added to the fixed experiment overrides (`train.max_steps=3000`).
     """
     path = Path(path)
@@ -130,6 +131,9 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     sweep_overrides, experiment_overrides = [], []
     for item in overrides:
         key = override_key(item, "trials=4 or train.max_steps=500")
+        if key.startswith("params."):
+            _set_param_field(raw, item, path)
+            continue
         is_sweep_key = key in SWEEP_KEYS or key.startswith("pruner.")
         (sweep_overrides if is_sweep_key else experiment_overrides).append(item)
     _check_param_fields(raw, path)
@@ -150,6 +154,21 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     base = (path.parent / sweep.base).resolve() if sweep.base else None
     validate_sweep(sweep, base, path)
     return sweep, base
+
+
+def _set_param_field(raw, item: str, path: Path) -> None:
+    """`params.model.loops.choices=[1,2]` on the raw sweep: the param key holds dots, which an
+    OmegaConf dotlist would split. Its last part names the field; a new param is added."""
+    key, value = item.split("=", 1)
+    name, _, field_name = key.removeprefix("params.").rpartition(".")
+    if not name or field_name not in ParamSpec.__dataclass_fields__:
+        raise ConfigError(f"{path}: override {item!r}: expected params.<config key>.<field>=<value>, a field being "
+                          f"one of {', '.join(ParamSpec.__dataclass_fields__)}")
+    if raw.get("params") is None:
+        raw["params"] = {}
+    if name not in raw["params"]:
+        raw["params"][name] = {}
+    raw["params"][name][field_name] = OmegaConf.from_dotlist([f"value={value}"]).value
 
 
 def _check_param_fields(raw, path: Path) -> None:
