@@ -14,45 +14,17 @@ then left alone unless `--page` is given.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from results_page import provenance, rewrite  # noqa: E402
-
-from ouro_lab import run_record as rr  # noqa: E402
-from ouro_lab.analysis import load_study  # noqa: E402
-from ouro_lab.sweep import run_sweep  # noqa: E402
+from results_page import study_main  # noqa: E402
 
 ARCHS = (("looped", "looped"), ("param_matched", "param-matched"), ("depth_matched", "depth-matched"))
 LENGTH = "data.state.length"
-
-
-def run(out: Path, sets: list[str]) -> tuple[str, float]:
-    """Run (or resume, or find finished) the sweep in `out`; its name and wall seconds (measured
-    by the first call that ran it to the end, kept in out/wall.json)."""
-    out.mkdir(parents=True, exist_ok=True)
-    wall_file = out / "wall.json"
-    here = os.getcwd()
-    os.chdir(out)  # (the sweep's default store and journal: the working directory)
-    try:
-        start = time.perf_counter()
-        summary = run_sweep(ROOT / "sweeps" / "loops.yaml", sets, verbose=True)
-        seconds = time.perf_counter() - start
-    finally:
-        os.chdir(here)
-    walls = json.loads(wall_file.read_text()) if wall_file.exists() else {}
-    if summary.name not in walls or seconds > 60:  # (a rerun of a finished study takes seconds: keep the first)
-        walls[summary.name] = seconds
-        wall_file.write_text(json.dumps(walls, indent=1))
-    return summary.name, walls[summary.name]
 
 
 def tables(data) -> dict[int, list[str]]:
@@ -82,45 +54,11 @@ def tables(data) -> dict[int, list[str]]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "loops_study")
-    parser.add_argument("--page", type=Path, default=None,
-                        help="the page to rewrite (default: docs/results/loops-study.md, unless --set is given)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a sweep override")
-    args = parser.parse_args()
-    page = args.page or (None if args.set else ROOT / "docs" / "results" / "loops-study.md")
-    name, wall = run(args.out, args.set)
-    data = load_study(name, f"sqlite:///{(args.out / 'mlflow.db').resolve()}")
-    runs = load_runs_tags(data)
-    commits = {tags[rr.GIT_COMMIT][:7] + (" (with uncommitted changes)" if tags.get(rr.GIT_DIRTY) == "True" else "")
-               for tags in runs if tags.get(rr.GIT_COMMIT)}
-    machines = {tags.get(rr.MACHINE) for tags in runs if tags.get(rr.MACHINE)}
-    seeds = ", ".join(str(s) for s in sorted(data.runs["seed"].unique()))
-    command = "python benchmarks/loops_study.py" + "".join(f" --set {s}" for s in args.set)
-    by_length = tables(data)
-    wall_line = [f"The sweep: {len(data.trials)} trials x {len(seeds.split(','))} seeds, {len(data.runs)} runs "
-                 f"(the reused param-matched ones included), **{wall:.0f} s wall ({wall / 60:.0f} min)** on "
-                 f"{'; '.join(sorted(machines)) or 'this machine'}."]
-    for length, lines in by_length.items():
-        print("\n".join(lines) + "\n")
-    print(wall_line[0])
-    if page is None:
-        return
-    block = provenance(command, seeds, commits, machines)
-    for length, lines in by_length.items():
-        rewrite(page, f"loops-L{length}", [*lines, "", *block])
-    rewrite(page, "loops-wall", wall_line)
-    print(f"rewrote {page}")
-
-
-def load_runs_tags(data) -> list[dict[str, str]]:
-    """The tags of the study's training runs (their commit and machine)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(data.tracking_uri)
-    return [client.get_run(run_id).data.tags for run_id in data.runs["run_id"]]
+def blocks(data, summary: str, block: list[str]) -> dict[str, list[str]]:
+    out = {"loops-wall": [f"The sweep: {summary} (its runs include the reused param-matched ones)"]}
+    out |= {f"loops-L{length}": [*lines, "", *block] for length, lines in tables(data).items()}
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    study_main(__doc__, "loops.yaml", "docs/results/loops-study.md", blocks)

@@ -26,9 +26,8 @@ from ouro_lab.data.random_tokens import RandomConfig
 from ouro_lab.data.state import StateConfig
 from ouro_lab.data.lm import LMConfig
 from ouro_lab.data.text import TextConfig
-from ouro_lab.models.decoding import RULES as EXIT_RULES  # online exit rules (infer.exit_rule)
-from ouro_lab.models.decoding import STRATEGIES as CACHE_STRATEGIES  # decode-time KV caches (infer.cache)
-from ouro_lab.models.decoding import decoding_refusal
+# online exit rules (infer.exit_rule), decode-time KV caches (infer.cache), what later tokens read from an exited one
+from ouro_lab.models.decoding import EXITED_KV, RULES as EXIT_RULES, STRATEGIES as CACHE_STRATEGIES, decoding_refusal
 from ouro_lab.models.transformer import CHECKPOINTING, INIT_STATES, INJECTIONS, ROPE_LAYOUTS
 from ouro_lab.errors import ConfigError  # (re-exported: `from ouro_lab.config import ConfigError`)
 from ouro_lab.locations import tracking_uri_problem
@@ -150,6 +149,7 @@ class InferConfig:
     # adds the skip-semantics evaluation), `ouro-lab generate` and `ouro-lab decode`; never by training
     exit_rule: str = "none"  # none (full depth) | q (gate CDF >= threshold) | conf (max prob >= threshold) | change (KL(p_t||p_t-1) < threshold)
     exit_threshold: float = 0.5  # q, tau or delta of exit_rule
+    exited_kv: str = "frozen"  # what later tokens read from an exited token: frozen (its exit step's keys/values) | propagate (each layer's projections of its exit state, CALM) | first (its step-1 keys/values, MoR)
     cache: str = "full"  # decode-time KV cache: full (one per loop step and layer) | last | first | mean (one per layer)
     prompt: Optional[str] = None  # `generate`: text prompt (byte-level tasks); None = prompts from the test split
     max_new_tokens: int = 64  # `generate`: tokens to generate (at most the model's context)
@@ -393,11 +393,11 @@ def validate(cfg: ExperimentConfig, saved: bool = False) -> ExperimentConfig:
     check(i.exit_rule == "none" or not m.decoding_refusal, "infer.exit_rule", m.decoding_refusal)
     check(i.exit_rule != "q" or m.arch == "looped", "infer.exit_rule",
           f"the q rule reads the exit gate; model.arch={m.arch} has none (conf or change work on any model)")
-    choice("infer.cache", i.cache, CACHE_STRATEGIES)
+    for key, choices in (("cache", CACHE_STRATEGIES), ("exited_kv", EXITED_KV)):
+        choice(f"infer.{key}", getattr(i, key), choices)
     if i.exit_rule in ("q", "conf"):
         check(0 < i.exit_threshold <= 1, "infer.exit_threshold", f"must be in (0, 1] for rule {i.exit_rule!r}, got {i.exit_threshold}")
-    if i.exit_rule == "change":
-        check(i.exit_threshold > 0, "infer.exit_threshold", f"must be > 0 for rule 'change', got {i.exit_threshold}")
+    check(i.exit_rule != "change" or i.exit_threshold > 0, "infer.exit_threshold", f"must be > 0 for rule 'change', got {i.exit_threshold}")
     check(i.prefill >= 0, "infer.prefill", f"must be >= 0, got {i.prefill}")
     for key in ("max_new_tokens", "samples", "windows"):
         check(getattr(i, key) >= 1, f"infer.{key}", f"must be >= 1, got {getattr(i, key)}")

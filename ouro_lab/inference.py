@@ -33,7 +33,7 @@ from ouro_lab.objectives import per_step_token_losses
 
 
 def exit_rule(cfg: ExperimentConfig) -> ExitRule:
-    return ExitRule(cfg.infer.exit_rule, cfg.infer.exit_threshold)
+    return ExitRule(cfg.infer.exit_rule, cfg.infer.exit_threshold, cfg.infer.exited_kv)
 
 
 def _decodable(cfg: ExperimentConfig) -> None:

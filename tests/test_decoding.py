@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ouro_lab.models import LoopedLM, ModelSpec, StandardLM
-from ouro_lab.models.decoding import (STRATEGIES, ExitRule, KVCache, decoding_refusal, executed_flops, forward_chunk,
-                                      generate, teacher_forced)
+from ouro_lab.models.decoding import (EXITED_KV, STRATEGIES, ExitRule, KVCache, decoding_refusal, executed_flops,
+                                      forward_chunk, generate, row_flops, teacher_forced)
 
 V, S, P = 19, 10, 4  # vocabulary, sequence length, prefilled prompt
 
@@ -32,16 +32,19 @@ def make(kind: str = "looped", loop_state: str = "normed", positions: str = "rop
     return model
 
 
-def skip_reference(model, idx: torch.Tensor, rule: ExitRule, exit_from: int) -> tuple[torch.Tensor, torch.Tensor]:
+def skip_reference(model, idx: torch.Tensor, rule: ExitRule, exit_from: int,
+                   exit_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Skip semantics by brute force: every step runs every token densely with a causal mask;
-    an exited token's keys/values are replaced by those of its exit step and its state is not
-    updated. Returns the per-step normed states (T, B, S, D) and exit steps (B, S)."""
+    an exited token's state is not updated, and its keys/values are replaced by what
+    `rule.exited_kv` says: those of its exit step (frozen), those of step 1 (first), or each
+    layer's projections of its exit state (propagate). `exit_at`: exit steps given instead of
+    the rule's. Returns the per-step normed states (T, B, S, D) and exit steps (B, S)."""
     T = model.spec.loops if isinstance(model, LoopedLM) else 1
     B, n = idx.shape
     h = model.embed(idx)
     done = torch.zeros(B, n, dtype=torch.bool)
     exit_steps = torch.full((B, n), T)
-    frozen_k, frozen_v = {}, {}
+    frozen_k, frozen_v, first_k, first_v = {}, {}, {}, {}
     survival = torch.ones(B, n, dtype=torch.float64)
     prev = None
     states, normed = [], torch.zeros_like(h)
@@ -53,9 +56,18 @@ def skip_reference(model, idx: torch.Tensor, rule: ExitRule, exit_from: int) -> 
             q, k, v = a.qkv(z).view(B, n, 3, a.n_heads, -1).permute(2, 0, 3, 1, 4)
             if a.rope is not None:
                 q, k = a.rope(q), a.rope(k)
+            if t == 1:
+                first_k[layer], first_v[layer] = k, v
             if layer in frozen_k:
                 keep = done[:, None, :, None]
-                k, v = torch.where(keep, frozen_k[layer], k), torch.where(keep, frozen_v[layer], v)
+                if rule.exited_kv == "frozen":
+                    old_k, old_v = frozen_k[layer], frozen_v[layer]
+                elif rule.exited_kv == "first":
+                    old_k, old_v = first_k[layer], first_v[layer]
+                else:  # propagate: this layer's projections of the exit state (h is frozen at it)
+                    _, old_k, old_v = a.qkv(block.norm1(h)).view(B, n, 3, a.n_heads, -1).permute(2, 0, 3, 1, 4)
+                    old_k = a.rope(old_k) if a.rope is not None else old_k
+                k, v = torch.where(keep, old_k, k), torch.where(keep, old_v, v)
             frozen_k[layer], frozen_v[layer] = k, v
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, n, -1)
             x = x + block.norm2(a.out(y))
@@ -77,6 +89,8 @@ def skip_reference(model, idx: torch.Tensor, rule: ExitRule, exit_from: int) -> 
             elif prev is not None:
                 fires = (lp.exp() * (lp - prev)).sum(-1) < rule.threshold
             prev = torch.where(done[..., None], prev, lp) if prev is not None else lp
+        if exit_at is not None:
+            fires = exit_at == t
         fires &= running & (torch.arange(n) >= exit_from)[None]
         if t < T:
             exit_steps[fires] = t
@@ -103,6 +117,7 @@ def test_decoding_paths_equal_the_training_forward(kind, loop_state, positions, 
     with torch.no_grad():
         ref = model(idx).logits  # (T, B, S, V) per step, as training computes them
     never = [ExitRule(), ExitRule("conf", 2.0), ExitRule("change", -1.0)] + [ExitRule("q", 0.999)] * (kind == "looped")
+    never += [ExitRule("conf", 2.0, exited_kv) for exited_kv in EXITED_KV[1:]]  # no exit: every variant the same
     for rule in never:
         whole = forward_chunk(model, idx, rule=rule)
         assert torch.equal(whole.exit_steps, torch.full((3, S), T)), rule
@@ -287,3 +302,82 @@ def test_decoding_and_skip_evaluation_run_on_cuda():
     batch = [(idx, idx.roll(-1, 1), torch.ones_like(idx))]
     values = skip_evaluate(model, batch, ExitRule("q", 0.6), 1, False, S)
     assert values["skip_loops"] < 3 and values["skip_flops"] < values["full_flops"]
+
+
+def exit_patterns(B: int, n: int, T: int) -> list[torch.Tensor]:
+    """Exit steps (B, n) in 1..T: random, early tokens exiting early, late tokens exiting early."""
+    g = torch.Generator().manual_seed(1)
+    ramp = torch.arange(n)[None].expand(B, n)
+    return [torch.randint(1, T + 1, (B, n), generator=g), (1 + ramp * T // n).clamp(max=T),
+            (T - ramp * T // n).clamp(min=1)]
+
+
+@pytest.mark.parametrize("loop_state", ["normed", "residual"])
+@pytest.mark.parametrize("exited_kv", EXITED_KV)
+def test_each_exited_kv_variant_equals_its_dense_reference(exited_kv, loop_state):
+    """What later tokens read from an exited one (infer.exited_kv), under several exit patterns
+    and an online rule: the whole sequence at once and one-token decoding over the full cache
+    both give the brute-force reference's states and exits."""
+    model = make("looped", loop_state)
+    T, idx = model.spec.loops, torch.randint(0, V, (3, S))
+    cases = [(ExitRule("none", 1.0, exited_kv), at) for at in exit_patterns(3, S, T)]
+    cases.append((ExitRule("conf", 0.6, exited_kv), None))
+    states_seen = []
+    for rule, at in cases:
+        with torch.no_grad():
+            ref_states, ref_exits = skip_reference(model, idx, rule, exit_from=0, exit_at=at)
+        whole = forward_chunk(model, idx, rule=rule, exit_at=at)
+        assert torch.equal(whole.exit_steps, ref_exits)
+        assert torch.allclose(whole.hidden, ref_states, atol=1e-5), (rule, at)
+        states_seen.append(ref_states)
+        # decoding one token at a time after a full-depth prompt reads the same from the cache
+        with torch.no_grad():
+            ref_states, ref_exits = skip_reference(model, idx, rule, exit_from=P, exit_at=at)
+        cache = KVCache(model, 3, "full")
+        states = [forward_chunk(model, idx[:, :P], cache, prefill=True).hidden]
+        for j in range(P, S):
+            out = forward_chunk(model, idx[:, j:j + 1], cache, rule, exit_at=None if at is None else at[:, j:j + 1])
+            states.append(out.hidden)
+        assert torch.allclose(torch.cat(states, dim=2), ref_states, atol=1e-5), (rule, at)
+    # the variants differ from one another once tokens exit (the reference is not a no-op)
+    frozen, _ = skip_reference(model, idx, ExitRule("none"), 0, exit_patterns(3, S, T)[0])
+    if exited_kv != "frozen":
+        assert not torch.allclose(states_seen[0], frozen, atol=1e-4)
+
+
+def test_propagate_is_exact_at_the_first_layer_of_the_step_after_the_exit():
+    """Token j exits at step e, no token before it exits: under propagate, what later tokens read
+    from j at (step e + 1, layer 0) is the key/value j would have computed there had it kept
+    running (its exit state is that layer's input); deeper layers are an approximation."""
+    model = make("looped", "residual")
+    T, j, e = model.spec.loops, 6, 1
+    idx = torch.randint(0, V, (2, S))
+    at = torch.full((2, S), T)
+    at[:, j] = e
+    exited, full = KVCache(model, 2, "full"), KVCache(model, 2, "full")
+    forward_chunk(model, idx, exited, ExitRule("none", 1.0, "propagate"), exit_at=at)
+    forward_chunk(model, idx, full)  # full depth: every token runs every step
+    k_exited, v_exited = exited.keys_values(e + 1, 0)
+    k_full, v_full = full.keys_values(e + 1, 0)
+    assert torch.allclose(k_exited[:, :, j], k_full[:, :, j], atol=1e-6)
+    assert torch.allclose(v_exited[:, :, j], v_full[:, :, j], atol=1e-6)
+    assert not torch.allclose(exited.keys_values(e + 1, 1)[0][:, :, j], full.keys_values(e + 1, 1)[0][:, :, j], atol=1e-4)
+    frozen = KVCache(model, 2, "full")
+    forward_chunk(model, idx, frozen, ExitRule("none", 1.0, "frozen"), exit_at=at)
+    assert not torch.allclose(frozen.keys_values(e + 1, 0)[0][:, :, j], k_full[:, :, j], atol=1e-4)
+
+
+def test_propagate_charges_the_key_value_projections_it_executes():
+    """Exits given (the q rule's constant-gate hand count, above, in another form): every
+    exited token costs its executed steps, and under propagate one key/value projection per
+    layer (2 x D x 2D FLOPs each); frozen and first cost nothing more."""
+    model = make("looped")
+    T, B, d, n_layers = model.spec.loops, 2, 16, 2
+    at = exit_patterns(B, S, T)[0]
+    n_exited = int((at < T).sum())
+    for exited_kv in EXITED_KV:
+        out = forward_chunk(model, torch.randint(0, V, (B, S)), rule=ExitRule("none", 1.0, exited_kv), exit_at=at)
+        assert torch.equal(out.exit_steps, at) and out.stack_rows == int(at.sum())
+        assert out.kv_rows == (n_exited * n_layers if exited_kv == "propagate" else 0)
+        hand = row_flops(model, S, int(at.sum()), int(at.sum()), B * S) + out.kv_rows * 2 * d * 2 * d
+        assert executed_flops(model, out, S) == hand

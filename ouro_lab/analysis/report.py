@@ -249,6 +249,7 @@ def skip_table(skip: pd.DataFrame) -> pd.DataFrame:
     """The skip / select / full comparison, one row per evaluation (bpb where the task has it)."""
     kinds = [k for k in ("acc", "bpb") if f"skip_{k}" in skip.columns]
     cols = {"evaluated": "checkpoint", "split": "split", "rule": "rule", "threshold": "threshold",
+            "exited_kv": "exited kv",
             **{f"{sem}_{k}": f"{sem} {k}" for k in kinds for sem in ("skip", "select", "full")},
             "skip_minus_select_acc": "skip - select acc", "skip_loops": "skip loops", "full_loops": "full loops"}
     table = skip.rename(columns=cols)[list(cols.values())]

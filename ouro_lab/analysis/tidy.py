@@ -193,7 +193,8 @@ def latest_evals(evals: list[RunRecord]) -> list[RunRecord]:
 
 
 def skip_frame(evals: list[RunRecord], names: Mapping[str, str]) -> pd.DataFrame:
-    """Every finished evaluation with an exit rule: rule, threshold, skip/select/full metrics.
+    """Every finished evaluation with an exit rule: rule, threshold, what later tokens read from an
+    exited one (exited_kv), skip/select/full metrics.
     `names`: run id -> run name of the runs the evaluations scored (`evaluated_run_ids`)."""
     rows = []
     for r in evals:
@@ -206,10 +207,11 @@ def skip_frame(evals: list[RunRecord], names: Mapping[str, str]) -> pd.DataFrame
         p = r.params
         rows.append({"run_id": r.run_id, "evaluated": evaluated, "split": split, "arch": p.get("model.arch"),
                      "loops": int(p.get("model.loops", 1)), "rule": p.get("infer.exit_rule"),
-                     "threshold": typed_value(p.get("infer.exit_threshold", "nan")), **values})
-    first = ["run_id", "evaluated", "split", "arch", "loops", "rule", "threshold"]
+                     "threshold": typed_value(p.get("infer.exit_threshold", "nan")),
+                     "exited_kv": p.get("infer.exited_kv", "frozen"), **values})  # (runs before the key: frozen)
+    first = ["run_id", "evaluated", "split", "arch", "loops", "rule", "threshold", "exited_kv"]
     frame = pd.DataFrame(rows, columns=first + sorted({k for row in rows for k in row} - set(first)))
-    return frame.sort_values(["evaluated", "split", "rule", "threshold"]).reset_index(drop=True)
+    return frame.sort_values(["evaluated", "split", "rule", "threshold", "exited_kv"]).reset_index(drop=True)
 
 
 def bench_frame(runs: list[RunRecord], names: Mapping[str, str]) -> pd.DataFrame:

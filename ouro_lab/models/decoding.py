@@ -3,7 +3,8 @@
 Skip semantics (docs/concepts/method.md "Inference"; docs/guides/evaluate.md):
 a token that exits at loop step e is no longer computed. Its hidden state stays frozen at
 step e, and at every later step t > e the other tokens' attention reads its keys/values as
-computed at step e (at the same layer): the rule the paper decodes with. Selection semantics
+computed at step e (at the same layer): the rule the paper decodes with (`EXITED_KV` lists
+the other rules `ExitRule.exited_kv` can choose). Selection semantics
 (`ouro_lab.exits.select`, the released code) computes all T steps and only reads each token
 at its exit step; the two differ because in skip semantics later tokens see frozen context.
 
@@ -43,6 +44,14 @@ from ouro_lab.models.transformer import LoopedLM, _DecoderLM, causal_attention, 
 
 RULES = ("none", "q", "conf", "change")
 STRATEGIES = ("full", "last", "first", "mean")
+# what later tokens read from an exited token at each later (loop step, layer) (infer.exited_kv):
+#   frozen     its keys/values of its exit step (Huginn's "latest"; the paper decodes so)
+#   propagate  that layer's own key/value projections of its exit state (CALM, Schuster et al.
+#              2022, sec. 3.3.1): exact at the first layer of the step after the exit, where the
+#              exit state is the layer's input; charged as executed FLOPs
+#   first      its keys/values of loop step 1 (Mixture-of-Recursions' recursive KV sharing,
+#              Bae et al. 2025): no extra compute
+EXITED_KV = ("frozen", "propagate", "first")
 
 
 @dataclass(frozen=True)
@@ -57,10 +66,13 @@ class ExitRule:
 
     name: str = "none"
     threshold: float = 1.0
+    exited_kv: str = "frozen"  # what later tokens read from an exited token (EXITED_KV)
 
     def __post_init__(self):
         if self.name not in RULES:
             raise ValueError(f"exit rule must be one of {RULES}, got {self.name!r}")
+        if self.exited_kv not in EXITED_KV:
+            raise ValueError(f"exited_kv must be one of {EXITED_KV}, got {self.exited_kv!r}")
 
     @property
     def needs_logits(self) -> bool:
@@ -68,7 +80,8 @@ class ExitRule:
         return self.name in ("conf", "change")
 
     def __str__(self) -> str:
-        return "full depth" if self.name == "none" else f"{self.name}={self.threshold:g}"
+        kv = "" if self.exited_kv == "frozen" else f" ({self.exited_kv})"
+        return "full depth" if self.name == "none" else f"{self.name}={self.threshold:g}{kv}"
 
 
 class KVCache:
@@ -153,7 +166,9 @@ class ChunkOutput:
     (the head reads it: per-step logits = head(hidden)); exit_steps: (B, C) in 1..T;
     exit_logits: (B, C, V) at each token's exit step; gate_logits: (B, C, T) frozen after the
     exit, None for standard models. *_rows: token rows that went through the stack (one per
-    token and executed loop step), the exit gate and the LM head."""
+    token and executed loop step), the exit gate and the LM head; kv_rows: exited tokens' rows
+    whose keys/values a layer projected again (exited_kv=propagate: one per exited token and
+    layer)."""
 
     hidden: torch.Tensor
     exit_steps: torch.Tensor
@@ -162,19 +177,24 @@ class ChunkOutput:
     stack_rows: int
     gate_rows: int
     head_rows: int
+    kv_rows: int = 0
 
 
-def row_flops(model: _DecoderLM, seq_len: int, stack_rows: int, gate_rows: int, head_rows: int) -> int:
+def row_flops(model: _DecoderLM, seq_len: int, stack_rows: int, gate_rows: int, head_rows: int,
+              kv_rows: int = 0) -> int:
     """Forward FLOPs of token rows through the stack (one per token and loop step), the exit
-    gate and the LM head, counted by structure (the platform's convention,
-    `_DecoderLM.block_flops_per_token`: attention over the full `seq_len`, norms and softmax ignored)."""
+    gate, the LM head and the key/value projections of one layer (`kv_rows`: 2 x D x 2D each),
+    counted by structure (the platform's convention, `_DecoderLM.block_flops_per_token`:
+    attention over the full `seq_len`, norms and softmax ignored)."""
     stack = len(model.blocks) * model.block_flops_per_token(seq_len)
-    return stack_rows * stack + gate_rows * 2 * model.spec.d_model + head_rows * model.head_flops_per_token()
+    d = model.spec.d_model
+    return (stack_rows * stack + gate_rows * 2 * d + head_rows * model.head_flops_per_token()
+            + kv_rows * 2 * d * 2 * d)
 
 
 def executed_flops(model: _DecoderLM, out: ChunkOutput, seq_len: int) -> int:
     """Forward FLOPs a chunk actually executed (`row_flops` of the rows that ran)."""
-    return row_flops(model, seq_len, out.stack_rows, out.gate_rows, out.head_rows)
+    return row_flops(model, seq_len, out.stack_rows, out.gate_rows, out.head_rows, out.kv_rows)
 
 
 def decoding_refusal(looped: bool, prelude_layers: int, coda_layers: int, injection: str,
@@ -194,11 +214,12 @@ def _loops(model: _DecoderLM) -> int:
 
 @torch.no_grad()
 def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = None, rule: ExitRule = ExitRule(),
-                  exit_from: int = 0, prefill: bool = False) -> ChunkOutput:
+                  exit_from: int = 0, prefill: bool = False, exit_at: torch.Tensor | None = None) -> ChunkOutput:
     """Run tokens idx (B, C) at positions cache.length.. (0 without a cache) in skip semantics
     under `rule`, reading the cached tokens' keys/values, and append the chunk to `cache`
     (`prefill`: kept per loop step whatever the strategy). Tokens before position `exit_from`
-    run to full depth.
+    run to full depth. `exit_at` (B, C): exit steps given instead of the rule's (an oracle's,
+    a test's; T or more = full depth). What later tokens read from an exited one: `rule.exited_kv`.
 
     With rule none and no cache, every operation is the ordinary forward's (same results)."""
     spec = model.spec
@@ -232,20 +253,29 @@ def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = 
         exit_logits = h.new_zeros(B, C, spec.vocab_size)
     if rule.name == "change":
         prev_log_probs = torch.zeros(B, C, spec.vocab_size, device=device)
-    stack_rows = gate_rows = head_rows = 0
+    stack_rows = gate_rows = head_rows = kv_rows = 0
+    handed_over = torch.zeros_like(active)  # exited tokens whose keys/values exited_kv has replaced
+    first_kv = None  # (exited_kv=first) every token's step-1 keys/values
     for t in range(1, T + 1):
+        if rule.exited_kv != "frozen" and bool((newly := ~active & ~handed_over).any()):
+            kv_rows += _exited_keys_values(blocks, rule.exited_kv, newly, h, positions, k_now, v_now, first_kv)
+            handed_over |= newly
         if active.any():
             rows = active.nonzero(as_tuple=True)  # (b, c) of the tokens still running
             if start == 0 and bool(active.all()):  # nothing cached, nothing exited: the ordinary blocks
                 for layer, block in enumerate(blocks):
                     h = block(h, _Kept(k_now[layer], v_now[layer]))
                 x = h.reshape(B * C, D)
+                if t == 1 and rule.exited_kv == "first":
+                    first_kv = (k_now.clone(), v_now.clone())
             else:  # the running rows only, through the same blocks
                 packed, x = _Packed(cache, t, rows, active, positions, k_now, v_now), h[rows]
                 for layer, block in enumerate(blocks):
                     # NOTE: .forward, not the call: eager even where training compiled the blocks
                     # (fullgraph), since the packed shapes change with every exit
                     x = block.forward(x, packed.layer(layer))
+                if t == 1 and rule.exited_kv == "first":
+                    first_kv = (k_now.clone(), v_now.clone())
             stack_rows += x.shape[0]
             x_normed = model.final_norm(x)
             if spec.loop_state == "normed":  # Ouro: the normed state is the next loop's input
@@ -272,6 +302,8 @@ def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = 
                 else:
                     fires = exits.settled(change, rule.threshold)  # never at step 1 (change = inf)
                     prev_log_probs[rows] = log_probs
+            if exit_at is not None:
+                fires = exit_at[rows] == t
             if t < T:
                 fires = fires & may_exit[rows]
                 stop = (rows[0][fires], rows[1][fires])
@@ -290,7 +322,23 @@ def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = 
         cache.append(torch.stack(step_k), torch.stack(step_v), exit_steps, prefill)
     return ChunkOutput(hidden=hidden, exit_steps=exit_steps, exit_logits=exit_logits,
                        gate_logits=torch.stack(step_gate, -1) if gate is not None else None,
-                       stack_rows=stack_rows, gate_rows=gate_rows, head_rows=head_rows)
+                       stack_rows=stack_rows, gate_rows=gate_rows, head_rows=head_rows, kv_rows=kv_rows)
+
+
+def _exited_keys_values(blocks, how: str, exited: torch.Tensor, h: torch.Tensor, positions: torch.Tensor,
+                        k_now: torch.Tensor, v_now: torch.Tensor, first_kv) -> int:
+    """Write what later tokens read from the chunk's newly exited tokens (`exited` (B, C)) at
+    every later loop step into k_now, v_now (L, B, H, C, Dh): each layer's projections of their
+    exit state h (`propagate`; the same at every later step, as the layers' weights are shared
+    across loop steps), or their step-1 keys/values (`first`). Returns the rows projected."""
+    b, c = exited.nonzero(as_tuple=True)
+    if how == "first":
+        k_now[:, b, :, c], v_now[:, b, :, c] = first_kv[0][:, b, :, c], first_kv[1][:, b, :, c]
+        return 0
+    x = h[b, c]  # (n, D): each exited token's state at its exit, the next loop step's input
+    for layer, block in enumerate(blocks):
+        k_now[layer][b, :, c], v_now[layer][b, :, c] = block.attn.keys_values(block.norm1(x), positions[c])
+    return x.shape[0] * len(blocks)
 
 
 class _Kept:

@@ -121,6 +121,14 @@ class Attention(nn.Module):
         y = causal_attention(q, k, v) if kv is None else kv.attend(q, k, v)
         return self.out(y.flatten(-2))
 
+    def keys_values(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values `forward` would attend with for packed rows x (n, D) at
+        `positions` (n,), without the queries: (n, H, Dh) each (what an exited token offers
+        later tokens under infer.exited_kv=propagate, models/decoding.py)."""
+        D = x.shape[-1]
+        k, v = F.linear(x, self.qkv.weight[D:]).view(x.shape[0], 2, self.n_heads, D // self.n_heads).unbind(1)
+        return (self.rope(k, positions) if self.rope is not None else k), v
+
 
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_ff: int):
