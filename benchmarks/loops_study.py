@@ -55,7 +55,7 @@ def tables(data) -> dict[int, list[str]]:
 
 
 def blocks(data, summary: str, block: list[str]) -> dict[str, list[str]]:
-    out = {"loops-wall": [f"The sweep: {summary} (its runs include the reused param-matched ones)"]}
+    out = {"loops-wall": [f"The sweep: {summary.rstrip('.')}; the runs include the reused param-matched ones."]}
     out |= {f"loops-L{length}": [*lines, "", *block] for length, lines in tables(data).items()}
     return out
 

@@ -51,6 +51,7 @@ def table(data, split: str = "test") -> list[str]:
 
     steps = data.steps
     s = steps[(steps["split"] == split) & (steps["arch"] == "looped") & (steps["difficulty"] == "all")]
+    s = s.merge(data.runs[["run_id", "recipe"]], on="run_id")  # (the bundle's name: a run column only)
     laws = law_table(data, epsilon=EPSILON, split=split)
     laws = laws[laws["over"] == "step"].set_index(["group", "loops"])["fit"]
     client = MlflowClient(data.tracking_uri)
