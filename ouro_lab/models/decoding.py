@@ -266,16 +266,14 @@ def forward_chunk(model: _DecoderLM, idx: torch.Tensor, cache: KVCache | None = 
                 for layer, block in enumerate(blocks):
                     h = block(h, _Kept(k_now[layer], v_now[layer]))
                 x = h.reshape(B * C, D)
-                if t == 1 and rule.exited_kv == "first":
-                    first_kv = (k_now.clone(), v_now.clone())
             else:  # the running rows only, through the same blocks
                 packed, x = _Packed(cache, t, rows, active, positions, k_now, v_now), h[rows]
                 for layer, block in enumerate(blocks):
                     # NOTE: .forward, not the call: eager even where training compiled the blocks
                     # (fullgraph), since the packed shapes change with every exit
                     x = block.forward(x, packed.layer(layer))
-                if t == 1 and rule.exited_kv == "first":
-                    first_kv = (k_now.clone(), v_now.clone())
+            if t == 1 and rule.exited_kv == "first":  # (every token runs step 1: all its keys/values)
+                first_kv = (k_now.clone(), v_now.clone())
             stack_rows += x.shape[0]
             x_normed = model.final_norm(x)
             if spec.loop_state == "normed":  # Ouro: the normed state is the next loop's input
