@@ -168,6 +168,23 @@ def inference(semantics: str, kind: str, level: int | None = None) -> str:
     return f"{semantics}_{kind}{_level(level)}"
 
 
+# the skip frontier (`ouro-lab eval` with infer.frontier): a rule at each threshold, in selection
+# semantics and in skip semantics per exited_kv (models/decoding.py EXITED_KV), next to full_* above;
+# logged as the table skip_frontier/{split}.csv (run_record.metric_tables)
+SKIP_FRONTIER_METRIC = re.compile(r"^(?P<split>val|test)/(?P<semantics>skip|select)_(?P<rule>q|conf|change)"
+                                  r"(?P<threshold>[0-9.e+-]+)(?:_(?P<kv>frozen|propagate|first))?_(?P<kind>[a-z]+)"
+                                  r"(?:_d(?P<level>\d+))?$")
+
+
+def skip_frontier(semantics: str, rule: str, threshold: float, kind: str, exited_kv: str | None = None,
+                  level: int | None = None) -> str:
+    """'skip_q0.1_propagate_acc_d2', 'select_q0.1_flops': one point of the skip frontier (kinds as
+    `inference`); skip points name what later tokens read from an exited one, selection's do not."""
+    assert semantics in ("skip", "select") and (exited_kv is not None) == (semantics == "skip"), (semantics, exited_kv)
+    kv = f"_{exited_kv}" if exited_kv else ""
+    return f"{semantics}_{rule}{threshold_label(threshold)}{kv}_{kind}{_level(level)}"
+
+
 # `ouro-lab bench`: bench/{task}/{acc|acc_norm}_step{t}, bench/{task}/{acc|acc_norm|loops}_rule
 # (under the exit rule), bench/{task}/questions, bench/{task}/chance
 BENCH_METRIC = re.compile(r"^bench/(?P<task>[^/]+)/(?P<kind>acc|acc_norm)_(?:step(?P<step>\d+)|rule)$")
