@@ -46,8 +46,8 @@ def evaluate(run, store: str, experiment: str, client) -> dict[str, float]:
     ckpt = run.data.tags[rr.CHECKPOINT]
     done = client.search_runs([run.info.experiment_id], f"tags.`{rr.CHECKPOINT}` = '{ckpt}' and "
                               f"tags.`{rr.ROLE}` = '{rr.EVAL_RUN}' and attributes.status = 'FINISHED'")
-    for r in done:
-        if r.data.params.get("infer.frontier") == "True":
+    for r in done:  # (an evaluation at other thresholds is not this one)
+        if r.data.params.get("infer.frontier") == "True" and r.data.params.get("eval.exit_q") == str(QS):
             return tracking.read_metrics(client, r)
     result = evaluate_checkpoint(Path(ckpt), ["infer.exit_rule=q", "infer.frontier=true", f"eval.exit_q={QS}",
                                               f"tracking.uri={store}", f"tracking.experiment={experiment}"], log=True)
@@ -68,9 +68,9 @@ def lone_tokens_per_s(ckpt: str, q: float, variants: list[str]) -> dict[str, flo
     prefill = tokens.shape[1] // 4
     model = module.model.eval()
     rules = {"full depth": ExitRule(), **{kv: ExitRule("q", q, kv) for kv in variants}}
-    teacher_forced(model, tokens, prefill, rules["full depth"])  # warm-up
     out = {}
     with torch.no_grad():
+        teacher_forced(model, tokens, prefill, rules["full depth"])  # warm-up
         for name, rule in rules.items():
             best = 0.0
             for _ in range(3):
@@ -142,7 +142,7 @@ def study_rows(task: str, out: Path, sets: list[str]) -> tuple[list[dict], str, 
         ckpt = run.data.tags[rr.CHECKPOINT]
         variants = list(EXITED_KV) if training == "off" else [trained_kv]
         speed = lone_tokens_per_s(ckpt, gap["threshold"], variants) if gap.get("threshold") is not None else {}
-        full_s, aware_s = step_seconds(ckpt, trained_kv)
+        full_s, aware_s = step_seconds(ckpt, trained_kv) if training != "off" else (None, None)
         for kv in variants:
             v, best = gap["variants"].get(kv, {}), gap["cheapest"].get(kv, {})
             rows.append({"task": task, "training": TRAINING[training], "trained_kv": trained_kv if training != "off" else "",

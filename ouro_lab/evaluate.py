@@ -8,7 +8,6 @@ from pathlib import Path
 from ouro_lab import tracking
 from ouro_lab.builders import log_setup, make_datamodule, make_trainer
 from ouro_lab.checkpoints import load_checkpoint
-from ouro_lab.config import ConfigError
 from ouro_lab.inference import device_for, exit_rule, frontier_rules, skip_evaluate, skip_frontier, skip_table
 from ouro_lab.run_record import (EVAL_OVERRIDES, EVAL_RUN, EVAL_SPLIT, IMPORTED_FROM, METRIC_KIND_TAG, evaluation_tags,
                                  metric_kind, run_name, tabled)
@@ -56,8 +55,6 @@ def evaluate_checkpoint(path: Path, overrides: list[str] = (), split: str = "tes
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}
     result = EvalResult(metrics=metrics, split=split, kind=metric_kind(module.task), epsilon=cfg.eval.exit_epsilon)
     rule = exit_rule(cfg)
-    if cfg.infer.frontier and rule.name == "none":
-        raise ConfigError("infer.frontier: the frontier of which rule? set infer.exit_rule (q, conf or change)")
     if rule.name != "none":  # the rule in skip semantics, next to selection semantics and full depth
         loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
         args = (len(module.task.difficulty_levels), result.kind == "bpb", module.task.seq_len,

@@ -6,6 +6,10 @@
     {split}/exit_expected_step[_d{k}], {split}/exit_entropy[_d{k}], {split}/exit_mass_step{t}
     {split}/acc                     = acc_final (the progress bar's and the pruner's default)
     train/loss, train/loss_step{t}, train/loss_exit, train/exit_entropy, train/exit_kl
+    {split}/{skip|select|full}_{kind}[_d{k}]   `ouro-lab eval` with an exit rule (kind acc | loss | bpb |
+                                    loops | flops | seconds), skip_minus_select_acc
+    {split}/select_{rule}{x}_{kind}[_d{k}], {split}/skip_{rule}{x}_{exited_kv}_{kind}[_d{k}]
+                                    the skip frontier (infer.frontier; the table skip_frontier/{split}.csv)
 
 split is val or test; k is the difficulty level (op count, hop count, position bucket).
 bpb (bits per byte, byte-level tasks) = loss / ln 2.

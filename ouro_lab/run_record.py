@@ -464,9 +464,11 @@ def metric_kind(task: Task) -> str:
 # Config keys added after runs (the reuse hash) and studies (the definition hash) were first
 # hashed: left out of a hash while at their schema default, so hashes made before them stay
 # valid and old studies resume and reuse their runs.
+EXIT_AWARE_KEYS = (("train", "exit_aware"), ("train", "exit_aware_q"), ("train", "exit_aware_from"), ("train", "exited_kv"))
 RUN_HASH_LATER = (("model", "rope_layout"), ("model", "rope_base"), ("model", "norm_eps"), ("model", "prelude_layers"),
                   ("model", "coda_layers"), ("model", "injection"), ("model", "init_state"),
-                  ("train", "loops_sampling"), ("train", "loops_min"), ("train", "loops_max"), ("train", "backprop_loops"))
+                  ("train", "loops_sampling"), ("train", "loops_min"), ("train", "loops_max"), ("train", "backprop_loops"),
+                  *EXIT_AWARE_KEYS)
 STUDY_HASH_LATER = (("train", "strategy"), ("eval", "exit_q"), ("eval", "exit_confidence"), ("eval", "exit_step_change"),
                     ("eval", "exit_epsilon"), ("eval", "oracle_tolerance"), ("stage2", "init_from"), ("stage2", "k"),
                     ("stage2", "gamma"), ("stage2", "improvement"), ("stage2", "steps"), ("model", "rope_layout"),
@@ -474,7 +476,7 @@ STUDY_HASH_LATER = (("train", "strategy"), ("eval", "exit_q"), ("eval", "exit_co
                     *(("infer", f.name) for f in dataclasses.fields(InferConfig)),
                     ("model", "prelude_layers"), ("model", "coda_layers"), ("model", "injection"),
                     ("model", "init_state"), ("train", "loops_sampling"), ("train", "loops_min"),
-                    ("train", "loops_max"), ("train", "backprop_loops"), ("data", "lm"))
+                    ("train", "loops_max"), ("train", "backprop_loops"), ("data", "lm"), *EXIT_AWARE_KEYS)
 
 
 def drop_later_defaults(d: dict, keys: Iterable[tuple[str, str]]) -> None:

@@ -159,7 +159,7 @@ def skip_frontier_frame(metrics: dict[str, float], split: str):
             if kind != "seconds":
                 rows.setdefault(("full", rule, None, "", level or "all"), {})[kind] = value  # (None: NaN != NaN)
     order = {"full": 0, "select": 1, "skip": 2, "": 0, "frozen": 1, "propagate": 2, "first": 3}  # (EXITED_KV's order)
-    keys = sorted(rows, key=lambda k: (order[k[0]], k[2] or 0, order.get(k[3], 9), k[4] != "all", k[4]))
+    keys = sorted(rows, key=lambda k: (order[k[0]], k[2] or 0, order.get(k[3], 9), -1 if k[4] == "all" else int(k[4])))
     return pd.DataFrame([dict(zip(SKIP_COLUMNS, key)) | rows[key] for key in keys])
 
 

@@ -192,6 +192,8 @@ def test_the_skip_frontier_is_each_rule_evaluation_side_by_side(trained, capsys)
     assert {k: read[k] for k in tabled} == pytest.approx(tabled)
     with pytest.raises(Exception, match="infer.frontier: the frontier of which rule"):
         evaluate_checkpoint(ckpt, ["infer.frontier=true"])
+    with pytest.raises(Exception, match="leave infer.exit_threshold and infer.exited_kv out"):
+        evaluate_checkpoint(ckpt, ["infer.frontier=true", "infer.exit_rule=q", "infer.exited_kv=first"])
 
 
 def test_the_report_shows_the_skip_frontier_of_an_evaluation(trained, tmp_path):

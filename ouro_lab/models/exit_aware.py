@@ -61,8 +61,10 @@ class TrainExits:
         they leave behind. state (B, S, D): the next step's input (the exit state); readout: what
         the gate reads."""
         step = self.current
+        keys, values = step.k, step.v
+        step.k, step.v = [None] * len(keys), [None] * len(values)  # (held no longer; a recompute writes anew)
         if t == 1 and self.exited_kv == "first":
-            self.first = (step.k, step.v)
+            self.first = (keys, values)
         if self.exit_steps is None:
             self.exit_steps = torch.full(state.shape[:2], loops, dtype=torch.long, device=state.device)
         if t >= loops:
@@ -74,7 +76,7 @@ class TrainExits:
                 g = model.exit_gate(readout.detach()).squeeze(-1)  # (B, S)
                 if self.how == "q":
                     self.survival, cdf = exits.cdf_step(self.survival, g)
-                    fires = exits.q_reached(cdf, self.q)
+                    fires = exits.q_reached(cdf, self.q) & (self.q < 1.0)  # (q >= 1: full depth, as in decoding)
                 else:
                     fires = torch.bernoulli(torch.sigmoid(g.float())).bool()
             fires &= self.active
@@ -82,9 +84,9 @@ class TrainExits:
             return
         self.exit_steps[fires] = t
         self.active = self.active & ~fires
-        layers = len(step.k)
+        layers = len(keys)
         if self.exited_kv == "frozen":
-            k_new, v_new = step.k, step.v
+            k_new, v_new = keys, values
         elif self.exited_kv == "first":
             k_new, v_new = self.first
         else:  # propagate: every layer's projections of the exit state
