@@ -8,6 +8,7 @@ import torch
 from ouro_lab.models import LoopedLM, ModelSpec
 from ouro_lab.models.decoding import EXITED_KV, forward_chunk
 from ouro_lab.models.exit_aware import TrainExits
+from test_decoding import exit_patterns  # random, early tokens exiting early, late tokens exiting early
 
 V, S = 11, 10
 
@@ -23,13 +24,6 @@ def make(loop_state: str = "normed", seed: int = 0) -> LoopedLM:
     return model
 
 
-def patterns(B: int, T: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    ramp = torch.arange(S)[None].expand(B, S)
-    return [torch.randint(1, T + 1, (B, S), generator=g), (1 + ramp * T // S).clamp(max=T),
-            (T - ramp * T // S).clamp(min=1)]
-
-
 @pytest.mark.parametrize("loop_state", ["normed", "residual"])
 @pytest.mark.parametrize("exited_kv", EXITED_KV)
 def test_each_token_is_its_skip_semantics_self(exited_kv, loop_state):
@@ -37,7 +31,7 @@ def test_each_token_is_its_skip_semantics_self(exited_kv, loop_state):
     step t it is skip semantics' had that token alone run on to t."""
     model = make(loop_state)
     T, idx = model.spec.loops, torch.randint(0, V, (2, S))
-    for steps in patterns(2, T):
+    for steps in exit_patterns(2, S, T):
         exits = TrainExits("given", exited_kv, steps=steps)
         with torch.no_grad():
             trained = model(idx, train_exits=exits).hidden  # (T, B, S, D)
