@@ -34,7 +34,7 @@ from results_page import provenance, rewrite, run_study, trained_at  # noqa: E40
 
 QS = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]  # the frontier's thresholds: 8 x 3 skip passes per model
 SWEEPS = {"state": "exit_aware.yaml", "text": "exit_aware_text.yaml"}
-TRAINING = {"off": "full depth", "sampled": "exit-aware"}
+TRAINING = {"none": "full depth", "sampled": "exit-aware"}
 
 
 def evaluate(run, store: str, experiment: str, client) -> dict[str, float]:
@@ -80,7 +80,7 @@ def lone_tokens_per_s(ckpt: str, q: float, variants: list[str]) -> dict[str, flo
     return out
 
 
-def step_seconds(ckpt: str, kv: str, steps: int = 8) -> tuple[float, float]:
+def step_seconds(ckpt: str, kv: str, steps: int = 12) -> tuple[float, float]:
     """Seconds per training step (forward + backward, one training batch) at full depth and with
     exit-aware training (sampled exits, exited_kv `kv`), on the checkpoint's model. Median of `steps`."""
     import torch
@@ -140,12 +140,12 @@ def study_rows(task: str, out: Path, sets: list[str]) -> tuple[list[dict], str, 
         epsilon = float(p["eval.exit_epsilon"])
         gap = skip_gap(skip_frontier_frame(metrics, "test"), epsilon, kind)
         ckpt = run.data.tags[rr.CHECKPOINT]
-        variants = list(EXITED_KV) if training == "off" else [trained_kv]
+        variants = list(EXITED_KV) if training == "none" else [trained_kv]
         speed = lone_tokens_per_s(ckpt, gap["threshold"], variants) if gap.get("threshold") is not None else {}
-        full_s, aware_s = step_seconds(ckpt, trained_kv) if training != "off" else (None, None)
+        full_s, aware_s = step_seconds(ckpt, trained_kv) if training != "none" else (None, None)
         for kv in variants:
             v, best = gap["variants"].get(kv, {}), gap["cheapest"].get(kv, {})
-            rows.append({"task": task, "training": TRAINING[training], "trained_kv": trained_kv if training != "off" else "",
+            rows.append({"task": task, "training": TRAINING[training], "trained_kv": trained_kv if training != "none" else "",
                          "exited_kv": kv, "seed": seed, "kind": kind, "epsilon": epsilon, "full": gap["full"],
                          "q": gap.get("threshold"), "select": gap.get("select"), "skip": v.get(kind), "gap": v.get("gap"),
                          "within": v.get("within"), "saved": v.get("saved"), "cheapest_q": best.get("threshold"),
@@ -157,15 +157,23 @@ def study_rows(task: str, out: Path, sets: list[str]) -> tuple[list[dict], str, 
     return rows, name, wall, commits, machines, seeds
 
 
+def _grouped(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows by (task, training, exited_kv): full depth before exit-aware, exited_kv in EXITED_KV order."""
+    from ouro_lab.models.decoding import EXITED_KV
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (r["task"], r["training"] != TRAINING["none"], EXITED_KV.index(r["exited_kv"]),
+                                         r["seed"])):
+        groups.setdefault((r["task"], r["training"], r["exited_kv"]), []).append(r)
+    return groups
+
+
 def table(rows: list[dict]) -> list[str]:
     head = ["task", "training", "exited kv", "full depth", "q within eps (selection)", "selection", "skip",
             "skip - select", "skip within eps", "FLOPs saved", "cheapest skip within eps: q, FLOPs saved",
             "tokens/s, one sequence: skip / full depth"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["task"], r["training"], r["exited_kv"]), []).append(r)
-    for (task, training, kv), rs in groups.items():
+    for (task, training, kv), rs in _grouped(rows).items():
         kind = rs[0]["kind"]
         qs = ", ".join(f"{r['q']:g}" if r["q"] is not None else "none" for r in rs)
         within = "/".join("yes" if r["within"] else "no" for r in rs)
@@ -184,10 +192,7 @@ def table(rows: list[dict]) -> list[str]:
 def difficulty_table(rows: list[dict]) -> list[str]:
     levels = sorted({d for r in rows for d in r["by_difficulty"]}, key=int)
     lines = ["| task | training | exited kv | " + " | ".join(f"d{d}" for d in levels) + " |", "|" + "---|" * (3 + len(levels))]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["task"], r["training"], r["exited_kv"]), []).append(r)
-    for (task, training, kv), rs in groups.items():
+    for (task, training, kv), rs in _grouped(rows).items():
         cells = [mean_sd([r["by_difficulty"].get(d) for r in rs], "+.3f") for d in levels]
         lines.append(f"| {task} | {training} | {kv} | " + " | ".join(cells) + " |")
     return lines
@@ -195,11 +200,9 @@ def difficulty_table(rows: list[dict]) -> list[str]:
 
 def cost_table(rows: list[dict]) -> list[str]:
     lines = ["| task | exited kv | s per training step, full depth | with exit-aware training | ratio |", "|---|---|---|---|---|"]
-    seen = {}
-    for r in rows:
-        if r["training"] == "exit-aware":
-            seen.setdefault((r["task"], r["trained_kv"]), []).append(r)
-    for (task, kv), rs in seen.items():
+    for (task, training, kv), rs in _grouped(rows).items():
+        if training == TRAINING["none"]:
+            continue
         ratio = [r["step_s_aware"] / r["step_s_full"] for r in rs]
         lines.append(f"| {task} | {kv} | {mean_sd([r['step_s_full'] for r in rs], '.3f')} | "
                      f"{mean_sd([r['step_s_aware'] for r in rs], '.3f')} | {mean_sd(ratio, '.2f')} |")

@@ -129,7 +129,7 @@ class TrainConfig:
     loops_min: int = 1  # uniform: the range [loops_min, loops_max]
     loops_max: int = 0  # uniform: upper end; other samplers: a cap on the draw (0 = none)
     backprop_loops: int = 0  # truncated backprop: gradient through the last k loop steps only; 0 = all
-    exit_aware: str = "off"  # exit-aware training (docs/guides/train.md): off | sampled (each token's exit step drawn from its gate) | q (where its gate CDF reaches exit_aware_q)
+    exit_aware: str = "none"  # exit-aware training (docs/guides/train.md): none | sampled (each token's exit step drawn from its gate) | q (where its gate CDF reaches exit_aware_q)
     exit_aware_q: float = 0.5  # q of exit_aware=q
     exit_aware_from: float = 0.5  # fraction of train.max_steps trained as usual first (an untrained gate exits at random)
     exited_kv: str = "frozen"  # what later tokens read from an exited one in exit-aware training (as infer.exited_kv)
@@ -396,7 +396,7 @@ def validate(cfg: ExperimentConfig, saved: bool = False) -> ExperimentConfig:
     for key, value, choices in (("infer.cache", i.cache, CACHE_STRATEGIES), ("infer.exited_kv", i.exited_kv, EXITED_KV),
                                 ("train.exited_kv", t.exited_kv, EXITED_KV), ("train.exit_aware", t.exit_aware, EXIT_AWARE)):
         choice(key, value, choices)
-    check(t.exit_aware == "off" or (m.arch == "looped" and not m.decoding_refusal), "train.exit_aware",
+    check(t.exit_aware == "none" or (m.arch == "looped" and not m.decoding_refusal), "train.exit_aware",
           f"{t.exit_aware!r} needs a looped model with Ouro's whole-stack loop (skip semantics), got model.arch={m.arch}")
     check(0 < t.exit_aware_q <= 1 and 0 <= t.exit_aware_from < 1, "train.exit_aware_q",
           f"exit_aware_q must be in (0, 1] and exit_aware_from in [0, 1), got {t.exit_aware_q}, {t.exit_aware_from}")

@@ -295,7 +295,7 @@ class LoopedLMModule(_LMModule):
         after the first train.exit_aware_from of Stage I's steps, and throughout Stage II (the
         gate then learns from the losses tokens have under exited context)."""
         t = self.cfg.train
-        if t.exit_aware == "off" or (not self.in_stage2 and step < t.exit_aware_from * t.max_steps):
+        if t.exit_aware == "none" or (not self.in_stage2 and step < t.exit_aware_from * t.max_steps):
             return None
         return TrainExits(t.exit_aware, t.exited_kv, q=t.exit_aware_q)
 

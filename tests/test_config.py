@@ -64,7 +64,7 @@ def test_schema_defaults_without_a_file():
         (["infer.exit_rule=q", "infer.exit_threshold=1.5"], "infer.exit_threshold: must be > 0, and <= 1 for rules q and conf; got 1.5 for rule 'q'"),
         (["infer.exit_rule=change", "infer.exit_threshold=0"], "infer.exit_threshold: must be > 0, and <= 1 for rules q and conf; got 0.0 for rule 'change'"),
         (["model.arch=param_matched", "infer.exit_rule=q"], "infer.exit_rule: the q rule reads the exit gate"),
-        (["train.exit_aware=always"], "train.exit_aware: 'always' is not one of: off, sampled, q"),
+        (["train.exit_aware=always"], "train.exit_aware: 'always' is not one of: none, sampled, q"),
         (["train.exited_kv=latest"], "train.exited_kv: 'latest' is not one of: frozen, propagate, first"),
         (["train.exit_aware=q", "model.arch=depth_matched"], "train.exit_aware: 'q' needs a looped model"),
         (["train.exit_aware=sampled", "model.injection=additive"], "train.exit_aware: 'sampled' needs a looped model"),

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ouro_lab import exits
 from ouro_lab.models.decoding import EXITED_KV
 
-HOW = ("off", "sampled", "q")  # train.exit_aware: how training picks each token's exit step
+HOW = ("none", "sampled", "q")  # train.exit_aware: how training picks each token's exit step
 
 
 class TrainExits:
