@@ -20,10 +20,11 @@ from lightning.pytorch.strategies.launchers.multiprocessing import (_disable_mod
                                                                      _MultiProcessingLauncher,
                                                                      _set_num_threads_if_needed)
 from lightning.pytorch.utilities import move_data_to_device
+from omegaconf import OmegaConf
 
 from ouro_lab import tracking
 from ouro_lab.checkpoints import read_checkpoint
-from ouro_lab.config import ExperimentConfig, to_yaml
+from ouro_lab.config import ExperimentConfig
 from ouro_lab.data import Task
 from ouro_lab.data.datamodule import TaskDataModule
 from ouro_lab.modules import new_module
@@ -148,3 +149,8 @@ def log_setup(run: tracking.Run, cfg: ExperimentConfig, summary: dict[str, objec
     diff = tracking.git_diff()
     if diff:
         run.log_text(diff, DIFF_ARTIFACT)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (the run's config artifact)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

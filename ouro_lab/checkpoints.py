@@ -69,6 +69,12 @@ def _refuse_unused_overrides(cfg: ExperimentConfig, overrides: list[str]) -> Non
     if "infer.prompt" in given and not cfg.infer.prompt:
         raise ConfigError("infer.prompt is empty: write the text to continue, e.g. infer.prompt='The loop', "
                           "or leave infer.prompt out to continue prompts from the test split")
+    if cfg.infer.frontier and cfg.infer.exit_rule == "none":
+        raise ConfigError("infer.frontier: the frontier of which rule? set infer.exit_rule (q, conf or change); its "
+                          "thresholds are eval.exit_q, eval.exit_confidence or eval.exit_step_change")
+    if cfg.infer.frontier and {"infer.exit_threshold", "infer.exited_kv"} & set(given):
+        raise ConfigError("infer.frontier runs the rule at every threshold of its eval.exit_* list and every exited_kv: "
+                          "leave infer.exit_threshold and infer.exited_kv out (or set infer.frontier=false)")
     if "infer.exit_threshold" in given and cfg.infer.exit_rule == "none":
         raise ConfigError(f"infer.exit_threshold={given['infer.exit_threshold']} does nothing with infer.exit_rule=none "
                           "(full depth): name the rule it is the threshold of, e.g. infer.exit_rule=q (gate CDF >= q), "

@@ -28,6 +28,7 @@ from ouro_lab.data.lm import LMConfig
 from ouro_lab.data.text import TextConfig
 # online exit rules (infer.exit_rule), decode-time KV caches (infer.cache), what later tokens read from an exited one
 from ouro_lab.models.decoding import EXITED_KV, RULES as EXIT_RULES, STRATEGIES as CACHE_STRATEGIES, decoding_refusal
+from ouro_lab.models.exit_aware import HOW as EXIT_AWARE
 from ouro_lab.models.transformer import CHECKPOINTING, INIT_STATES, INJECTIONS, ROPE_LAYOUTS
 from ouro_lab.errors import ConfigError  # (re-exported: `from ouro_lab.config import ConfigError`)
 from ouro_lab.locations import tracking_uri_problem
@@ -128,6 +129,10 @@ class TrainConfig:
     loops_min: int = 1  # uniform: the range [loops_min, loops_max]
     loops_max: int = 0  # uniform: upper end; other samplers: a cap on the draw (0 = none)
     backprop_loops: int = 0  # truncated backprop: gradient through the last k loop steps only; 0 = all
+    exit_aware: str = "none"  # exit-aware training (docs/guides/train.md): none | sampled (each token's exit step drawn from its gate) | q (where its gate CDF reaches exit_aware_q)
+    exit_aware_q: float = 0.5  # q of exit_aware=q
+    exit_aware_from: float = 0.5  # fraction of train.max_steps trained as usual first (an untrained gate exits at random)
+    exited_kv: str = "frozen"  # what later tokens read from an exited one in exit-aware training (as infer.exited_kv)
 
 
 @dataclass
@@ -149,6 +154,7 @@ class InferConfig:
     # adds the skip-semantics evaluation), `ouro-lab generate` and `ouro-lab decode`; never by training
     exit_rule: str = "none"  # none (full depth) | q (gate CDF >= threshold) | conf (max prob >= threshold) | change (KL(p_t||p_t-1) < threshold)
     exit_threshold: float = 0.5  # q, tau or delta of exit_rule
+    frontier: bool = False  # `eval` with exit_rule: the rule at each of its eval.exit_* thresholds x each exited_kv (skip frontier)
     exited_kv: str = "frozen"  # what later tokens read from an exited token: frozen (its exit step's keys/values) | propagate (each layer's projections of its exit state, CALM) | first (its step-1 keys/values, MoR)
     cache: str = "full"  # decode-time KV cache: full (one per loop step and layer) | last | first | mean (one per layer)
     prompt: Optional[str] = None  # `generate`: text prompt (byte-level tasks); None = prompts from the test split
@@ -163,9 +169,8 @@ class InferConfig:
 
 @dataclass
 class Stage2Config:
-    # Stage II, focused adaptive gate training (docs/concepts/method.md "Stage II"): only the exit gate trains,
-    # every other parameter is frozen at Stage I's values. Either in the same run, after Stage I
-    # (steps > 0), or alone from a Stage-I checkpoint (init_from; train.* then schedules Stage II)
+    # Stage II (docs/concepts/method.md "Stage II"): only the exit gate trains, all else frozen at Stage I's values; in the
+    # same run after Stage I (steps > 0), or alone from a Stage-I checkpoint (init_from; train.* then schedules Stage II)
     init_from: Optional[str] = None  # a Stage-I checkpoint (.ckpt of `ouro-lab train`, looped); None = Stage I
     steps: int = 0  # > 0: after train.max_steps of Stage I, this many gate-only steps in the same run
     k: float = 50.0  # label sharpness, w_t = sigmoid(k (I_t - gamma)) (paper: 50)
@@ -279,17 +284,13 @@ def merge(*parts: DictConfig | dict) -> DictConfig:
     except ConfigKeyError as err:
         raise ConfigError(_unknown_key_message(err)) from None
     except ValidationError as err:
-        message = _first_line(err)
+        message = str(err).splitlines()[0]
         if "Cannot convert 'DictConfig'" in message or "Cannot convert 'ListConfig'" in message:
             got = "a mapping" if "DictConfig" in message else "a list"
             message = f"expects a single value, got {got} ({message.split(': ', 1)[-1]}); quote it if it is one string"
         raise ConfigError(f"{err.full_key}: {message}") from None
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{getattr(err, 'full_key', '')}: {_first_line(err)}") from None
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).splitlines()[0]
+        raise ConfigError(f"{getattr(err, 'full_key', '')}: {str(err).splitlines()[0]}") from None
 
 
 def _unknown_key_message(err: ConfigKeyError) -> str:
@@ -323,8 +324,8 @@ def validate(cfg: ExperimentConfig, saved: bool = False) -> ExperimentConfig:
     choice("model.positions", m.positions, POSITIONS)
     choice("model.loop_state", m.loop_state, LOOP_STATES)
     choice("model.rope_layout", m.rope_layout, ROPE_LAYOUTS)
-    check(m.rope_base > 0, "model.rope_base", f"must be > 0, got {m.rope_base}")
-    check(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}")
+    for key in ("rope_base", "norm_eps", "embed_init_std"):
+        check(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
     for key in ("d_model", "n_heads", "n_layers", "loops"):
         check(getattr(m, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
     for key in ("prelude_layers", "coda_layers"):
@@ -340,7 +341,6 @@ def validate(cfg: ExperimentConfig, saved: bool = False) -> ExperimentConfig:
     if t.loops_sampling == "uniform":
         check(t.loops_min <= t.loops_max, "train.loops_max",
               f"the uniform range [train.loops_min, train.loops_max] = [{t.loops_min}, {t.loops_max}] is empty")
-    check(m.embed_init_std > 0, "model.embed_init_std", f"must be > 0, got {m.embed_init_std}")
     check(m.d_ff >= 0, "model.d_ff", f"must be >= 0 (0 = 4 * d_model), got {m.d_ff}")
     if m.d_model >= 1 and m.n_heads >= 1:
         check(m.d_model % m.n_heads == 0, "model.d_model",
@@ -393,11 +393,15 @@ def validate(cfg: ExperimentConfig, saved: bool = False) -> ExperimentConfig:
     check(i.exit_rule == "none" or not m.decoding_refusal, "infer.exit_rule", m.decoding_refusal)
     check(i.exit_rule != "q" or m.arch == "looped", "infer.exit_rule",
           f"the q rule reads the exit gate; model.arch={m.arch} has none (conf or change work on any model)")
-    for key, choices in (("cache", CACHE_STRATEGIES), ("exited_kv", EXITED_KV)):
-        choice(f"infer.{key}", getattr(i, key), choices)
-    if i.exit_rule in ("q", "conf"):
-        check(0 < i.exit_threshold <= 1, "infer.exit_threshold", f"must be in (0, 1] for rule {i.exit_rule!r}, got {i.exit_threshold}")
-    check(i.exit_rule != "change" or i.exit_threshold > 0, "infer.exit_threshold", f"must be > 0 for rule 'change', got {i.exit_threshold}")
+    for key, value, choices in (("infer.cache", i.cache, CACHE_STRATEGIES), ("infer.exited_kv", i.exited_kv, EXITED_KV),
+                                ("train.exited_kv", t.exited_kv, EXITED_KV), ("train.exit_aware", t.exit_aware, EXIT_AWARE)):
+        choice(key, value, choices)
+    check(t.exit_aware == "none" or (m.arch == "looped" and not m.decoding_refusal), "train.exit_aware",
+          f"{t.exit_aware!r} needs a looped model with Ouro's whole-stack loop (skip semantics), got model.arch={m.arch}")
+    check(0 < t.exit_aware_q <= 1 and 0 <= t.exit_aware_from < 1, "train.exit_aware_q",
+          f"exit_aware_q must be in (0, 1] and exit_aware_from in [0, 1), got {t.exit_aware_q}, {t.exit_aware_from}")
+    check(i.exit_threshold > 0 and (i.exit_threshold <= 1 or i.exit_rule not in ("q", "conf")), "infer.exit_threshold",
+          f"must be > 0, and <= 1 for rules q and conf; got {i.exit_threshold} for rule {i.exit_rule!r}")
     check(i.prefill >= 0, "infer.prefill", f"must be >= 0, got {i.prefill}")
     for key in ("max_new_tokens", "samples", "windows"):
         check(getattr(i, key) >= 1, f"infer.{key}", f"must be >= 1, got {getattr(i, key)}")
@@ -432,10 +436,6 @@ def from_dict(config: dict, overrides: list[str] | tuple[str, ...] = ()) -> Expe
 
 def to_dict(cfg: ExperimentConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-
-
-def to_yaml(cfg: ExperimentConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -8,10 +8,10 @@ from pathlib import Path
 from ouro_lab import tracking
 from ouro_lab.builders import log_setup, make_datamodule, make_trainer
 from ouro_lab.checkpoints import load_checkpoint
-from ouro_lab.inference import device_for, exit_rule, skip_evaluate, skip_table
+from ouro_lab.inference import device_for, exit_rule, frontier_rules, skip_evaluate, skip_frontier, skip_table
 from ouro_lab.run_record import (EVAL_OVERRIDES, EVAL_RUN, EVAL_SPLIT, IMPORTED_FROM, METRIC_KIND_TAG, evaluation_tags,
-                                 metric_kind, run_name)
-from ouro_lab.views import run_tables
+                                 metric_kind, run_name, tabled)
+from ouro_lab.views import run_tables, skip_frontier_frame, skip_frontier_text
 
 @dataclass
 class EvalResult:
@@ -23,10 +23,16 @@ class EvalResult:
     where: str | None = None  # how to look at it
     skip: str | None = None  # the skip / selection / full-depth table (infer.exit_rule set)
     kind: str = "acc"  # the per-step quality metric: acc or bpb (run_record.metric_kind)
+    frontier: str | None = None  # the skip frontier's rule and thresholds (infer.frontier)
+    epsilon: float = 0.01  # eval.exit_epsilon: "within epsilon of full depth"
 
     @property
     def table(self) -> str:
         tables = run_tables(self.metrics, self.split, self.kind)
+        if self.frontier:
+            frame = skip_frontier_frame(self.metrics, self.split)
+            return tables + (f"\n\nskip frontier ({self.frontier}; per exited_kv: skip {self.kind}, its gap to "
+                             f"selection, FLOPs saved against full depth)\n" + skip_frontier_text(frame, self.epsilon, self.kind))
         return tables + (f"\n\nskip semantics vs selection semantics ({self.skip})\n"
                          + skip_table(self.metrics, self.split, self.kind == "bpb")
                          if self.skip else "")
@@ -47,14 +53,21 @@ def evaluate_checkpoint(path: Path, overrides: list[str] = (), split: str = "tes
     datamodule = make_datamodule(cfg, module.task)
     run(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")}
-    result = EvalResult(metrics=metrics, split=split, kind=metric_kind(module.task))
+    result = EvalResult(metrics=metrics, split=split, kind=metric_kind(module.task), epsilon=cfg.eval.exit_epsilon)
     rule = exit_rule(cfg)
     if rule.name != "none":  # the rule in skip semantics, next to selection semantics and full depth
         loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
-        skip = skip_evaluate(module.model.to(device_for(cfg)), loader, rule, len(module.task.difficulty_levels),
-                             result.kind == "bpb", module.task.seq_len, getattr(module.task, "token_bytes", None))
+        args = (len(module.task.difficulty_levels), result.kind == "bpb", module.task.seq_len,
+                getattr(module.task, "token_bytes", None))
+        model = module.model.to(device_for(cfg))
+        if cfg.infer.frontier:  # every threshold of the rule's eval.exit_* list x every exited_kv
+            key = {"q": "exit_q", "conf": "exit_confidence", "change": "exit_step_change"}[rule.name]
+            skip = skip_frontier(model, loader, frontier_rules(rule.name, getattr(cfg.eval, key)), *args)
+            result.frontier = f"rule {rule.name} at eval.{key}"
+        else:
+            skip = skip_evaluate(model, loader, rule, *args)
+            result.skip = str(rule)
         metrics |= {f"{split}/{k}": v for k, v in skip.items()}
-        result.skip = str(rule)
     if log:
         result.run_id, result.store, result.where = _log_eval(cfg, path, module, overrides, split, metrics)
         result.experiment = cfg.tracking.experiment
@@ -75,5 +88,6 @@ def _log_eval(cfg, path: Path, module, overrides: list[str], split: str,
     with experiment.create_run(name, tags) as run:
         log_setup(run, cfg, module.summary() | module.task.describe())
         run.log_params({EVAL_OVERRIDES: " ".join(overrides) or "none", EVAL_SPLIT: split})
-        run.log_metrics(metrics)
+        run.log_metrics({k: v for k, v in metrics.items() if not tabled(k)})
+        run.log_tables(metrics)
     return run.id, experiment.tracking_uri, experiment.where_to_look(run.id)

@@ -26,7 +26,7 @@ from ouro_lab.checkpoints import load_checkpoint
 from ouro_lab.config import ConfigError, ExperimentConfig
 from ouro_lab.data import IGNORE_INDEX
 from ouro_lab.metrics import LN2, SkipEvalMetrics
-from ouro_lab.models.decoding import (STRATEGIES, ExitRule, clock, executed_flops, forward_chunk, generate, row_flops,
+from ouro_lab.models.decoding import (EXITED_KV, STRATEGIES, ExitRule, clock, executed_flops, forward_chunk, generate, row_flops,
                                       teacher_forced)
 from ouro_lab.models.transformer import LoopedLM
 from ouro_lab.objectives import per_step_token_losses
@@ -80,9 +80,43 @@ def skip_evaluate(model: torch.nn.Module, loader, rule: ExitRule, n_levels: int,
     with the head at step T. FLOPs: full depth runs the stack and gate T times and the head
     once per token; selection the same, with the head at every step for the rules that read
     predictions (conf, change)."""
+    values = _evaluate_rules(model, loader, [rule], n_levels, bpb, seq_len, token_bytes)[rule]
+    values["skip_minus_select_acc"] = values[names.inference("skip", "acc")] - values[names.inference("select", "acc")]
+    return values
+
+
+def frontier_rules(rule: str, thresholds, variants=EXITED_KV) -> list[ExitRule]:
+    """The skip frontier's rules: `rule` at each threshold x each exited_kv variant."""
+    return [ExitRule(rule, float(x), kv) for x in thresholds for kv in variants]
+
+
+@torch.no_grad()
+def skip_frontier(model: torch.nn.Module, loader, rules: list[ExitRule], n_levels: int, bpb: bool, seq_len: int,
+                  token_bytes=None) -> dict[str, float]:
+    """The skip frontier: each rule (`frontier_rules`) in skip semantics, and each of its
+    thresholds in selection semantics, next to full depth, per difficulty level; names
+    `names.skip_frontier` (a table, skip_frontier/{split}.csv, once logged) and full_*."""
+    out: dict[str, float] = {}
+    for rule, values in _evaluate_rules(model, loader, rules, n_levels, bpb, seq_len, token_bytes).items():
+        for name, value in values.items():
+            semantics, rest = name.split("_", 1)
+            if semantics == "full":
+                out[name] = value
+                continue
+            kind, _, level = rest.partition("_d")
+            if kind == "seconds":
+                continue
+            kv = rule.exited_kv if semantics == "skip" else None
+            out[names.skip_frontier(semantics, rule.name, rule.threshold, kind, kv, int(level) if level else None)] = value
+    return out
+
+
+def _evaluate_rules(model: torch.nn.Module, loader, rules: list[ExitRule], n_levels: int, bpb: bool, seq_len: int,
+                    token_bytes=None) -> dict[ExitRule, dict[str, float]]:
+    """`skip_evaluate`'s numbers for each rule, the ordinary forward run once per batch."""
     model.eval()
     device = next(model.parameters()).device
-    metrics = SkipEvalMetrics(n_levels, bpb).to(device)
+    metrics = {rule: SkipEvalMetrics(n_levels, bpb).to(device) for rule in rules}
     token_bytes = None if token_bytes is None else torch.as_tensor(token_bytes, device=device)  # (V,) bytes per token
     looped = isinstance(model, LoopedLM)
     T = model.spec.loops if looped else 1
@@ -93,29 +127,28 @@ def skip_evaluate(model: torch.nn.Module, loader, rule: ExitRule, n_levels: int,
         out = model(tokens)
         final_logits = out.head(out.hidden[-1])
         full_seconds = clock(device) - began
-        began = clock(device)
-        chunk = forward_chunk(model, tokens, rule=rule)
-        skip_seconds = clock(device) - began
         step_logits = [out.head(h) for h in out.hidden]  # (B, S, V) per step, for selection
-        sel_steps = _selection_steps(rule, out.gate_logits, step_logits)
         step_losses = torch.stack([_token_losses(x, targets) for x in step_logits])  # (T, B, S)
         step_correct = torch.stack([x.argmax(-1) == targets for x in step_logits])
-        losses = torch.stack([_token_losses(chunk.exit_logits, targets), step_losses.gather(0, sel_steps[None] - 1)[0],
-                              _token_losses(final_logits, targets)])
-        correct = torch.stack([chunk.exit_logits.argmax(-1) == targets, step_correct.gather(0, sel_steps[None] - 1)[0],
-                               final_logits.argmax(-1) == targets])
-        loops = torch.stack([chunk.exit_steps, sel_steps, torch.full_like(sel_steps, T)])
         n = tokens.numel()
         full_flops = row_flops(model, seq_len, n * T, n * T if looped else 0, n)
-        select_flops = row_flops(model, seq_len, n * T, n * T if looped else 0, n * T if rule.needs_logits else n)
-        flops = torch.tensor([executed_flops(model, chunk, seq_len), select_flops, full_flops], dtype=torch.float64,
-                             device=device)
-        seconds = torch.tensor([skip_seconds, full_seconds, full_seconds], dtype=torch.float64, device=device)
-        metrics.update(losses, correct, loops, scored, flops, seconds, n,
-                       None if token_bytes is None else token_bytes[targets.clamp_min(0)])
-    values = {k: float(v) for k, v in metrics.compute().items()}
-    values["skip_minus_select_acc"] = values[names.inference("skip", "acc")] - values[names.inference("select", "acc")]
-    return values
+        nbytes = None if token_bytes is None else token_bytes[targets.clamp_min(0)]
+        for rule, metric in metrics.items():
+            began = clock(device)
+            chunk = forward_chunk(model, tokens, rule=rule)
+            skip_seconds = clock(device) - began
+            sel_steps = _selection_steps(rule, out.gate_logits, step_logits)
+            losses = torch.stack([_token_losses(chunk.exit_logits, targets), step_losses.gather(0, sel_steps[None] - 1)[0],
+                                  _token_losses(final_logits, targets)])
+            correct = torch.stack([chunk.exit_logits.argmax(-1) == targets, step_correct.gather(0, sel_steps[None] - 1)[0],
+                                   final_logits.argmax(-1) == targets])
+            loops = torch.stack([chunk.exit_steps, sel_steps, torch.full_like(sel_steps, T)])
+            select_flops = row_flops(model, seq_len, n * T, n * T if looped else 0, n * T if rule.needs_logits else n)
+            flops = torch.tensor([executed_flops(model, chunk, seq_len), select_flops, full_flops], dtype=torch.float64,
+                                 device=device)
+            seconds = torch.tensor([skip_seconds, full_seconds, full_seconds], dtype=torch.float64, device=device)
+            metric.update(losses, correct, loops, scored, flops, seconds, n, nbytes)
+    return {rule: {k: float(v) for k, v in metric.compute().items()} for rule, metric in metrics.items()}
 
 
 def skip_table(values: dict[str, float], split: str, bpb: bool) -> str:
@@ -260,5 +293,5 @@ def run_generate(path, overrides: list[str] = ()) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DecodeRow", "decode_markdown", "decode_table", "exit_rule", "run_decode", "run_generate", "skip_evaluate",
-           "skip_table"]
+__all__ = ["DecodeRow", "decode_markdown", "decode_table", "exit_rule", "frontier_rules", "run_decode", "run_generate",
+           "skip_evaluate", "skip_frontier", "skip_table"]

@@ -6,6 +6,10 @@
     {split}/exit_expected_step[_d{k}], {split}/exit_entropy[_d{k}], {split}/exit_mass_step{t}
     {split}/acc                     = acc_final (the progress bar's and the pruner's default)
     train/loss, train/loss_step{t}, train/loss_exit, train/exit_entropy, train/exit_kl
+    {split}/{skip|select|full}_{kind}[_d{k}]   `ouro-lab eval` with an exit rule (kind acc | loss | bpb |
+                                    loops | flops | seconds), skip_minus_select_acc
+    {split}/select_{rule}{x}_{kind}[_d{k}], {split}/skip_{rule}{x}_{exited_kv}_{kind}[_d{k}]
+                                    the skip frontier (infer.frontier; the table skip_frontier/{split}.csv)
 
 split is val or test; k is the difficulty level (op count, hop count, position bucket).
 bpb (bits per byte, byte-level tasks) = loss / ln 2.
@@ -166,6 +170,23 @@ def inference(semantics: str, kind: str, level: int | None = None) -> str:
     of scored tokens) | flops (forward FLOPs per token executed) | seconds (wall time, forward only)."""
     assert semantics in SEMANTICS, semantics
     return f"{semantics}_{kind}{_level(level)}"
+
+
+# the skip frontier (`ouro-lab eval` with infer.frontier): a rule at each threshold, in selection
+# semantics and in skip semantics per exited_kv (models/decoding.py EXITED_KV), next to full_* above;
+# logged as the table skip_frontier/{split}.csv (run_record.metric_tables)
+SKIP_FRONTIER_METRIC = re.compile(r"^(?P<split>val|test)/(?P<semantics>skip|select)_(?P<rule>q|conf|change)"
+                                  r"(?P<threshold>[0-9.e+-]+)(?:_(?P<kv>frozen|propagate|first))?_(?P<kind>[a-z]+)"
+                                  r"(?:_d(?P<level>\d+))?$")
+
+
+def skip_frontier(semantics: str, rule: str, threshold: float, kind: str, exited_kv: str | None = None,
+                  level: int | None = None) -> str:
+    """'skip_q0.1_propagate_acc_d2', 'select_q0.1_flops': one point of the skip frontier (kinds as
+    `inference`); skip points name what later tokens read from an exited one, selection's do not."""
+    assert semantics in ("skip", "select") and (exited_kv is not None) == (semantics == "skip"), (semantics, exited_kv)
+    kv = f"_{exited_kv}" if exited_kv else ""
+    return f"{semantics}_{rule}{threshold_label(threshold)}{kv}_{kind}{_level(level)}"
 
 
 # `ouro-lab bench`: bench/{task}/{acc|acc_norm}_step{t}, bench/{task}/{acc|acc_norm|loops}_rule

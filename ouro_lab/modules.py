@@ -24,6 +24,7 @@ from ouro_lab.data import IGNORE_INDEX, Task, build_task
 from ouro_lab.data.lm import tokenizer_files
 from ouro_lab.metrics import ExitFrontierMetrics, LoopStepMetrics
 from ouro_lab.models import LMOutput, LoopedLM, ModelSpec, StandardLM
+from ouro_lab.models.exit_aware import TrainExits
 from ouro_lab.objectives import (LoopLoss, entropy, exit_distribution, loop_objective_from_hidden, per_step_token_losses,
                                  sample_loops, stage2_gate_loss)
 
@@ -283,10 +284,20 @@ class LoopedLMModule(_LMModule):
 
     def run_training(self, tokens: torch.Tensor) -> LMOutput:
         """This batch's loop count from train.loops_sampling (one draw per optimizer step, seeded by
-        train.seed and the step, so every DDP rank draws the same) and truncated backprop through
-        the last train.backprop_loops steps."""
+        train.seed and the step, so every DDP rank draws the same), truncated backprop through
+        the last train.backprop_loops steps, and exit-aware steps (`train_exits`)."""
         grad_loops = self.cfg.train.backprop_loops or None
-        return self.model(tokens, loops=self.training_loops(self.global_step), grad_loops=grad_loops)
+        return self.model(tokens, loops=self.training_loops(self.global_step), grad_loops=grad_loops,
+                          train_exits=self.train_exits(self.global_step))
+
+    def train_exits(self, step: int) -> TrainExits | None:
+        """Exit-aware training (train.exit_aware, models/exit_aware.py) at optimizer step `step`:
+        after the first train.exit_aware_from of Stage I's steps, and throughout Stage II (the
+        gate then learns from the losses tokens have under exited context)."""
+        t = self.cfg.train
+        if t.exit_aware == "none" or (not self.in_stage2 and step < t.exit_aware_from * t.max_steps):
+            return None
+        return TrainExits(t.exit_aware, t.exited_kv, q=t.exit_aware_q)
 
     def training_loops(self, step: int) -> int:
         """The loop count of optimizer step `step` (a pure function of train.seed and the step)."""
@@ -331,7 +342,7 @@ class LoopedLMModule(_LMModule):
             return super().objective(tokens, targets)
         # Stage II: the frozen network's per-step losses, without a graph; the gate alone learns
         with torch.no_grad():
-            out = self.run(tokens)
+            out = self.model(tokens, train_exits=self.train_exits(self.global_step))
             base, step_losses = loop_objective_from_hidden(out.hidden, self.model.lm_head.weight, targets, None,
                                                            prior="none", chunk_tokens=self.cfg.train.ce_chunk_tokens or None)
         gate_logits = self.model.exit_gate(out.hidden).squeeze(-1).permute(1, 2, 0)  # (B, S, T)

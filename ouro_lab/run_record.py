@@ -250,43 +250,64 @@ def study_metrics(counts: Mapping[str, int], objective: str, best: float | None)
     return metrics
 
 
-# --- metric tables: the early-exit frontier as one CSV artifact per split ---------------------
+# --- metric tables: the early-exit frontiers as one CSV artifact per split ---------------------
 # Each rule x threshold x difficulty level, and each oracle, is a row (about 800 numbers for a
 # looped run at T=4); as scalars they buried the loop-step metrics in the MLflow UI. The gate
 # scalars, the oracle histogram and the frontier series (`{split}/series/exit_*`) stay metrics.
+# The skip frontier of `ouro-lab eval` (infer.frontier: semantics x rule x threshold x exited_kv
+# x difficulty) is a table of its own.
 TABLES = "ouro.metric_tables"  # tag: the run's metric tables, comma-separated artifact paths
 FRONTIER_TABLE = "frontier/{split}.csv"
-_TABLE_KINDS = ("loops", "acc", "loss", "bpb")  # the value columns, in this order
+SKIP_FRONTIER_TABLE = "skip_frontier/{split}.csv"
+_TABLE_KINDS = ("loops", "acc", "loss", "bpb", "flops")  # the value columns, in this order
 _RULE_ORDER = (*names.EXIT_RULES, *(f"oracle_{o}" for o in names.ORACLES))
+_KV_ORDER = ("", "frozen", "propagate", "first")  # (selection rows have none)
+_KEYS = {FRONTIER_TABLE: ("rule", "threshold", "difficulty"),
+         SKIP_FRONTIER_TABLE: ("semantics", "rule", "threshold", "exited_kv", "difficulty")}
+
+
+def _table_cell(name: str) -> tuple[str, str, tuple[str, ...], str] | None:
+    """(table, split, row key, kind) of a tabled metric name; None for a scalar."""
+    if m := names.EXIT_RULE_METRIC.match(name):
+        return FRONTIER_TABLE, m["split"], (m["rule"], m["threshold"], m["level"] or "all"), m["kind"]
+    if m := names.ORACLE_METRIC.match(name):
+        return FRONTIER_TABLE, m["split"], (f"oracle_{m['rule']}", "", m["level"] or "all"), m["kind"]
+    if m := names.SKIP_FRONTIER_METRIC.match(name):
+        key = (m["semantics"], m["rule"], m["threshold"], m["kv"] or "", m["level"] or "all")
+        return SKIP_FRONTIER_TABLE, m["split"], key, m["kind"]
+    return None
+
+
+def _row_order(table: str, key: tuple[str, ...]) -> tuple:
+    level = -1 if key[-1] == "all" else int(key[-1])
+    if table == FRONTIER_TABLE:
+        return _RULE_ORDER.index(key[0]), float(key[1] or 0), level
+    return key[0] != "select", _RULE_ORDER.index(key[1]), float(key[2]), _KV_ORDER.index(key[3]), level
 
 
 def tabled(name: str) -> bool:
-    """Whether a final metric is logged in its split's frontier table rather than as a scalar."""
-    return bool(names.EXIT_RULE_METRIC.match(name) or names.ORACLE_METRIC.match(name))
+    """Whether a final metric is logged in one of its split's tables rather than as a scalar."""
+    return _table_cell(name) is not None
 
 
 def metric_tables(metrics: Mapping[str, float]) -> dict[str, str]:
-    """The tabled names among `metrics` as CSV text per artifact path ('frontier/val.csv'):
-    columns rule, threshold (empty for an oracle), difficulty ('all' or the level), loops, acc,
-    loss (bpb): one row per rule x threshold x difficulty."""
-    rows: dict[str, dict[tuple[str, str, str], dict[str, float]]] = {}
+    """The tabled names among `metrics` as CSV text per artifact path ('frontier/val.csv'): key
+    columns (frontier: rule, threshold (empty for an oracle), difficulty ('all' or the level);
+    skip frontier: semantics, rule, threshold, exited_kv, difficulty), then loops, acc, loss
+    (bpb, flops): one row per key."""
+    rows: dict[str, dict[tuple[str, ...], dict[str, float]]] = {}
     for name, value in metrics.items():
-        if m := names.EXIT_RULE_METRIC.match(name):
-            rule, threshold = m["rule"], m["threshold"]
-        elif m := names.ORACLE_METRIC.match(name):
-            rule, threshold = f"oracle_{m['rule']}", ""
-        else:
-            continue
-        key = (rule, threshold, m["level"] or "all")
-        rows.setdefault(m["split"], {}).setdefault(key, {})[m["kind"]] = float(value)
+        if cell := _table_cell(name):
+            table, split, key, kind = cell
+            rows.setdefault(table.format(split=split), {}).setdefault(key, {})[kind] = float(value)
     tables = {}
-    for split, by_key in rows.items():
+    for path, by_key in rows.items():
+        table = next(t for t in _KEYS if t.format(split=path.rsplit("/", 1)[-1].removesuffix(".csv")) == path)
         kinds = [k for k in _TABLE_KINDS if any(k in v for v in by_key.values())]
-        order = sorted(by_key, key=lambda k: (_RULE_ORDER.index(k[0]), float(k[1] or 0),
-                                              -1 if k[2] == "all" else int(k[2])))
-        lines = [",".join(["rule", "threshold", "difficulty", *kinds])]
-        lines += [",".join([*key, *(repr(by_key[key][k]) if k in by_key[key] else "" for k in kinds)]) for key in order]
-        tables[FRONTIER_TABLE.format(split=split)] = "\n".join(lines) + "\n"
+        lines = [",".join([*_KEYS[table], *kinds])]
+        lines += [",".join([*key, *(repr(by_key[key][k]) if k in by_key[key] else "" for k in kinds)])
+                  for key in sorted(by_key, key=lambda k: _row_order(table, k))]
+        tables[path] = "\n".join(lines) + "\n"
     return tables
 
 
@@ -295,14 +316,19 @@ def table_metrics(path: str, text: str) -> dict[str, float]:
     split = path.rsplit("/", 1)[-1].removesuffix(".csv")
     header, *lines = text.splitlines()
     columns = header.split(",")
+    skip = path == SKIP_FRONTIER_TABLE.format(split=split)
+    keys = len(_KEYS[SKIP_FRONTIER_TABLE if skip else FRONTIER_TABLE])
     out = {}
     for line in lines:
         row = dict(zip(columns, line.split(",")))
         level = None if row["difficulty"] == "all" else int(row["difficulty"])
-        for kind in columns[3:]:
+        for kind in columns[keys:]:
             if row[kind] == "":
                 continue
-            if row["rule"].startswith("oracle_"):
+            if skip:
+                name = names.skip_frontier(row["semantics"], row["rule"], float(row["threshold"]), kind,
+                                           row["exited_kv"] or None, level)
+            elif row["rule"].startswith("oracle_"):
                 name = names.oracle(row["rule"].removeprefix("oracle_"), kind, level)
             else:
                 name = names.exit_rule(row["rule"], float(row["threshold"]), kind, level)
@@ -438,9 +464,11 @@ def metric_kind(task: Task) -> str:
 # Config keys added after runs (the reuse hash) and studies (the definition hash) were first
 # hashed: left out of a hash while at their schema default, so hashes made before them stay
 # valid and old studies resume and reuse their runs.
+EXIT_AWARE_KEYS = (("train", "exit_aware"), ("train", "exit_aware_q"), ("train", "exit_aware_from"), ("train", "exited_kv"))
 RUN_HASH_LATER = (("model", "rope_layout"), ("model", "rope_base"), ("model", "norm_eps"), ("model", "prelude_layers"),
                   ("model", "coda_layers"), ("model", "injection"), ("model", "init_state"),
-                  ("train", "loops_sampling"), ("train", "loops_min"), ("train", "loops_max"), ("train", "backprop_loops"))
+                  ("train", "loops_sampling"), ("train", "loops_min"), ("train", "loops_max"), ("train", "backprop_loops"),
+                  *EXIT_AWARE_KEYS)
 STUDY_HASH_LATER = (("train", "strategy"), ("eval", "exit_q"), ("eval", "exit_confidence"), ("eval", "exit_step_change"),
                     ("eval", "exit_epsilon"), ("eval", "oracle_tolerance"), ("stage2", "init_from"), ("stage2", "k"),
                     ("stage2", "gamma"), ("stage2", "improvement"), ("stage2", "steps"), ("model", "rope_layout"),
@@ -448,7 +476,7 @@ STUDY_HASH_LATER = (("train", "strategy"), ("eval", "exit_q"), ("eval", "exit_co
                     *(("infer", f.name) for f in dataclasses.fields(InferConfig)),
                     ("model", "prelude_layers"), ("model", "coda_layers"), ("model", "injection"),
                     ("model", "init_state"), ("train", "loops_sampling"), ("train", "loops_min"),
-                    ("train", "loops_max"), ("train", "backprop_loops"), ("data", "lm"))
+                    ("train", "loops_max"), ("train", "backprop_loops"), ("data", "lm"), *EXIT_AWARE_KEYS)
 
 
 def drop_later_defaults(d: dict, keys: Iterable[tuple[str, str]]) -> None:

@@ -132,3 +132,108 @@ def run_tables(metrics: dict[str, float], split: str = "val", kind: str = "acc")
     (`kind`: the run's metric kind, run_record.metric_kind)."""
     frontier = frontier_table(metrics, split, kind)
     return metrics_table(metrics, split, kind) + (f"\n{frontier}" if frontier else "")
+
+
+# --- the skip frontier (`ouro-lab eval` with infer.frontier; the report's "skip frontier") ---------
+SKIP_COLUMNS = ["semantics", "rule", "threshold", "exited_kv", "difficulty"]
+
+
+def skip_frontier_frame(metrics: dict[str, float], split: str):
+    """The skip frontier's metrics of `split` as a frame: one row per semantics (select | skip |
+    full) x rule x threshold x exited_kv x difficulty ('all' or the level), columns acc, loss,
+    (bpb,) loops, flops (executed forward FLOPs per token). Empty without a frontier."""
+    import pandas as pd
+
+    rows: dict[tuple, dict[str, float]] = {}
+    rule = None
+    for name, value in metrics.items():
+        if m := names.SKIP_FRONTIER_METRIC.match(name):
+            if m["split"] != split:
+                continue
+            rule = m["rule"]
+            key = (m["semantics"], m["rule"], float(m["threshold"]), m["kv"] or "", m["level"] or "all")
+            rows.setdefault(key, {})[m["kind"]] = value
+    for name, value in metrics.items():  # full depth: one row per difficulty
+        if rule and (m := names.INFERENCE_METRIC.match(name)) and m["split"] == split and m["name"].startswith("full_"):
+            kind, _, level = m["name"].removeprefix("full_").partition("_d")
+            if kind != "seconds":
+                rows.setdefault(("full", rule, None, "", level or "all"), {})[kind] = value  # (None: NaN != NaN)
+    order = {"full": 0, "select": 1, "skip": 2, "": 0, "frozen": 1, "propagate": 2, "first": 3}  # (EXITED_KV's order)
+    keys = sorted(rows, key=lambda k: (order[k[0]], k[2] or 0, order.get(k[3], 9), -1 if k[4] == "all" else int(k[4])))
+    return pd.DataFrame([dict(zip(SKIP_COLUMNS, key)) | rows[key] for key in keys])
+
+
+def skip_gap(frame, epsilon: float, kind: str = "acc") -> dict:
+    """Where selection semantics stays within `epsilon` of full depth (acc: at least full -
+    epsilon; bpb: at most full + epsilon) with the fewest loops: its threshold, and there, per
+    exited_kv variant, skip semantics' value, its gap to selection, whether it is within epsilon
+    of full depth, and the FLOPs it saves against full depth; per difficulty the gap. Also each
+    variant's cheapest point within epsilon of full depth. {} without a frontier."""
+    if frame.empty:
+        return {}
+    better = (lambda a, b: a >= b - epsilon) if kind == "acc" else (lambda a, b: a <= b + epsilon)
+    overall = frame[frame["difficulty"] == "all"]
+    full = overall[overall["semantics"] == "full"].iloc[0]
+    select = overall[overall["semantics"] == "select"]
+    ok = select[[better(v, full[kind]) for v in select[kind]]]
+    skip = frame[frame["semantics"] == "skip"]
+    out = {"full": full[kind], "full_flops": full["flops"], "epsilon": epsilon, "kind": kind, "threshold": None,
+           "variants": {}, "by_difficulty": {}, "cheapest": {}}
+    for kv, rows in skip[skip["difficulty"] == "all"].groupby("exited_kv", sort=False):
+        within = rows[[better(v, full[kind]) for v in rows[kind]]]
+        if len(within):
+            best = within.loc[within["flops"].idxmin()]
+            out["cheapest"][kv] = {"threshold": best["threshold"], kind: best[kind],
+                                   "saved": 1 - best["flops"] / full["flops"], "loops": best["loops"]}
+    if ok.empty:
+        return out
+    at = ok.loc[ok["loops"].idxmin()]
+    out |= {"threshold": at["threshold"], "select": at[kind], "select_loops": at["loops"]}
+    here = skip[skip["threshold"] == at["threshold"]]
+    for kv, rows in here.groupby("exited_kv", sort=False):
+        row = rows[rows["difficulty"] == "all"].iloc[0]
+        out["variants"][kv] = {kind: row[kind], "gap": row[kind] - at[kind], "within": better(row[kind], full[kind]),
+                               "saved": 1 - row["flops"] / full["flops"], "loops": row["loops"]}
+        sel = frame[(frame["semantics"] == "select") & (frame["threshold"] == at["threshold"])].set_index("difficulty")
+        for _, r in rows[rows["difficulty"] != "all"].iterrows():
+            out["by_difficulty"].setdefault(r["difficulty"], {})[kv] = r[kind] - sel.loc[r["difficulty"], kind]
+    return out
+
+
+def skip_frontier_text(frame, epsilon: float, kind: str = "acc") -> str:
+    """The skip frontier as a terminal table (one row per threshold: selection, then each
+    variant's skip value, its gap and the FLOPs it saves), then the answer at the threshold
+    where selection stays within epsilon of full depth, with the gap per difficulty."""
+    if frame.empty:
+        return ""
+    overall = frame[frame["difficulty"] == "all"]
+    full = overall[overall["semantics"] == "full"].iloc[0]
+    variants = list(dict.fromkeys(overall[overall["semantics"] == "skip"]["exited_kv"]))
+    rule = full["rule"]
+    head = [rule, f"select {kind}", "loops", *(f"{kv} {kind} (gap, saved)" for kv in variants)]
+    rows = [head, ["full", f"{full[kind]:.4f}", f"{full['loops']:.2f}", *["" for _ in variants]]]
+    for x, cell in overall[overall["semantics"] != "full"].groupby("threshold"):
+        sel = cell[cell["semantics"] == "select"].iloc[0]
+        row = [f"{x:g}", f"{sel[kind]:.4f}", f"{sel['loops']:.2f}"]
+        for kv in variants:
+            s = cell[(cell["semantics"] == "skip") & (cell["exited_kv"] == kv)].iloc[0]
+            row.append(f"{s[kind]:.4f} ({s[kind] - sel[kind]:+.4f}, {1 - s['flops'] / full['flops']:.0%})")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    gap = skip_gap(frame, epsilon, kind)
+    if gap.get("threshold") is None:
+        lines.append(f"selection is nowhere within {epsilon:g} of full depth's {kind}")
+    else:
+        lines.append(f"selection within {epsilon:g} of full depth ({full[kind]:.4f}) down to {rule}={gap['threshold']:g} "
+                     f"({gap['select_loops']:.2f} loops, {kind} {gap['select']:.4f}); there, skip semantics:")
+        for kv, v in gap["variants"].items():
+            lines.append(f"  {kv:9s} {kind} {v[kind]:.4f}  gap {v['gap']:+.4f}  FLOPs saved {v['saved']:.0%}  "
+                         f"{'within' if v['within'] else 'NOT within'} {epsilon:g} of full depth")
+        if gap["by_difficulty"]:
+            lines.append("  gap (skip - select) by difficulty: " + "; ".join(
+                f"d{d}: " + ", ".join(f"{kv} {g:+.4f}" for kv, g in by.items()) for d, by in gap["by_difficulty"].items()))
+    for kv, best in gap["cheapest"].items():
+        lines.append(f"cheapest {kv} point within {epsilon:g} of full depth: {rule}={best['threshold']:g}, "
+                     f"{kind} {best[kind]:.4f}, FLOPs saved {best['saved']:.0%}")
+    return "\n".join(lines)

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from ouro_lab.cli import main
-from ouro_lab.config import ConfigError, load_config, to_yaml
+from ouro_lab.builders import to_yaml
+from ouro_lab.config import ConfigError, load_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -60,9 +61,14 @@ def test_schema_defaults_without_a_file():
         (["model.rope_layout=halves"], "model.rope_layout: 'halves' is not one of: interleaved, rotate_half"),
         (["model.rope_base=0"], "model.rope_base: must be > 0"),
         (["infer.cache=some"], "infer.cache: 'some' is not one of: full, last, first, mean"),
-        (["infer.exit_rule=q", "infer.exit_threshold=1.5"], "infer.exit_threshold: must be in (0, 1] for rule 'q'"),
-        (["infer.exit_rule=change", "infer.exit_threshold=0"], "infer.exit_threshold: must be > 0 for rule 'change'"),
+        (["infer.exit_rule=q", "infer.exit_threshold=1.5"], "infer.exit_threshold: must be > 0, and <= 1 for rules q and conf; got 1.5 for rule 'q'"),
+        (["infer.exit_rule=change", "infer.exit_threshold=0"], "infer.exit_threshold: must be > 0, and <= 1 for rules q and conf; got 0.0 for rule 'change'"),
         (["model.arch=param_matched", "infer.exit_rule=q"], "infer.exit_rule: the q rule reads the exit gate"),
+        (["train.exit_aware=always"], "train.exit_aware: 'always' is not one of: none, sampled, q"),
+        (["train.exited_kv=latest"], "train.exited_kv: 'latest' is not one of: frozen, propagate, first"),
+        (["train.exit_aware=q", "model.arch=depth_matched"], "train.exit_aware: 'q' needs a looped model"),
+        (["train.exit_aware=sampled", "model.injection=additive"], "train.exit_aware: 'sampled' needs a looped model"),
+        (["train.exit_aware_from=1.0"], "exit_aware_from in [0, 1), got 0.5, 1.0"),
     ],
 )
 def test_bad_config_messages(overrides, message):

@@ -139,3 +139,82 @@ def test_the_report_of_a_trained_experiment_shows_its_skip_evaluations(trained, 
     report = analysis.write_report(data, tmp_path / "report", n_boot=50, log=False)
     assert "## Early exit that skips compute" in report.markdown and (tmp_path / "report" / "skip.csv").exists()
     assert "| test | conf | 0.6 |" in report.markdown
+
+
+def test_the_skip_frontier_is_each_rule_evaluation_side_by_side(trained, capsys):
+    """infer.frontier: each q of eval.exit_q x each exited_kv, in skip semantics, next to selection
+    and full depth; each point equals `skip_evaluate` of the same rule; the table answers at the q
+    where selection stays within epsilon; the frontier is logged as a table and read back."""
+    from mlflow.tracking import MlflowClient
+
+    from ouro_lab import metric_names as names
+    from ouro_lab import tracking
+    from ouro_lab.builders import make_datamodule
+    from ouro_lab.checkpoints import load_checkpoint
+    from ouro_lab.evaluate import evaluate_checkpoint
+    from ouro_lab.inference import skip_evaluate
+    from ouro_lab.models.decoding import EXITED_KV
+    from ouro_lab.views import skip_frontier_frame, skip_gap
+
+    ckpt = trained[0]
+    store = f"sqlite:///{ckpt.parents[4] / 'mlflow.db'}"
+    qs = [0.1, 0.3, 0.6]
+    result = evaluate_checkpoint(ckpt, ["infer.exit_rule=q", "infer.frontier=true", f"eval.exit_q={qs}",
+                                        f"tracking.uri={store}"], log=True)
+    frame = skip_frontier_frame(result.metrics, "test")
+    assert len(frame[(frame["difficulty"] == "all") & (frame["semantics"] == "skip")]) == len(qs) * len(EXITED_KV)
+    cfg, module = load_checkpoint(ckpt)
+    loader = make_datamodule(cfg, module.task).test_dataloader()
+    levels = len(module.task.difficulty_levels)
+    one = skip_evaluate(module.model, loader, ExitRule("q", 0.3, "propagate"), levels, False, module.task.seq_len)
+    for kind in ("acc", "loops", "flops"):
+        assert result.metrics[f"test/{names.skip_frontier('skip', 'q', 0.3, kind, 'propagate')}"] == pytest.approx(
+            one[f"skip_{kind}"])
+        assert result.metrics[f"test/{names.skip_frontier('select', 'q', 0.3, kind)}"] == pytest.approx(one[f"select_{kind}"])
+    assert result.metrics["test/full_acc"] == pytest.approx(one["full_acc"])
+    gap = skip_gap(frame, epsilon=1.0)  # everything is within 1.0: the cheapest selection point, q=0.1
+    assert gap["threshold"] == 0.1 and set(gap["variants"]) == set(EXITED_KV) and set(gap["by_difficulty"]) == {str(k) for k in range(1, levels + 1)}
+    frozen = gap["variants"]["frozen"]
+    at = f"test/{names.skip_frontier('skip', 'q', 0.1, '{}', 'frozen')}"
+    assert frozen["gap"] == pytest.approx(result.metrics[at.format("acc")] - result.metrics[
+        f"test/{names.skip_frontier('select', 'q', 0.1, 'acc')}"])
+    assert 0 < frozen["saved"] < 1 and frozen["saved"] == pytest.approx(
+        1 - result.metrics[at.format("flops")] / result.metrics["test/full_flops"])
+    text = result.table
+    assert "skip frontier (rule q at eval.exit_q" in text and "selection within 0.01 of full depth" in text or \
+        "selection is nowhere within 0.01" in text
+    client = MlflowClient(store)
+    run = client.get_run(result.run_id)
+    assert run.data.tags["ouro.metric_tables"] == "frontier/test.csv,skip_frontier/test.csv"
+    assert not any(names.SKIP_FRONTIER_METRIC.match(k) for k in run.data.metrics)
+    read = tracking.read_metrics(client, run)
+    tabled = {k: v for k, v in result.metrics.items() if names.SKIP_FRONTIER_METRIC.match(k)}
+    assert {k: read[k] for k in tabled} == pytest.approx(tabled)
+    with pytest.raises(Exception, match="infer.frontier: the frontier of which rule"):
+        evaluate_checkpoint(ckpt, ["infer.frontier=true"])
+    with pytest.raises(Exception, match="leave infer.exit_threshold and infer.exited_kv out"):
+        evaluate_checkpoint(ckpt, ["infer.frontier=true", "infer.exit_rule=q", "infer.exited_kv=first"])
+
+
+def test_the_report_shows_the_skip_frontier_of_an_evaluation(trained, tmp_path):
+    """A frontier evaluation logged beside the training run: the report draws it (skip_frontier.png),
+    tables the gap at selection's within-epsilon threshold per exited_kv and per difficulty."""
+    from mlflow.tracking import MlflowClient
+
+    from ouro_lab import analysis
+    from ouro_lab.evaluate import evaluate_checkpoint
+
+    ckpt = trained[0]
+    store = f"sqlite:///{ckpt.parents[4] / 'mlflow.db'}"
+    result = evaluate_checkpoint(ckpt, ["infer.exit_rule=q", "infer.frontier=true", "eval.exit_q=[0.2,0.9]",
+                                        "eval.exit_epsilon=0.5", f"tracking.uri={store}"], log=True)
+    experiment = MlflowClient(store).get_run(result.run_id).info.experiment_id
+    data = analysis.load_study(experiment, store)
+    assert result.run_id not in set(data.skip["run_id"]) if len(data.skip) else True
+    mine = data.skip_frontier[data.skip_frontier["run_id"] == result.run_id]
+    assert set(mine["semantics"]) == {"full", "select", "skip"} and set(mine["threshold"].dropna()) == {0.2, 0.9}
+    report = analysis.write_report(data, tmp_path / "report", n_boot=50, log=False)
+    assert "## Skip frontier: which exited_kv keeps selection's accuracy" in report.markdown
+    assert (tmp_path / "report" / "skip_frontier.png").exists() and (tmp_path / "report" / "skip_frontier.csv").exists()
+    section = report.markdown.split("## Skip frontier")[1]
+    assert "| frozen |" in section and "| propagate |" in section and "skip - select by" in section

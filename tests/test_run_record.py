@@ -53,6 +53,23 @@ def test_builders_and_parsers_agree():
     tabled = {k: v for k, v in metrics.items() if rr.tabled(k)}
     assert len(tabled) == 6 and back == pytest.approx(tabled, nan_ok=True)
     assert rr.metric_tables({"val/acc_final": 0.8}) == {}
+    # the skip frontier's table: selection rows (no exited_kv) first, each variant's skip rows
+    from ouro_lab import metric_names as names
+    from ouro_lab.models.decoding import EXITED_KV
+    skip = {f"test/{names.skip_frontier('select', 'q', 0.1, 'acc')}": 0.85,
+            f"test/{names.skip_frontier('select', 'q', 0.1, 'flops', level=None)}": 1e6,
+            **{f"test/{names.skip_frontier('skip', 'q', q, kind, kv, level)}": i + q
+               for i, kv in enumerate(EXITED_KV) for q in (0.1, 0.5) for kind in ("acc", "flops") for level in (None, 2)},
+            "test/full_acc": 0.9, "test/skip_acc": 0.5}
+    tables = rr.metric_tables(skip)
+    assert sorted(tables) == ["skip_frontier/test.csv"]
+    lines = tables["skip_frontier/test.csv"].splitlines()
+    assert lines[0] == "semantics,rule,threshold,exited_kv,difficulty,acc,flops"
+    assert lines[1] == "select,q,0.1,,all,0.85,1000000.0" and lines[2].startswith("skip,q,0.1,frozen,all,")
+    assert len(lines) == 2 + len(EXITED_KV) * 2 * 2
+    assert rr.table_metrics("skip_frontier/test.csv", tables["skip_frontier/test.csv"]) == pytest.approx(
+        {k: v for k, v in skip.items() if rr.tabled(k)})
+    assert not rr.tabled("test/full_acc") and not rr.tabled("test/skip_minus_select_acc")
     assert rr.derived_params({"seq_len": 8, "corpus_key": "ab12"}) == {"derived.corpus_key": "ab12"}  # numbers: model/*
     assert rr.derived_of(rr.derived_params({"corpus_key": "ab12"}) | {"model.loops": "2"}) == {"derived.corpus_key": "ab12"}
     assert rr.model_metrics({"n_params": 10, "rope": "half"}) == {rr.N_PARAMS: 10}

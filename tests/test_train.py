@@ -363,3 +363,24 @@ def test_training_runs_log_system_metrics_unless_switched_off(tiny_config, track
     off = client.get_run(train(tiny_config("train.max_steps=60", "tracking.system_metrics=false"),
                                verbose=False).run_id).data.metrics
     assert not [k for k in off if k.startswith("system/")]
+
+
+def test_exit_aware_training_changes_only_the_steps_after_it_begins(tiny_config, tracking_uri):
+    """train.exit_aware: the first train.exit_aware_from of the steps are ordinary training, the
+    rest train with tokens exiting (here every exit-aware kind and exited_kv, Stage II included).
+    Two layers: with one, propagate is exact (an exited state's projections are what the one
+    layer of the next step computes)."""
+    base = ("train.max_steps=10", "train.val_every=10", "eval.test=false", "train.exit_aware_from=0.5",
+            "model.n_layers=2")
+    client = MlflowClient(tracking_uri)
+
+    def losses(result) -> list[float]:
+        return [m.value for m in sorted(client.get_metric_history(result.run_id, "train/loss"), key=lambda m: m.step)]
+
+    plain = losses(train(tiny_config(*base), verbose=False))
+    for kind, kv in (("sampled", "frozen"), ("q", "propagate"), ("sampled", "first")):
+        aware = losses(train(tiny_config(*base, f"train.exit_aware={kind}", f"train.exited_kv={kv}",
+                                         "train.exit_aware_q=0.3"), verbose=False))
+        assert aware[0] == plain[0] and aware[1] != plain[1], (kind, kv)  # logged at steps 5 and 10
+    result = train(tiny_config(*base, "stage2.steps=5", "train.exit_aware=q"), verbose=False)
+    assert math.isfinite(result.val["val/gate_efficiency"])

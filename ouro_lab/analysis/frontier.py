@@ -1,6 +1,7 @@
 """Early exit in a study: the accuracy-compute frontier of every exit rule against fixed depth
 and the oracles, the gate's efficiency, and where tokens stop gaining (docs/guides/early-exit.md).
-Reads `StudyData.frontier` / `.gate` (looped runs) and `.steps` (fixed depth)."""
+Reads `StudyData.frontier` / `.gate` (looped runs) and `.steps` (fixed depth); the skip frontier
+of `ouro-lab eval` runs (infer.frontier) from `StudyData.skip_frontier`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pandas as pd
 
 from ouro_lab.analysis.tidy import ALL, StudyData, difficulty_order
 from ouro_lab.analysis.stats import _in_group_order, mean_ci
-from ouro_lab.views import plt
+from ouro_lab.views import plt, skip_gap
 
 RULE_STYLE = {"q": dict(color="tab:blue", marker="o", label="q-exit (gate)"),
               "conf": dict(color="tab:orange", marker="s", label="confidence"),
@@ -139,3 +140,66 @@ def frontier_summary(data: StudyData, split: str | None = None) -> list[str]:
                      f"{r['loops saved']:.2f} of {r['T']} loops (q={r['q at eps']:g}), {r['gate efficiency']} of "
                      f"what the answer-stable oracle saves ({r['T'] - r['oracle loops']:.2f} loops; gate efficiency).")
     return lines
+
+
+KV_STYLE = {"frozen": dict(color="tab:red", marker="v"), "propagate": dict(color="tab:green", marker="^"),
+            "first": dict(color="tab:purple", marker="D")}
+
+
+def plot_skip_frontier(data: StudyData, kind: str = "acc"):
+    """Each evaluation's skip frontier: `kind` vs executed MFLOPs per token, selection semantics
+    (which computes every step: its FLOPs are full depth's, so it is drawn at the loops it reads,
+    scaled to FLOPs) and skip semantics per exited_kv, full depth as a point. One panel each."""
+    f = data.skip_frontier
+    if f.empty or kind not in f:
+        return None
+    evals = list(dict.fromkeys(zip(f["run_id"], f["evaluated"], f["split"])))
+    fig, axes = plt.subplots(1, len(evals), figsize=(5.2 * len(evals), 4.2), squeeze=False, constrained_layout=True)
+    for ax, (run_id, evaluated, split) in zip(axes[0], evals):
+        e = f[(f["run_id"] == run_id) & (f["difficulty"] == ALL)]
+        full = e[e["semantics"] == "full"].iloc[0]
+        sel = e[e["semantics"] == "select"].sort_values("loops")
+        per_loop = full["flops"] / full["loops"]
+        ax.plot(sel["loops"] * per_loop / 1e6, sel[kind], "k--", marker=".",
+                label="selection (at the loops it reads; executes full depth)")
+        for kv, style in KV_STYLE.items():
+            s = e[(e["semantics"] == "skip") & (e["exited_kv"] == kv)].sort_values("flops")
+            if len(s):
+                ax.plot(s["flops"] / 1e6, s[kind], label=f"skip, exited_kv={kv}", markersize=4, **style)
+        ax.scatter([full["flops"] / 1e6], [full[kind]], color="black", marker="*", s=140, zorder=5, label="full depth")
+        ax.set(xlabel="executed forward MFLOPs per token", ylabel=f"{split} {kind}",
+               title=textwrap.fill(f"{evaluated}, eval {run_id[:8]} ({full['rule']} rule)", 50))
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
+    fig.suptitle(f"{data.name}: early exit that skips compute (skip frontier)")
+    return fig
+
+
+def skip_frontier_tables(data: StudyData, epsilon: float, kind: str = "acc") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per evaluation, at the threshold where selection stays within epsilon of full depth with
+    the fewest loops: per exited_kv, skip semantics' value, its gap to selection, whether it is
+    within epsilon of full depth, the FLOPs it saves, and its cheapest point within epsilon (left);
+    the gap per difficulty level (right)."""
+    rows, by_level = [], []
+    f = data.skip_frontier
+    for (run_id, evaluated, split), e in (f.groupby(["run_id", "evaluated", "split"], sort=False) if len(f) else []):
+        gap = skip_gap(e, epsilon, kind)
+        base = {"checkpoint": evaluated, "eval run": run_id[:8], "split": split, "full": gap["full"],
+                "threshold": gap.get("threshold"),
+                "select": gap.get("select"), "select loops": gap.get("select_loops")}
+        for kv in KV_STYLE:
+            v, best = gap["variants"].get(kv, {}), gap["cheapest"].get(kv, {})
+            rows.append(base | {"exited kv": kv, "skip": v.get(kind), "skip - select": v.get("gap"),
+                                "within eps": v.get("within"), "FLOPs saved %": _percent(v.get("saved")),
+                                "cheapest within eps": best.get("threshold"),
+                                "its FLOPs saved %": _percent(best.get("saved"))})
+        for level, gaps in gap["by_difficulty"].items():
+            by_level.append({"checkpoint": evaluated, "eval run": run_id[:8], "split": split, "difficulty": level,
+                             **{f"{kv} skip - select": g for kv, g in gaps.items()}})
+    return pd.DataFrame(rows), pd.DataFrame(by_level)
+
+
+def _percent(share: float | None) -> float | None:
+    return None if share is None else 100 * share

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from ouro_lab import metric_names as names
-from ouro_lab.analysis.frontier import frontier_summary, frontier_table, gate_table, plot_frontier, plot_oracle
+from ouro_lab.analysis.frontier import (frontier_summary, frontier_table, gate_table, plot_frontier, plot_oracle,
+                                       plot_skip_frontier, skip_frontier_tables)
 from ouro_lab.analysis.law import law_table, plot_law
 from ouro_lab.analysis.design import DesignView, design_view, is_adaptive, test_time_view
 from ouro_lab.analysis.load import attach_report
@@ -131,7 +132,8 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     figures = {"vs_loops.png": plot_vs_loops(data, sat, kind, split, level), "vs_step.png": plot_vs_step(data, kind, split),
                "compute.png": plot_compute(data, kind, split), "exit_gate.png": plot_exit(data, split),
                "frontier.png": plot_frontier(data, split, data.metric_kind), "oracle.png": plot_oracle(data, split),
-               "law.png": plot_law(data, laws, kind, split), "bench.png": plot_bench(data.bench)}
+               "law.png": plot_law(data, laws, kind, split), "bench.png": plot_bench(data.bench),
+               "skip_frontier.png": plot_skip_frontier(data, data.metric_kind)}
     optuna_figs = plot_optuna(study, importances, data.objective_metric)
     if optuna_figs:
         figures["optuna_history.png"], figures["optuna_importance.png"] = optuna_figs
@@ -151,6 +153,7 @@ def write_report(data: StudyData, folder: str | Path, epsilon: float = 0.01, kin
     for name, frame in (("curves.csv", curve_table(data, kind, split, level)), ("saturation.csv", sat), ("law.csv", laws),
                         ("steps.csv", data.steps), ("frontier.csv", frontier_table(data, split, data.metric_kind)),
                         *([("skip.csv", data.skip)] if len(data.skip) else []),
+                        *([("skip_frontier.csv", data.skip_frontier)] if len(data.skip_frontier) else []),
                         *([("bench.csv", data.bench)] if len(data.bench) else [])):
         frame.to_csv(folder / name, index=False)
         files.append(folder / name)
@@ -404,6 +407,21 @@ def _report_markdown(data: StudyData, sat: pd.DataFrame, table: pd.DataFrame, li
                 "values as of its exit step) next to selection semantics (the same rule, all T steps computed) and "
                 "full depth. MFLOPs per token are the executed ones; seconds are forward wall time.", "",
                 _markdown_table(skip_table(data.skip), ".4g"), ""]
+    if len(data.skip_frontier):
+        gaps, by_level = skip_frontier_tables(data, epsilon, data.metric_kind)
+        out += ["## Skip frontier: which exited_kv keeps selection's accuracy", "",
+                "`ouro-lab eval CKPT infer.exit_rule=q infer.frontier=true`: the rule at each threshold of its "
+                "`eval.exit_*` list, in skip semantics for each `exited_kv` (what later tokens read from an exited "
+                "token: `frozen` its keys/values of its exit step, `propagate` each layer's projections of its exit "
+                "state, `first` those of step 1), next to selection semantics (every step computed) and full depth. "
+                f"At the threshold where selection stays within {epsilon:g} of full depth with the fewest loops: "
+                "each variant's value, its gap to selection, whether it stays within epsilon of full depth, and the "
+                "executed FLOPs it saves against full depth; then each variant's cheapest point within epsilon.", "",
+                _markdown_table(gaps, ".4g"), ""]
+        out += ["![skip frontier](skip_frontier.png)", ""] if "skip_frontier.png" in figures else []
+        if len(by_level):
+            out += [f"Where the gap sits: skip - select by {data.difficulty_name}, at the same threshold.", "",
+                    _markdown_table(by_level, ".4f"), ""]
     out += _bench_markdown(data.bench, figures)
     if "optuna_history.png" in figures:
         out += ["## The sweep", "",

@@ -21,8 +21,9 @@ from ouro_lab import run_record as rr
 from ouro_lab.config import ModelConfig
 from ouro_lab.errors import AnalysisError  # (re-exported: `analysis.AnalysisError`)
 from ouro_lab.metric_names import (BENCH_METRIC, EXIT_METRIC, EXIT_RULE_METRIC, GATE_METRIC, GATE_SCALARS,
-                                   INFERENCE_METRIC, ORACLE_METRIC, STEP_METRIC, bench, objective_kind)
+                                   INFERENCE_METRIC, ORACLE_METRIC, STEP_METRIC, bench, inference, objective_kind)
 from ouro_lab.run_record import RunRecord
+from ouro_lab.views import skip_frontier_frame as skip_frontier_frame_of
 
 # keys that never define a group: the axes of the analysis, bookkeeping, and facts derived from them
 NOT_GROUPING = ("model.loops", "model.arch", "train.seed", "tracking.", "train.progress_bar", "train.precision",
@@ -74,6 +75,9 @@ class StudyData:
     objective_metric: str = "val/acc_final"
     direction: str = "maximize"
     skip: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # `ouro-lab eval` runs with infer.frontier: one row per evaluation x semantics x threshold x
+    # exited_kv x difficulty (views.skip_frontier_frame's columns, plus run_id, evaluated, split)
+    skip_frontier: pd.DataFrame = field(default_factory=pd.DataFrame)
     source: str = "train"
     # `ouro-lab bench` runs: one row per checkpoint x task x loop step (0 = under its exit rule)
     bench: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -179,7 +183,7 @@ def study_data(name: str, tracking_uri: str, experiment_id: str, runs: list[RunR
         steps=steps, exits=exits, frontier=frontier, gate=gate, trials=trials_frame(runs, sweep), group_keys=group_keys,
         averaged_keys=averaged, counts=counts, difficulty_name=_difficulty_name(task),
         objective_metric=objective.get("metric", "val/acc_final"), direction=objective.get("direction", "maximize"),
-        skip=skip_frame(evals, names), source=source, bench=bench_frame(runs, names), test_time_runs=test_time_runs,
+        skip=skip_frame(evals, names), skip_frontier=skip_frontier_frame(evals, names), source=source, bench=bench_frame(runs, names), test_time_runs=test_time_runs,
         test_time_steps=tidy_metrics(test_time, test_time_runs)[0] if test_time else pd.DataFrame())
 
 
@@ -201,7 +205,7 @@ def skip_frame(evals: list[RunRecord], names: Mapping[str, str]) -> pd.DataFrame
         split = r.params.get(rr.EVAL_SPLIT, "test")
         values = {m["name"]: v for k, v in r.metrics.items()
                   if (m := INFERENCE_METRIC.match(k)) and m["split"] == split}
-        if not values or r.state != rr.COMPLETE:
+        if inference("skip", "acc") not in values or r.state != rr.COMPLETE:  # (a skip frontier: below)
             continue
         evaluated = _evaluated(r, names)
         p = r.params
@@ -212,6 +216,21 @@ def skip_frame(evals: list[RunRecord], names: Mapping[str, str]) -> pd.DataFrame
     first = ["run_id", "evaluated", "split", "arch", "loops", "rule", "threshold", "exited_kv"]
     frame = pd.DataFrame(rows, columns=first + sorted({k for row in rows for k in row} - set(first)))
     return frame.sort_values(["evaluated", "split", "rule", "threshold", "exited_kv"]).reset_index(drop=True)
+
+
+def skip_frontier_frame(evals: list[RunRecord], names: Mapping[str, str]) -> pd.DataFrame:
+    """Every finished evaluation with a skip frontier (infer.frontier), one frame: run_id,
+    evaluated, split, then `views.skip_frontier_frame`'s rows."""
+    frames = []
+    for r in evals:
+        split = r.params.get(rr.EVAL_SPLIT, "test")
+        frame = skip_frontier_frame_of(r.metrics, split)
+        if r.state == rr.COMPLETE and len(frame):
+            frames.append(frame.assign(run_id=r.run_id, evaluated=_evaluated(r, names), split=split))
+    if not frames:
+        return pd.DataFrame()
+    frame = pd.concat(frames, ignore_index=True)
+    return frame[["run_id", "evaluated", "split", *[c for c in frame.columns if c not in ("run_id", "evaluated", "split")]]]
 
 
 def bench_frame(runs: list[RunRecord], names: Mapping[str, str]) -> pd.DataFrame:

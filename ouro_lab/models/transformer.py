@@ -234,20 +234,23 @@ class _DecoderLM(nn.Module):
             h = h + self.pos_emb(torch.arange(start, start + idx.shape[1], device=idx.device))
         return h
 
-    def run_stack(self, h: torch.Tensor) -> torch.Tensor:
+    def run_stack(self, h: torch.Tensor, context=None) -> torch.Tensor:
         """One pass through the blocks; with activation checkpointing (training only) the
         activations inside each block ('block') or the whole pass ('loop') are recomputed in
-        backward instead of kept."""
+        backward instead of kept. `context` (exit-aware training, models/exit_aware.py): block
+        i attends through `context.layer(i)`, eagerly (`.forward`: a compiled block's graph
+        has no such argument)."""
         recompute = self.checkpointing != "none" and torch.is_grad_enabled()
         if recompute and self.checkpointing == "loop":
-            return checkpoint(self._blocks, h, use_reentrant=False)
-        for block in self.blocks:
-            h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
+            return checkpoint(self._blocks, h, context, use_reentrant=False)
+        for i, block in enumerate(self.blocks):
+            run = block if context is None else lambda x, block=block, kv=context.layer(i): block.forward(x, kv)
+            h = checkpoint(run, h, use_reentrant=False) if recompute else run(h)
         return h
 
-    def _blocks(self, h: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            h = block(h)
+    def _blocks(self, h: torch.Tensor, context=None) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            h = block(h) if context is None else block.forward(h, context.layer(i))
         return h
 
     def num_params(self) -> int:
@@ -390,21 +393,27 @@ class LoopedLM(_DecoderLM):
             h_state = block(h_state)
         return self.final_norm(h_state)
 
-    def forward(self, idx: torch.Tensor, loops: int | None = None, grad_loops: int | None = None) -> LMOutput:
+    def forward(self, idx: torch.Tensor, loops: int | None = None, grad_loops: int | None = None,
+                train_exits=None) -> LMOutput:
         """Run `loops` steps (default: the trained T; more extrapolates). `grad_loops` = k:
         truncated backprop, the first loops - k steps run without a graph (Huginn's
-        `iterate_forward`); None or >= loops = every step."""
+        `iterate_forward`); None or >= loops = every step. `train_exits` (exit-aware training,
+        `exit_aware.TrainExits`): tokens exit along the way and later tokens read what they
+        leave behind (Ouro's whole-stack loop only)."""
         loops = self.spec.loops if loops is None else loops
         _, h, inject = self.loop_input(idx)
         no_graph = 0 if grad_loops is None else max(0, loops - grad_loops)
         step_hidden = []
         for t in range(loops):  # NOTE: a Python loop around the (compiled) blocks: T can change freely
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= no_graph):
-                h = self.run_stack(inject(h))
+                context = None if train_exits is None else train_exits.step_context(h, len(self.blocks))
+                h = self.run_stack(inject(h), context)
                 h_normed = self.final_norm(h)
                 if self.spec.loop_state == "normed":
                     h = h_normed
                 step_hidden.append(self.readout(h, h_normed))
+                if train_exits is not None:
+                    train_exits.after_step(t + 1, loops, h, step_hidden[-1], self)
         hidden = torch.stack(step_hidden)  # (T, B, S, D)
         gate_logits = self.exit_gate(hidden).squeeze(-1).permute(1, 2, 0)  # (B, S, T), one matmul for all steps
         return LMOutput(hidden=hidden, gate_logits=gate_logits, head=self.lm_head)
