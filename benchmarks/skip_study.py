@@ -114,7 +114,7 @@ def mean_sd(values: list[float], fmt: str) -> str:
         return "-"
     if len(values) == 1:
         return format(values[0], fmt)
-    return f"{format(statistics.fmean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+    return f"{format(statistics.fmean(values), fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
 
 
 def study_rows(task: str, out: Path, sets: list[str]) -> tuple[list[dict], str, float, set, set, list[int]]:
