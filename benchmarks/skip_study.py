@@ -126,6 +126,8 @@ def study_rows(task: str, out: Path, sets: list[str]) -> tuple[list[dict], str, 
     from ouro_lab.models.decoding import EXITED_KV
     from ouro_lab.views import skip_frontier_frame, skip_gap
 
+    if task == "lm":  # (the sweep runs in `out`: the tokenizer conf/lm_cpu.yaml names, from here)
+        sets = [*sets, f"data.lm.tokenizer={ROOT / 'tokenizers' / 'bbc-1024.json'}"]
     name, wall = run_study(ROOT / "sweeps" / SWEEPS[task], out / task, sets)
     store = f"sqlite:///{(out / task / 'mlflow.db').resolve()}"
     data = load_study(name, store)
