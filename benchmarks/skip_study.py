@@ -1,9 +1,10 @@
 """Does early exit pay when it really skips compute? The table in docs/results/decoding.md
-(marker skip-table): on `state` (sweeps/exit_aware.yaml, 2 seeds) and `text`
-(sweeps/exit_aware_text.yaml, 1 seed), models trained at full depth or with exit-aware training
+(marker skip-table): on `state` (sweeps/exit_aware.yaml, 2 seeds), `text`
+(sweeps/exit_aware_text.yaml, 1 seed) and real text (`lm`, sweeps/exit_aware_lm.yaml, 2 seeds;
+set up as conf/lm_cpu.yaml says), models trained at full depth or with exit-aware training
 (one per exited_kv rule) are evaluated on their skip frontier (Q-exit at QS, each exited_kv):
 
-    python benchmarks/skip_study.py [--out runs/skip_study] [--tasks state,text] [--set KEY=VALUE]
+    python benchmarks/skip_study.py [--out runs/skip_study] [--tasks state,text,lm] [--set KEY=VALUE]
 
 For each model and exited_kv: at the q where selection semantics stays within eval.exit_epsilon
 of full depth with the fewest loops, skip semantics' value, its gap to selection, whether it
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from results_page import provenance, rewrite, run_study, trained_at  # noqa: E402
 
 QS = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]  # the frontier's thresholds: 8 x 3 skip passes per model
-SWEEPS = {"state": "exit_aware.yaml", "text": "exit_aware_text.yaml"}
+SWEEPS = {"state": "exit_aware.yaml", "text": "exit_aware_text.yaml", "lm": "exit_aware_lm.yaml"}
 TRAINING = {"none": "full depth", "sampled": "exit-aware"}
 
 
@@ -114,7 +115,7 @@ def mean_sd(values: list[float], fmt: str) -> str:
         return "-"
     if len(values) == 1:
         return format(values[0], fmt)
-    return f"{format(statistics.fmean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+    return f"{format(statistics.fmean(values), fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
 
 
 def study_rows(task: str, out: Path, sets: list[str]) -> tuple[list[dict], str, float, set, set, list[int]]:
@@ -125,6 +126,8 @@ def study_rows(task: str, out: Path, sets: list[str]) -> tuple[list[dict], str, 
     from ouro_lab.models.decoding import EXITED_KV
     from ouro_lab.views import skip_frontier_frame, skip_gap
 
+    if task == "lm":  # (the sweep runs in `out`: the tokenizer conf/lm_cpu.yaml names, from here)
+        sets = [*sets, f"data.lm.tokenizer={ROOT / 'tokenizers' / 'bbc-1024.json'}"]
     name, wall = run_study(ROOT / "sweeps" / SWEEPS[task], out / task, sets)
     store = f"sqlite:///{(out / task / 'mlflow.db').resolve()}"
     data = load_study(name, store)
@@ -136,7 +139,7 @@ def study_rows(task: str, out: Path, sets: list[str]) -> tuple[list[dict], str, 
         p = run.data.params
         training, trained_kv, seed = p["train.exit_aware"], p["train.exited_kv"], int(p["train.seed"])
         metrics = evaluate(run, store, name, client)
-        kind = "bpb" if task == "text" else "acc"
+        kind = "bpb" if task in ("text", "lm") else "acc"
         epsilon = float(p["eval.exit_epsilon"])
         gap = skip_gap(skip_frontier_frame(metrics, "test"), epsilon, kind)
         ckpt = run.data.tags[rr.CHECKPOINT]
@@ -212,7 +215,7 @@ def cost_table(rows: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "skip_study")
-    parser.add_argument("--tasks", default="state,text")
+    parser.add_argument("--tasks", default="state,text,lm")
     parser.add_argument("--page", type=Path, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
@@ -226,7 +229,7 @@ def main() -> None:
         walls.append(f"{name} {wall / 60:.0f} min")
         seeds[task] = s
     (args.out / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
-    command = "python benchmarks/skip_study.py" + (f" --tasks {args.tasks}" if args.tasks != "state,text" else "") \
+    command = "python benchmarks/skip_study.py" + (f" --tasks {args.tasks}" if args.tasks != "state,text,lm" else "") \
         + "".join(f" --set {s}" for s in args.set)
     block = provenance(command, "; ".join(f"{t}: {', '.join(map(str, s))}" for t, s in seeds.items()), commits, machines)
     blocks = {"skip-table": [f"Training wall time: {', '.join(walls)}.", "", *table(rows)],

@@ -53,7 +53,7 @@ def tiny_config(tmp_path, tracking_uri):
 
 
 # configs whose data needs the set-up their header names (a corpus package and a tokenizer)
-NEEDS_SETUP = {"lm_cpu.yaml", "lm_loops_cpu.yaml"}
+NEEDS_SETUP = {"lm_cpu.yaml", "lm_loops_cpu.yaml", "exit_aware_lm.yaml"}
 
 
 @pytest.fixture
