@@ -161,12 +161,13 @@ def study_rows(task: str, out: Path, sets: list[str]) -> tuple[list[dict], str, 
 
 
 def _grouped(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """Rows by (task, training, exited_kv): full depth before exit-aware, exited_kv in EXITED_KV order."""
+    """Rows by (task, training, exited_kv): tasks as run, full depth before exit-aware, exited_kv in EXITED_KV order."""
     from ouro_lab.models.decoding import EXITED_KV
 
+    tasks = list(dict.fromkeys(r["task"] for r in rows))  # (in the order they ran)
     groups: dict[tuple, list[dict]] = {}
-    for r in sorted(rows, key=lambda r: (r["task"], r["training"] != TRAINING["none"], EXITED_KV.index(r["exited_kv"]),
-                                         r["seed"])):
+    for r in sorted(rows, key=lambda r: (tasks.index(r["task"]), r["training"] != TRAINING["none"],
+                                         EXITED_KV.index(r["exited_kv"]), r["seed"])):
         groups.setdefault((r["task"], r["training"], r["exited_kv"]), []).append(r)
     return groups
 
