@@ -149,13 +149,18 @@ KV_STYLE = {"frozen": dict(color="tab:red", marker="v"), "propagate": dict(color
 def plot_skip_frontier(data: StudyData, kind: str = "acc"):
     """Each evaluation's skip frontier: `kind` vs executed MFLOPs per token, selection semantics
     (which computes every step: its FLOPs are full depth's, so it is drawn at the loops it reads,
-    scaled to FLOPs) and skip semantics per exited_kv, full depth as a point. One panel each."""
+    scaled to FLOPs) and skip semantics per exited_kv, full depth as a point. One panel each,
+    four to a row."""
     f = data.skip_frontier
     if f.empty or kind not in f:
         return None
     evals = list(dict.fromkeys(zip(f["run_id"], f["evaluated"], f["split"])))
-    fig, axes = plt.subplots(1, len(evals), figsize=(5.2 * len(evals), 4.2), squeeze=False, constrained_layout=True)
-    for ax, (run_id, evaluated, split) in zip(axes[0], evals):
+    cols = min(4, len(evals))
+    rows = -(-len(evals) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows + 0.8), squeeze=False, constrained_layout=True)
+    for ax in axes.flat[len(evals):]:
+        ax.set_visible(False)
+    for ax, (run_id, evaluated, split) in zip(axes.flat, evals):
         e = f[(f["run_id"] == run_id) & (f["difficulty"] == ALL)]
         full = e[e["semantics"] == "full"].iloc[0]
         sel = e[e["semantics"] == "select"].sort_values("loops")
