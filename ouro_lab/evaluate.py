@@ -32,7 +32,8 @@ class EvalResult:
         if self.frontier:
             frame = skip_frontier_frame(self.metrics, self.split)
             return tables + (f"\n\nskip frontier ({self.frontier}; per exited_kv: skip {self.kind}, its gap to "
-                             f"selection, FLOPs saved against full depth)\n" + skip_frontier_text(frame, self.epsilon, self.kind))
+                             "selection, executed MFLOPs per token and the share saved against full depth)\n"
+                             + skip_frontier_text(frame, self.epsilon, self.kind))
         return tables + (f"\n\nskip semantics vs selection semantics ({self.skip})\n"
                          + skip_table(self.metrics, self.split, self.kind == "bpb")
                          if self.skip else "")

@@ -202,7 +202,8 @@ def skip_gap(frame, epsilon: float, kind: str = "acc") -> dict:
 
 def skip_frontier_text(frame, epsilon: float, kind: str = "acc") -> str:
     """The skip frontier as a terminal table (one row per threshold: selection, then each
-    variant's skip value, its gap and the FLOPs it saves), then the answer at the threshold
+    variant's skip value, its gap, its executed MFLOPs per token and the share it saves;
+    full depth's MFLOPs in the first row), then the answer at the threshold
     where selection stays within epsilon of full depth, with the gap per difficulty."""
     if frame.empty:
         return ""
@@ -210,14 +211,14 @@ def skip_frontier_text(frame, epsilon: float, kind: str = "acc") -> str:
     full = overall[overall["semantics"] == "full"].iloc[0]
     variants = list(dict.fromkeys(overall[overall["semantics"] == "skip"]["exited_kv"]))
     rule = full["rule"]
-    head = [rule, f"select {kind}", "loops", *(f"{kv} {kind} (gap, saved)" for kv in variants)]
-    rows = [head, ["full", f"{full[kind]:.4f}", f"{full['loops']:.2f}", *["" for _ in variants]]]
+    head = [rule, f"select {kind}", "loops", *(f"{kv}: {kind} (gap) MFLOPs/token (saved)" for kv in variants)]
+    rows = [head, ["full", f"{full[kind]:.4f}", f"{full['loops']:.2f}", *[f"{full['flops'] / 1e6:.3f}" for _ in variants]]]
     for x, cell in overall[overall["semantics"] != "full"].groupby("threshold"):
         sel = cell[cell["semantics"] == "select"].iloc[0]
         row = [f"{x:g}", f"{sel[kind]:.4f}", f"{sel['loops']:.2f}"]
         for kv in variants:
             s = cell[(cell["semantics"] == "skip") & (cell["exited_kv"] == kv)].iloc[0]
-            row.append(f"{s[kind]:.4f} ({s[kind] - sel[kind]:+.4f}, {1 - s['flops'] / full['flops']:.0%})")
+            row.append(f"{s[kind]:.4f} ({s[kind] - sel[kind]:+.4f}) {s['flops'] / 1e6:.3f} ({1 - s['flops'] / full['flops']:.0%})")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
