@@ -9,6 +9,7 @@ matplotlib.use("Agg")  # headless: plots are files and MLflow artifacts
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ouro_lab import metric_names as names  # noqa: E402
+from ouro_lab.models.decoding import EXITED_KV  # noqa: E402
 
 
 def loop_step_figure(history: dict[str, list[tuple[int, float]]], final: dict[str, float],
@@ -158,7 +159,7 @@ def skip_frontier_frame(metrics: dict[str, float], split: str):
             kind, _, level = m["name"].removeprefix("full_").partition("_d")
             if kind != "seconds":
                 rows.setdefault(("full", rule, None, "", level or "all"), {})[kind] = value  # (None: NaN != NaN)
-    order = {"full": 0, "select": 1, "skip": 2, "": 0, "frozen": 1, "propagate": 2, "first": 3}  # (EXITED_KV's order)
+    order = {"full": 0, "select": 1, "skip": 2, "": 0} | {kv: i + 1 for i, kv in enumerate(EXITED_KV)}
     keys = sorted(rows, key=lambda k: (order[k[0]], k[2] or 0, order.get(k[3], 9), -1 if k[4] == "all" else int(k[4])))
     return pd.DataFrame([dict(zip(SKIP_COLUMNS, key)) | rows[key] for key in keys])
 
@@ -190,11 +191,11 @@ def skip_gap(frame, epsilon: float, kind: str = "acc") -> dict:
     at = ok.loc[ok["loops"].idxmin()]
     out |= {"threshold": at["threshold"], "select": at[kind], "select_loops": at["loops"]}
     here = skip[skip["threshold"] == at["threshold"]]
+    sel = frame[(frame["semantics"] == "select") & (frame["threshold"] == at["threshold"])].set_index("difficulty")
     for kv, rows in here.groupby("exited_kv", sort=False):
         row = rows[rows["difficulty"] == "all"].iloc[0]
         out["variants"][kv] = {kind: row[kind], "gap": row[kind] - at[kind], "within": better(row[kind], full[kind]),
                                "saved": 1 - row["flops"] / full["flops"], "loops": row["loops"]}
-        sel = frame[(frame["semantics"] == "select") & (frame["threshold"] == at["threshold"])].set_index("difficulty")
         for _, r in rows[rows["difficulty"] != "all"].iterrows():
             out["by_difficulty"].setdefault(r["difficulty"], {})[kv] = r[kind] - sel.loc[r["difficulty"], kind]
     return out
